@@ -1,0 +1,132 @@
+"""Every environment variable hfhpc reads or writes, in one place.
+
+The Hugging Face libraries read their variables when they are imported, so hfhpc never sets them in
+its own process to change a library's behaviour: it builds the environment of the child processes
+it starts (see :func:`offline_environ`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+# hfhpc's own variables
+HFHPC_STORE = "HFHPC_STORE"
+HFHPC_DEBUG = "HFHPC_DEBUG"
+HFHPC_STATE_DIR = "HFHPC_STATE_DIR"  # where submitted jobs are remembered
+HFHPC_SEAL = "HFHPC_SEAL"  # "1" inside a sealed process
+HFHPC_SEAL_ALLOW = "HFHPC_SEAL_ALLOW"  # comma-separated hosts a sealed process may reach
+
+# Hugging Face variables
+HF_HOME = "HF_HOME"
+HF_HUB_CACHE = "HF_HUB_CACHE"
+HF_ENDPOINT = "HF_ENDPOINT"
+HF_TOKEN = "HF_TOKEN"
+HF_HUB_DISABLE_XET = "HF_HUB_DISABLE_XET"
+HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+# Variables that make every library of the stack work from the cache alone, and keep it quiet.
+OFFLINE_VARS: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "HF_UPDATE_DOWNLOAD_COUNTS": "false",
+    "HF_HUB_DISABLE_XET": "1",
+    "DO_NOT_TRACK": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# Variables that would point a child somewhere other than the store; removed from sealed envs.
+CACHE_OVERRIDES = (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "TRANSFORMERS_CACHE",
+    "HF_MODULES_CACHE",
+    "HF_EVALUATE_CACHE",
+    "XDG_CACHE_HOME",
+)
+
+SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+
+
+def debug_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(HFHPC_DEBUG, "").lower() in {"1", "true", "yes", "on"}
+
+
+def default_store(environ: Mapping[str, str] = os.environ) -> Path:
+    """Store location: ``HFHPC_STORE`` > ``HF_HOME`` > ``~/.cache/huggingface``."""
+    for var in (HFHPC_STORE, HF_HOME):
+        value = environ.get(var)
+        if value:
+            return Path(value).expanduser()
+    return Path("~/.cache/huggingface").expanduser()
+
+
+def resolve_store(cli_value: str | os.PathLike[str] | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """``--store`` wins over every variable."""
+    if cli_value:
+        return Path(cli_value).expanduser().absolute()
+    return default_store(environ).absolute()
+
+
+def endpoint(environ: Mapping[str, str] = os.environ) -> str:
+    return environ.get(HF_ENDPOINT, DEFAULT_ENDPOINT).rstrip("/")
+
+
+def token(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The user's token, from the environment only. It is passed to HTTP calls and nowhere else."""
+    for var in SECRET_VARS:
+        value = environ.get(var)
+        if value:
+            return value
+    return None
+
+
+def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    value = environ.get(HFHPC_STATE_DIR)
+    if value:
+        return Path(value).expanduser()
+    base = environ.get("XDG_STATE_HOME") or str(Path("~/.local/state").expanduser())
+    return Path(base) / "hfhpc"
+
+
+def store_environ(store: Path) -> dict[str, str]:
+    """The variables that point every library at ``store`` (an ``HF_HOME`` layout)."""
+    return {HF_HOME: str(store), HFHPC_STORE: str(store)}
+
+
+def offline_environ(
+    store: Path,
+    base: Mapping[str, str] | None = None,
+    *,
+    allow_hosts: list[str] | tuple[str, ...] = (),
+    seal: bool = True,
+) -> dict[str, str]:
+    """The environment for a child process that must run from ``store`` with no network.
+
+    Secrets are dropped: a sealed process has nothing to authenticate to.
+    """
+    env = dict(os.environ if base is None else base)
+    for var in (*CACHE_OVERRIDES, *SECRET_VARS, HF_ENDPOINT):
+        env.pop(var, None)
+    env.update(store_environ(store))
+    env.update(OFFLINE_VARS)
+    if seal:
+        from hfhpc.offline.seal import seal_environ
+
+        env.update(seal_environ(env, allow_hosts=allow_hosts))
+    return env
+
+
+def export_lines(variables: Mapping[str, str]) -> list[str]:
+    import shlex
+
+    return [f"export {name}={shlex.quote(value)}" for name, value in variables.items()]
