@@ -1,0 +1,31 @@
+"""``hfhpc init RECIPE [-o FILE]``: write a commented starter spec."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hfhpc.errors import UsageError
+from hfhpc.spec import RECIPES
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", choices=RECIPES, help="sft | infer | evaluate | classify | script")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here (default: print to stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hfhpc.starters import render_starter
+    from hfhpc.store.atomic import atomic_write_text
+
+    if not args.output:
+        sys.stdout.write(render_starter(args.recipe))
+        return 0
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists", "choose another -o FILE, or pass --force to overwrite it")
+    atomic_write_text(out, render_starter(args.recipe, out.name))
+    print(f"wrote {out}: edit it, then `hfhpc stage {out}`")
+    return 0

@@ -1,0 +1,168 @@
+"""Stage a spec's (or an ad-hoc list of) assets into the store and record them in the lockfile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfhpc import env as hfenv
+from hfhpc.errors import HfhpcError
+from hfhpc.spec import JobSpec
+from hfhpc.store import fetch
+from hfhpc.store.cache import blob_path, read_tree
+from hfhpc.store.fetch import AssetRequest, Progress, StagedAsset
+from hfhpc.store.lock import LockedAsset, LockedFile, Lockfile, load_lock
+from hfhpc.store.verify import VerifyCache, verify_file
+
+
+@dataclass
+class AssetOutcome:
+    asset: LockedAsset
+    previous_commit: str | None
+    downloaded_bytes: int
+    downloaded_files: int
+    prepared: list[str] = field(default_factory=list)  # dataset splits / metric module made loadable offline
+
+    @property
+    def changed(self) -> bool:
+        return self.previous_commit is not None and self.previous_commit != self.asset.commit
+
+
+@dataclass
+class StageReport:
+    lock_path: Path
+    outcomes: list[AssetOutcome]
+
+    @property
+    def downloaded_bytes(self) -> int:
+        return sum(o.downloaded_bytes for o in self.outcomes)
+
+
+def requests_from_spec(spec: JobSpec) -> list[AssetRequest]:
+    reqs = [AssetRequest("model", m.id, m.revision, tuple(m.include)) for m in spec.all_models()]
+    reqs += [AssetRequest("dataset", d.id, d.revision, tuple(d.include)) for d in spec.all_datasets()]
+    reqs += [AssetRequest("metric", m.id, m.revision) for m in spec.metrics]
+    # The same asset named twice is staged once.
+    return list({r.key: r for r in reqs}.values())
+
+
+def _locked(staged: StagedAsset, store: Path, cache: VerifyCache) -> LockedAsset:
+    req = staged.request
+    files = []
+    for e in staged.files:
+        blob = blob_path(store, req.repo_type, req.repo_id, e.etag)
+        digest = staged.sha256.get(e.path)
+        if digest:
+            cache.remember(blob, digest)
+        else:
+            digest = e.lfs_sha256 or cache.sha256(blob, blob.stat())
+        files.append(LockedFile(e.path, e.size, digest, e.blob_id, e.lfs_sha256 is not None))
+    return LockedAsset(req.kind, req.repo_id, req.revision, staged.commit, list(req.include), files)
+
+
+def _pinned(store: Path, req: AssetRequest, locked: LockedAsset | None) -> tuple | None:
+    """Reuse the lockfile's commit and files when the request is unchanged (no network needed)."""
+    if locked is None or locked.revision != req.revision or list(req.include) != locked.include:
+        return None
+    everything = read_tree(store, req.repo_type, req.repo_id, locked.commit)
+    if everything is None:
+        return None
+    return locked.commit, [f.entry() for f in locked.files], everything
+
+
+def _repair(store: Path, locked: LockedAsset, cache: VerifyCache) -> None:
+    """Remove blobs whose bytes no longer match the lockfile, so staging fetches them again."""
+    for f in locked.files:
+        reason = verify_file(store, locked, f, cache)
+        if reason and not reason.startswith("missing"):
+            blob = blob_path(store, locked.repo_type, locked.id, f.etag)
+            blob.unlink(missing_ok=True)
+
+
+def stage(
+    store: Path,
+    requests: list[AssetRequest],
+    lock_path: Path,
+    *,
+    update: bool = False,
+    repair: bool = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    prepare: bool = True,
+    xet: bool = False,
+    dataset_configs: dict[str, list[str | None]] | None = None,
+) -> StageReport:
+    """Stage every request; the lockfile is written once all of them succeeded."""
+    from hfhpc.store import prepare as prep
+
+    endpoint = endpoint or hfenv.endpoint()
+    lock = load_lock(lock_path, missing_ok=True)
+    cache = VerifyCache(store)
+    outcomes: list[AssetOutcome] = []
+    bar = Progress(enabled=progress)
+    try:
+        for req in requests:
+            locked = lock.get(*req.key)
+            if locked and repair:
+                _repair(store, locked, cache)
+            pinned = None if update else _pinned(store, req, locked)
+            staged = fetch.stage_revision(
+                store, req, endpoint=endpoint, token=token, workers=workers, progress=bar, pinned=pinned, xet=xet
+            )
+            asset = _locked(staged, store, cache)
+            outcome = AssetOutcome(asset, locked.commit if locked else None, staged.downloaded_bytes, staged.downloaded_files)
+            if prepare and req.kind == "dataset":
+                configs = (dataset_configs or {}).get(req.repo_id) or [None]
+                outcome.prepared = prep.prepare_dataset(store, asset, configs, endpoint=endpoint, token=token)
+            elif prepare and req.kind == "metric":
+                outcome.prepared = [prep.install_metric(store, asset)]
+            outcomes.append(outcome)
+    finally:
+        bar.close()
+        cache.save()
+    for o in outcomes:
+        lock.put(o.asset)
+    lock.save()
+    return StageReport(lock_path, outcomes)
+
+
+def stage_spec(spec: JobSpec, store: Path, **kwargs) -> StageReport:
+    configs: dict[str, list[str | None]] = {}
+    for d in spec.all_datasets():
+        configs.setdefault(d.id, []).append(d.config)
+    return stage(store, requests_from_spec(spec), spec.lock_path(), dataset_configs=configs, **kwargs)
+
+
+def import_local(store: Path, kind: str, repo_id: str, src: Path, lock_path: Path, revision: str = "main") -> StageReport:
+    """``hfhpc stage --from PATH``: import a clone or folder, then lock it like a download."""
+    from hfhpc.store import prepare as prep
+    from hfhpc.store.importer import import_folder
+
+    lock = load_lock(lock_path, missing_ok=True)
+    previous = lock.get(kind, repo_id)
+    req = AssetRequest(kind, repo_id, revision)
+    commit, entries = import_folder(store, req.repo_type, repo_id, src, revision)
+    cache = VerifyCache(store)
+    staged = StagedAsset(req, commit, entries)
+    asset = _locked(staged, store, cache)
+    cache.save()
+    outcome = AssetOutcome(asset, previous.commit if previous else None, 0, 0)
+    if kind == "metric":
+        outcome.prepared = [prep.install_metric(store, asset)]
+    elif kind == "dataset":
+        outcome.prepared = prep.prepare_dataset(store, asset, [None], endpoint=None, token=None)
+    lock.put(asset)
+    lock.save()
+    return StageReport(lock_path, [outcome])
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
