@@ -112,7 +112,7 @@ def metric_module_dir(store: Path, repo_id: str) -> Path:
 
 
 def install_metric(store: Path, asset: LockedAsset) -> str:
-    """Copy a metric space's scripts into evaluate's module cache; return the module's folder."""
+    """Copy a metric space's scripts into evaluate's module cache; say what now loads."""
     snap = snapshot_dir(store, asset.repo_type, asset.id, asset.commit)
     name = asset.id.split("/")[-1]
     script = snap / f"{name}.py"
@@ -149,4 +149,4 @@ def install_metric(store: Path, asset: LockedAsset) -> str:
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent stage installed the same module
     # evaluate takes the newest by mtime: make the staged revision the newest.
     os.utime(final / f"{name}.py")
-    return str(final)
+    return f"evaluate.load({asset.id.removeprefix('evaluate-metric/')!r})"

@@ -23,6 +23,7 @@ import hashlib
 import json
 import mimetypes
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -41,7 +42,6 @@ from hfhpc.errors import UsageError
 from hfhpc.store.atomic import TMP_PREFIX
 from hfhpc.store.cache import read_tree
 from hfhpc.store.layout import (
-    FOLDER_PREFIX,
     SHA1_RE,
     SHA256_RE,
     FileEntry,
@@ -61,10 +61,12 @@ API_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 # The first path segment that marks a non-model repository in a resolve URL.
 RESOLVE_PREFIXES = {"datasets": "dataset", "spaces": "space"}
 API_ACTIONS = ("revision", "tree", "paths-info")
-WRITE_METHODS = ("POST", "PUT", "DELETE", "PATCH")
 MAX_POST_BODY = 1024 * 1024
 # Idle keep-alive connections give their thread back after this long.
 CONNECTION_TIMEOUT_S = 120.0
+# ASCII digits only: str.isdigit() also accepts digits int() refuses ("²").
+_RANGE_RE = re.compile(r"bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.IGNORECASE)
+_DIGITS_RE = re.compile(r"[0-9]+")
 
 
 class HubError(Exception):
@@ -232,7 +234,9 @@ class StoreReader:
         for root, dirs, names in os.walk(snapshot, followlinks=False):
             # os.walk does not descend into linked folders but still names them: drop them, as well as
             # anything a writer has not finished (hfhpc's temporary names).
-            dirs[:] = sorted(d for d in dirs if not d.startswith(TMP_PREFIX) and not os.path.islink(os.path.join(root, d)))
+            dirs[:] = sorted(
+                d for d in dirs if not d.startswith(TMP_PREFIX) and not os.path.islink(os.path.join(root, d))
+            )
             rel_root = os.path.relpath(root, snapshot)
             for name in sorted(names):
                 if name.startswith(TMP_PREFIX):
@@ -304,10 +308,10 @@ class StoreReader:
         if cached is not None:
             return cached
         if is_lfs_path(rel, st.st_size):
-            sha = sha256_file(location)
+            sha = sha256_file(Path(key[0]))
             entry = FileEntry(rel, st.st_size, git_blob_sha1(lfs_pointer(sha, st.st_size)), sha)
         else:
-            entry = FileEntry(rel, st.st_size, git_sha1_file(location))
+            entry = FileEntry(rel, st.st_size, git_sha1_file(Path(key[0])))
         with self._lock:
             self._hashed[key] = entry
             while len(self._hashed) > 4096:
@@ -348,8 +352,8 @@ def tree_listing(files: list[StoredFile], folder: str, recursive: bool) -> list[
 
 
 def _unsatisfiable(header: str, size: int) -> HubError:
-    return HubError(416, f"range {header} is not satisfiable for a file of {size} bytes",
-                    headers={"Content-Range": f"bytes */{size}"})
+    message = f"range {header} is not satisfiable for a file of {size} bytes"
+    return HubError(416, message, headers={"Content-Range": f"bytes */{size}"})
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -358,15 +362,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     Raises :class:`HubError` 416 when the range starts past the end. Headers this server does not
     handle (several ranges, other units, bad syntax) are ignored, which RFC 9110 allows.
     """
-    if not header:
+    match = _RANGE_RE.fullmatch(header.strip()) if header else None
+    if match is None:
         return None
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, dash, last = spec.strip().partition("-")
-    first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
-        return None
+    first, last = match.groups()
     if first == "":
         if last == "":
             return None
@@ -411,27 +410,19 @@ def route(segments: list[str], repo_exists: Callable[[str, str], bool]) -> Route
     An id is "name" or "org/name", so ``/api/models/a/tree/main`` could be model "a" or "a/tree":
     both readings are tried and one whose repository exists wins, else the first well-formed one.
     """
-    if len(segments) >= 3 and segments[0] == "api" and segments[1] in API_TYPES:
+    api = len(segments) >= 3 and segments[0] == "api" and segments[1] in API_TYPES
+    if api:
         repo_type, parts = API_TYPES[segments[1]], segments[2:]
-
-        def shape(tail: list[str]) -> str | None:
-            if not tail:
-                return "api"
-            return tail[0] if tail[0] in API_ACTIONS and len(tail) >= 2 else None
-
+    elif segments and segments[0] in RESOLVE_PREFIXES:
+        repo_type, parts = RESOLVE_PREFIXES[segments[0]], segments[1:]
     else:
         repo_type, parts = "model", segments
-        if segments and segments[0] in RESOLVE_PREFIXES:
-            repo_type, parts = RESOLVE_PREFIXES[segments[0]], segments[1:]
-
-        def shape(tail: list[str]) -> str | None:
-            return "resolve" if len(tail) >= 3 and tail[0] == "resolve" else None
 
     candidates: list[Route] = []
     for n in (2, 1):
         if len(parts) < n:
             continue
-        kind = shape(parts[n:])
+        kind = _endpoint(parts[n:], api)
         repo_id = "/".join(parts[:n])
         if kind is not None and all("/" not in p for p in parts[:n]) and repo_id_problem(repo_id) is None:
             rest = parts[n:] if kind == "api" else parts[n + 1 :]
@@ -444,11 +435,21 @@ def route(segments: list[str], repo_exists: Callable[[str, str], bool]) -> Route
     return candidates[0]
 
 
+def _endpoint(tail: list[str], api: bool) -> str | None:
+    """Which endpoint the segments after a repository id name, if they are well formed."""
+    if api:
+        if not tail:
+            return "api"
+        return tail[0] if tail[0] in API_ACTIONS and len(tail) >= 2 else None
+    return "resolve" if len(tail) >= 3 and tail[0] == "resolve" else None
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
     server_version = "hfhpc-store"
     timeout = CONNECTION_TIMEOUT_S
     server: _StoreHTTPServer
+    _headers_sent = False
 
     def setup(self) -> None:
         super().setup()
@@ -469,18 +470,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(head=False)
 
     def do_PUT(self) -> None:
-        self._refuse_write()
+        self._answer(head=False)
 
     def do_DELETE(self) -> None:
-        self._refuse_write()
+        self._answer(head=False)
 
     def do_PATCH(self) -> None:
-        self._refuse_write()
+        self._answer(head=False)
 
-    def _refuse_write(self) -> None:
-        # The body was not read: close the connection rather than parse it as the next request.
+    def _write_refused(self) -> HubError:
+        # The body is left unread: close the connection rather than parse it as the next request.
         self.close_connection = True
-        self._send_error(HubError(405, f"{self.command} is not allowed: this server is a read-only store"))
+        return HubError(405, f"{self.command} is not allowed: this server is a read-only store")
 
     def log_message(self, format: str, *args: object) -> None:
         if self.server.verbose:
@@ -488,18 +489,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- dispatch ---------------------------------------------------------------------------------
 
+    def end_headers(self) -> None:
+        self._headers_sent = True
+        super().end_headers()
+
     def _answer(self, head: bool) -> None:
+        self._headers_sent = False
         try:
-            self._dispatch(head)
-        except HubError as e:
-            self._send_error(e, head)
+            try:
+                self._dispatch(head)
+            except HubError as e:
+                if self._headers_sent:
+                    raise
+                self._send_error(e, head)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True  # the client went away mid-answer
         except Exception as e:  # a bug or a broken store: answer 500 and say why on the server's side
             self.close_connection = True
             sys.stderr.write(f"hfhpc store server: error answering {self.command} {self.path}: {e!r}\n")
-            with contextlib.suppress(OSError):
-                self._send_error(HubError(500, "internal error of the store server"), head)
+            if not self._headers_sent:  # else the client sees a short body and the connection close
+                with contextlib.suppress(OSError):
+                    self._send_error(HubError(500, "internal error of the store server"), head)
 
     def _dispatch(self, head: bool) -> None:
         split = urlsplit(self.path)
@@ -509,6 +519,8 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(split.query)
         reader = self.server.reader
 
+        if segments in (["api", "whoami-v2"], ["api", "agent-harnesses"]) and self.command not in ("GET", "HEAD"):
+            raise self._write_refused()
         if segments == ["api", "whoami-v2"]:
             # No accounts here: answer like the Hub does without a valid token.
             raise HubError(401, "Invalid username or password.")
@@ -520,15 +532,17 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             found = route(segments, lambda t, i: reader.repo(t, i) is not None)
         except _NoRoute:
-            if self.command == "POST":
-                self._refuse_write()
-                return
+            if self.command not in ("GET", "HEAD"):
+                raise self._write_refused() from None
             raise HubError(404, f"{split.path} is not an endpoint of this server") from None
-        if self.command == "POST" and found.kind != "paths-info":
-            self._refuse_write()
-            return
-        if self.command != "POST" and found.kind == "paths-info":
-            raise HubError(405, "paths-info takes POST")
+        # paths-info is the one read that takes POST; every other method but GET/HEAD is a write.
+        form: dict = {}
+        if found.kind == "paths-info":
+            if self.command != "POST":
+                raise HubError(405, "paths-info takes POST")
+            form = self._read_form()
+        elif self.command not in ("GET", "HEAD"):
+            raise self._write_refused()
 
         repo = reader.repo(found.repo_type, found.repo_id)
         if repo is None:
@@ -544,8 +558,8 @@ class _Handler(BaseHTTPRequestHandler):
             expand = query.get("expand", ["false"])[-1].lower() in ("true", "1")
             self._tree(repo, commit, "/".join(tail), recursive, expand, head)
         elif found.kind == "paths-info":
-            commit, tail = self._resolve_revision(repo, found.rest, min_tail=0)
-            self._paths_info(repo, commit)
+            commit, _ = self._resolve_revision(repo, found.rest, min_tail=0)
+            self._paths_info(repo, commit, form)
         else:
             commit, tail = self._resolve_revision(repo, found.rest, min_tail=1)
             self._resolve(repo, commit, "/".join(tail), head)
@@ -602,8 +616,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._add_last_commit(repo, commit, listing)
         self._send_json(200, listing, head, commit=commit)
 
-    def _paths_info(self, repo: Repo, commit: str) -> None:
-        form = self._read_form()
+    def _paths_info(self, repo: Repo, commit: str, form: dict) -> None:
         paths = form.get("paths", [])
         if isinstance(paths, str):
             paths = [paths]
@@ -625,7 +638,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_form(self) -> dict:
         """The body of a paths-info POST: form-encoded (huggingface_hub) or JSON (other clients)."""
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not _DIGITS_RE.fullmatch(length.strip()):
             self.close_connection = True
             raise HubError(411, "a Content-Length is required")
         if int(length) > MAX_POST_BODY:
@@ -751,7 +764,8 @@ class StoreServer:
         try:
             self._httpd = server_class((host, port), StoreReader(self.store), verbose)
         except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})", "choose another --port or --host") from e
+            problem = f"cannot listen on {host}:{port} ({e.strerror or e})"
+            raise UsageError(problem, "choose another --port or --host") from e
         self._thread: threading.Thread | None = None
 
     @property
@@ -770,7 +784,10 @@ class StoreServer:
     def start(self) -> StoreServer:
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="hfhpc-store-server", daemon=True
+                target=self._httpd.serve_forever,
+                kwargs={"poll_interval": 0.1},
+                name="hfhpc-store-server",
+                daemon=True,
             )
             self._thread.start()
         return self
@@ -802,9 +819,9 @@ def serve(store: Path, host: str = "127.0.0.1", port: int = 8080, *, verbose: bo
     def _stop(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _stop)
+    # SIGTERM (what SLURM and kill send) stops the server like Ctrl-C; only the main thread may set it.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     print(f"serving {server.store} at {server.url}", flush=True)
     try:
         server.serve_forever()

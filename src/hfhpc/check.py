@@ -1,0 +1,298 @@
+"""``hfhpc check``: prove that a job will run offline, before it waits hours in a queue.
+
+1. the store against the lockfile (sizes always, sha256 when a blob changed since last verified);
+2. a sealed, offline child loads each asset the way the recipes will (``hfhpc.offline.probe``);
+3. user scripts are scanned for what they load, and each literal id is looked up in the store.
+
+Every problem carries the exact ``hfhpc stage …`` command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfhpc import env as hfenv
+from hfhpc.spec import JobSpec, canonical_metric_id
+from hfhpc.store.cache import snapshot_dir
+from hfhpc.store.layout import read_ref
+from hfhpc.store.lock import LockedAsset, load_lock
+from hfhpc.store.prepare import dataset_cache_dir, metric_module_dir
+from hfhpc.store.stage import requests_from_spec
+from hfhpc.store.verify import Problem, VerifyCache, stage_command, verify_asset
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    assets: int = 0
+    bytes: int = 0
+    probes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class _Plan:
+    models: list[dict] = field(default_factory=list)
+    datasets: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    fixes: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, id) → fix command
+
+    def empty(self) -> bool:
+        return not (self.models or self.datasets or self.metrics)
+
+    def add_model(self, store: Path, repo_id: str, commit: str, fix: str) -> None:
+        snap = snapshot_dir(store, "model", repo_id, commit)
+        has_config = (snap / "config.json").exists()
+        entry = {
+            "id": repo_id,
+            "commit": commit,
+            "config": has_config,
+            "tokenizer": any((snap / name).exists() for name in TOKENIZER_FILES),
+            "weights": sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.safetensors")),
+        }
+        if has_config:
+            self.models.append(entry)
+        self.fixes[("model", repo_id)] = fix
+
+
+def _spec_fix(spec: JobSpec, flag: str = "") -> str:
+    path = str(spec.source) if spec.source else "SPEC"
+    return f"hfhpc stage {shlex.quote(path)}{flag}"
+
+
+def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan) -> None:
+    lock = load_lock(spec.lock_path(), missing_ok=True)
+    cache = VerifyCache(store)
+    dataset_refs = {d.id: d for d in spec.all_datasets()}
+    for req in requests_from_spec(spec):
+        locked = lock.get(*req.key)
+        if locked is None:
+            report.problems.append(Problem(req.kind, req.repo_id, "lockfile", "not staged", _spec_fix(spec)))
+            continue
+        if locked.revision != req.revision or locked.include != list(req.include):
+            report.problems.append(
+                Problem(req.kind, req.repo_id, "lockfile",
+                        f"the spec asks for {req.revision} {list(req.include) or ''}, the lockfile has {locked.revision} {locked.include or ''}".replace(" ''", ""),
+                        _spec_fix(spec))
+            )
+            continue
+        report.assets += 1
+        report.bytes += locked.total_bytes
+        problems = verify_asset(store, locked, cache)
+        for p in problems:
+            fix = _spec_fix(spec, " --repair") if p.fix.endswith("--repair") else _spec_fix(spec)
+            report.problems.append(Problem(p.kind, p.repo_id, p.what, p.reason, fix))
+        if problems:
+            continue
+        _plan_locked(store, locked, dataset_refs.get(locked.id), plan, _spec_fix(spec))
+    cache.save()
+
+
+def _plan_locked(store: Path, locked: LockedAsset, dref, plan: _Plan, fix: str) -> None:
+    if locked.kind == "model":
+        plan.add_model(store, locked.id, locked.commit, fix)
+    elif locked.kind == "dataset":
+        config = dref.config if dref else None
+        splits = dref.all_splits() if dref else []
+        plan.datasets.append({"id": locked.id, "commit": locked.commit, "config": config, "splits": splits})
+        plan.fixes[("dataset", locked.id)] = fix
+    else:
+        plan.metrics.append({"id": locked.id})
+        plan.fixes[("metric", locked.id)] = fix
+
+
+def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport) -> None:
+    """Run the load probes in sealed children.
+
+    Metrics probe in a child of their own, in parallel: ``import evaluate`` alone costs ~5 s (it
+    imports transformers.pipelines), longer than every model and dataset probe together.
+    """
+    if plan.empty():
+        return
+    env = hfenv.offline_environ(store, allow_hosts=allow_hosts)
+    env.update(
+        HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",
+    )
+    groups = [
+        {"models": plan.models, "datasets": plan.datasets, "metrics": []},
+        {"models": [], "datasets": [], "metrics": plan.metrics},
+    ]
+    groups = [g for g in groups if any(g.values())]
+    with tempfile.TemporaryDirectory(prefix="hfhpc-check-") as tmp:
+        running = []
+        for i, group in enumerate(groups):
+            plan_file, result_file = Path(tmp) / f"plan{i}.json", Path(tmp) / f"result{i}.json"
+            plan_file.write_text(json.dumps(group))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hfhpc.offline.probe", str(plan_file), str(result_file)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            running.append((proc, result_file))
+        results = []
+        for proc, result_file in running:
+            _, stderr = proc.communicate()
+            if proc.returncode != 0 or not result_file.exists():
+                tail = (stderr.strip().splitlines() or ["no output"])[-1]
+                report.problems.append(Problem("probe", "-", "sealed loader", f"crashed: {tail}", "run `hfhpc doctor`; report the error"))
+                continue
+            results.extend(json.loads(result_file.read_text()))
+    report.probes += len(results)
+    for r in results:
+        if not r["error"]:
+            continue
+        if r.get("cause") == "spec":
+            report.problems.append(Problem(r["kind"], r["id"], r["what"], r["error"], "edit the spec: name a split the dataset has"))
+            continue
+        fix = plan.fixes.get((r["kind"], r["id"]), f"hfhpc stage --{r['kind']} {shlex.quote(r['id'])}")
+        report.problems.append(Problem(r["kind"], r["id"], r["what"], f"fails offline: {r['error']}", fix))
+
+
+# -- scripts ---------------------------------------------------------------------------------
+
+def _check_findings(store: Path, findings: list, report: CheckReport, plan: _Plan) -> None:
+    seen: set[tuple[str, str | None, str | None]] = set()
+    for f in findings:
+        where = f"{f.filename}:{f.line}"
+        if f.dynamic or not f.repo_id and f.kind not in ("torchvision-download",):
+            report.warnings.append(f"{where}: {f.call}(…) takes its id at run time; cannot check it (stage it and list it in the spec)")
+            continue
+        key = (f.kind, f.repo_id, getattr(f, "revision", None))
+        if key in seen:
+            continue
+        seen.add(key)
+        if f.kind == "pipeline-default":
+            report.problems.append(Problem(
+                "model", f.repo_id, where,
+                f"pipeline({f.detail!r}) with no model= would download the default model {f.repo_id}",
+                f"pass model={f.repo_id!r} (and a tokenizer) explicitly, then hfhpc stage --model {f.repo_id}",
+            ))
+        elif f.kind == "torchvision-download":
+            report.warnings.append(f"{where}: {f.call}(download=True) downloads when its files are missing: run it once on a login node into a shared folder")
+        elif f.kind in ("model", "download"):
+            repo_type = _repo_type_of(f)
+            _check_repo(store, repo_type, f.repo_id, f.revision, where, report, plan)
+        elif f.kind == "dataset":
+            config = _config_of(f)
+            if not _dataset_ready(store, f.repo_id, config):
+                fix = f"hfhpc stage --dataset {shlex.quote(f.repo_id)}" + (f" --config {shlex.quote(config)}" if config else "")
+                report.problems.append(Problem("dataset", f.repo_id, where, "not staged (load_dataset would need the network)", fix))
+            else:
+                commit = read_ref(store, "dataset", f.repo_id, f.revision or "main")
+                split = _split_of(f)
+                if split:
+                    plan.datasets.append({"id": f.repo_id, "commit": commit, "config": config, "splits": [split]})
+                    plan.fixes[("dataset", f.repo_id)] = f"hfhpc stage --dataset {shlex.quote(f.repo_id)}"
+        elif f.kind == "metric":
+            mid = canonical_metric_id(f.repo_id)
+            if not metric_module_dir(store, mid).is_dir():
+                report.problems.append(Problem("metric", mid, where, "not staged", f"hfhpc stage --metric {shlex.quote(f.repo_id)}"))
+            else:
+                plan.metrics.append({"id": f.repo_id})
+                plan.fixes[("metric", f.repo_id)] = f"hfhpc stage --metric {shlex.quote(f.repo_id)}"
+
+
+def _repo_type_of(f) -> str:
+    detail = (f.detail or "").lower()
+    for t in ("dataset", "space"):
+        if f"repo_type={t}" in detail.replace("'", "").replace('"', "").replace(" ", "") or detail == t:
+            return t
+    return "model"
+
+
+def _config_of(f) -> str | None:
+    return _detail_field(f.detail, "name") or _detail_field(f.detail, "config")
+
+
+def _split_of(f) -> str | None:
+    return _detail_field(f.detail, "split")
+
+
+def _detail_field(detail: str | None, key: str) -> str | None:
+    """Findings describe extra arguments as ``key=value`` pairs separated by commas."""
+    for part in (detail or "").split(","):
+        k, _, v = part.strip().partition("=")
+        if k.strip() == key and v.strip():
+            return v.strip().strip("'\"")
+    return None
+
+
+def _dataset_ready(store: Path, repo_id: str, config: str | None) -> bool:
+    base = Path(store) / "datasets" / repo_id.replace("/", "___") / (config or "default")
+    return any((p / "dataset_info.json").is_file() for p in base.glob("*/*"))
+
+
+def _check_repo(store: Path, repo_type: str, repo_id: str, revision: str | None, where: str, report: CheckReport, plan: _Plan) -> None:
+    kind = {"model": "model", "dataset": "dataset", "space": "metric"}[repo_type]
+    fix = stage_command(LockedAsset(kind, repo_id, revision or "main", "0" * 40))
+    commit = read_ref(store, repo_type, repo_id, revision or "main")
+    if commit is None:
+        report.problems.append(Problem(kind, repo_id, where, "not staged", fix))
+        return
+    if repo_type == "model":
+        plan.add_model(store, repo_id, commit, fix)
+
+
+def check(
+    store: Path,
+    spec: JobSpec | None = None,
+    scripts: list[Path] | None = None,
+    *,
+    probe: bool = True,
+) -> CheckReport:
+    t0 = time.perf_counter()
+    report = CheckReport()
+    plan = _Plan()
+    scripts = list(scripts or [])
+    allow: list[str] = []
+    if spec is not None:
+        allow = list(spec.site.allow_hosts)
+        _check_locked(spec, store, report, plan)
+        if spec.recipe == "script" and spec.script:
+            scripts.insert(0, spec.resolve_path(spec.script))
+    if scripts:
+        from hfhpc.errors import UsageError
+        from hfhpc.offline.scan import scan_file
+
+        findings = []
+        for s in scripts:
+            if not Path(s).is_file():
+                raise UsageError(f"{s}: no such script", "pass the path of a Python file")
+            findings.extend(scan_file(Path(s)))
+        _check_findings(store, findings, report, plan)
+    if probe:
+        _probe(store, plan, allow, report)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def render(report: CheckReport) -> str:
+    from hfhpc.store.stage import human_bytes
+
+    lines = [f"warning: {w}" for w in report.warnings]
+    if report.ready:
+        probes = f"{report.probes} sealed load probes passed" if report.probes else "no load probes run"
+        lines.append(f"ready: {report.assets} assets verified ({human_bytes(report.bytes)}), {probes} in {report.seconds:.1f} s")
+    else:
+        lines.append(f"not ready: {len(report.problems)} problem{'s' if len(report.problems) != 1 else ''} (the job would fail offline)")
+        lines.extend(f"  {p.render()}" for p in report.problems)
+        fixes = list(dict.fromkeys(p.fix for p in report.problems))
+        lines.append("to fix, on a login node:")
+        lines.extend(f"  {f}" for f in fixes)
+    return "\n".join(lines)
+
+

@@ -1,0 +1,39 @@
+"""``hfhpc exec [--spec SPEC] -- CMD…``: run any command sealed, with the store's offline environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from hfhpc.errors import EXIT_USAGE, UsageError
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", metavar="SPEC", help="job spec: its allowed hosts join the seal")
+    p.add_argument("--no-seal", action="store_true", help="offline variables only, no network guard")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hfhpc import env as hfenv
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise UsageError("no command given", "write it after `--`, e.g. hfhpc exec -- python train.py")
+    if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
+        raise UsageError(f"command not found: {cmd[0]}")
+    allow: list[str] = []
+    if args.spec:
+        from hfhpc.spec import load_spec
+
+        allow = list(load_spec(args.spec).site.allow_hosts)
+    env = hfenv.offline_environ(args.store_path, allow_hosts=allow, seal=not args.no_seal)
+    sys.stdout.flush()
+    try:
+        return subprocess.call(cmd, env=env)
+    except PermissionError:
+        print(f"hfhpc: error: {cmd[0]} is not executable", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,89 @@
+"""Sealed load probes: ``python -m hfhpc.offline.probe PLAN.json RESULT.json``.
+
+Started by ``check`` in a child whose environment is sealed and offline from the first import. It
+loads each asset the way the recipes do (``hfhpc.assets``) and writes one result per probe.
+
+Plan: ``{"models": [{"id", "commit", "tokenizer": bool, "weights": [relative paths]}],
+"datasets": [{"id", "commit", "config", "splits": [...]}], "metrics": [{"id"}]}``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class SpecMismatch(Exception):
+    """The asset is there, but the spec asks for something it does not have."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def run_plan(plan: dict) -> list[dict]:
+    from hfhpc import assets
+
+    results: list[dict] = []
+
+    def probe(kind: str, repo_id: str, what: str, fn: Callable[[], object]) -> None:
+        t = time.perf_counter()
+        cause = "store"
+        try:
+            fn()
+            error = None
+        except SpecMismatch as e:
+            error, cause = str(e), "spec"
+        except Exception as e:  # noqa: BLE001 - every failure is a finding to report, not a crash
+            error = _first_line(e)
+        results.append({
+            "kind": kind, "id": repo_id, "what": what, "error": error, "cause": cause,
+            "seconds": round(time.perf_counter() - t, 3),
+        })
+
+    for m in plan.get("models", []):
+        mid, commit = m["id"], m.get("commit")
+        probe("model", mid, "config", lambda: assets.load_config(mid, commit))
+        if m.get("tokenizer"):
+            probe("model", mid, "tokenizer", lambda: assets.load_tokenizer(mid, commit))
+        for rel in m.get("weights", []):
+
+            def header(rel: str = rel) -> None:
+                assets.safetensors_header(assets.model_snapshot(mid, commit) / rel)
+
+            probe("model", mid, rel, header)
+    for d in plan.get("datasets", []):
+        for split in d.get("splits", []):
+            did, commit, config = d["id"], d.get("commit"), d.get("config")
+            what = f"split {split}" + (f" (config {config})" if config else "")
+
+            def load(split: str = split, did: str = did, commit: str | None = commit, config: str | None = config) -> None:
+                try:
+                    assets.load_split(did, commit, split, config)
+                except Exception:
+                    # Tell a wrong split name (fix the spec) from a missing file (fix the store).
+                    names = assets.split_names(did, commit, config)
+                    if names is not None and split not in names:
+                        raise SpecMismatch(f"no split {split!r}; the dataset has {', '.join(names)}") from None
+                    raise
+
+            probe("dataset", did, what, load)
+    for mt in plan.get("metrics", []):
+        probe("metric", mt["id"], "evaluate.load", lambda mid=mt["id"]: assets.load_metric(mid))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    plan = json.loads(Path(argv[0]).read_text())
+    results = run_plan(plan)
+    Path(argv[1]).write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
