@@ -141,7 +141,7 @@ def read_ref(store: Path, repo_type: str, repo_id: str, revision: str) -> str | 
     ref = repo_dir(store, repo_type, repo_id) / "refs" / revision
     try:
         return ref.read_text().strip() or None
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, or a folder of nested refs (refs/pr/…)
         return None
 
 
