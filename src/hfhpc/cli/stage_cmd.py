@@ -32,11 +32,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 def _adhoc(args: argparse.Namespace) -> tuple[str, str] | None:
     from hfhpc.spec import canonical_metric_id
 
-    if args.model:
+    if args.model is not None:
         return "model", args.model
-    if args.dataset:
+    if args.dataset is not None:
         return "dataset", args.dataset
-    if args.metric:
+    if args.metric is not None:
         return "metric", canonical_metric_id(args.metric)
     return None
 

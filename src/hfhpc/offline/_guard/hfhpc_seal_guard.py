@@ -7,8 +7,8 @@ environment), so installing it must cost next to nothing: it only puts an import
 * ``socket``: name look-ups (``getaddrinfo``, ``gethostbyname[_ex]``; ``create_connection`` goes
   through them) and TCP connects (``socket.connect[_ex]``) follow the socket rules of
   :mod:`hfhpc.offline.seal`: loopback, this machine, the job's nodes and the allowed hosts.
-* ``http.client``, ``urllib3``, ``httpcore``/``httpcore2`` (httpx/httpx2) and ``aiohttp``: an HTTP
-  request goes only to an allowed host, loopback included.
+* ``http.client`` (urllib), ``urllib3``, ``requests``, ``httpcore``/``httpcore2`` (httpx/httpx2) and
+  ``aiohttp``: an HTTP request goes only to an allowed host, loopback included.
 
 A refused attempt fails at once, and the first refusal of each host writes one line to stderr.
 
@@ -40,7 +40,7 @@ class NetworkSealedError(ConnectionRefusedError):
 
 _policy_instance = None
 _warned: set[str] = set()
-_hub_error_classes: dict[type, type] = {}
+_error_classes: dict[tuple, type] = {}
 
 
 def _policy():  # -> hfhpc.offline.seal.SealPolicy
@@ -81,22 +81,28 @@ def _resolve(host: str) -> list[str]:
     return [info[4][0] for info in _socket.getaddrinfo(host, None, 0, _socket.SOCK_STREAM)]
 
 
-def _error_class() -> type[NetworkSealedError]:
-    """The class to raise: ours, made an ``OfflineModeIsEnabled`` too once huggingface_hub is loaded.
+def _error_class(extra_bases=()):
+    """The class to raise: ours, plus the "offline" types of the libraries loaded in this process.
 
     Why: huggingface_hub retries ``httpx.ConnectError``/``NetworkError``/timeouts with exponential
-    backoff (≈27 s before transformers gives up) but treats ``OfflineModeIsEnabled`` as "no network,
-    use the cache": no retry, the cached file if there is one, else the usual "couldn't connect"
-    error at once. Any other type would skip that cache fallback.
+    backoff (≈27 s before ``pipeline()`` gives up) but treats its ``OfflineModeIsEnabled`` as "no
+    network, use the cache": no retry, the cached file if there is one, else the usual "couldn't
+    connect" error at once. transformers, datasets and evaluate handle it the same way. Any other
+    type would either be retried or skip that cache fallback.
     """
+    bases = [NetworkSealedError]
     hub_errors = sys.modules.get("huggingface_hub.errors")
     offline = getattr(hub_errors, "OfflineModeIsEnabled", None)
-    if not isinstance(offline, type) or not issubclass(offline, OSError):
+    if isinstance(offline, type) and issubclass(offline, OSError):
+        bases.append(offline)
+    bases.extend(extra_bases)
+    key = tuple(bases)
+    if len(key) == 1:
         return NetworkSealedError
-    cls = _hub_error_classes.get(offline)
+    cls = _error_classes.get(key)
     if cls is None:
-        cls = type("NetworkSealedError", (NetworkSealedError, offline), {"__module__": __name__})
-        _hub_error_classes[offline] = cls
+        cls = type("NetworkSealedError", key, {"__module__": __name__})
+        _error_classes[key] = cls
     return cls
 
 
@@ -112,10 +118,11 @@ def report(host: str) -> None:
         pass  # no usable stderr (closed, or None under pythonw): the exception still says it
 
 
-def refuse(host: str) -> NetworkSealedError:
-    """Report the refusal of ``host`` and return the error to raise."""
+def refuse(host: str, extra_bases: tuple = ()) -> NetworkSealedError:
+    """Report the refusal of ``host`` and return the error to raise (also an instance of
+    ``extra_bases``, exception classes derived from ``OSError``)."""
     report(host)
-    error = _error_class()(
+    error = _error_class(extra_bases)(
         errno.ECONNREFUSED,
         f"network access to {host!r} refused: this process is sealed by hfhpc "
         "(a file, dataset or metric is probably missing from the store: run `hfhpc check`)",
@@ -130,11 +137,11 @@ def _host_text(host: object) -> str:
     return str(host).strip("[]")
 
 
-def check_http(host: object) -> None:
+def check_http(host: object, extra_bases: tuple = ()) -> None:
     """Raise unless an HTTP request may go to ``host``."""
     text = _host_text(host)
     if not _policy().http_allowed(text):
-        raise refuse(text)
+        raise refuse(text, extra_bases)
 
 
 # --- socket ---------------------------------------------------------------------------------------
@@ -237,7 +244,7 @@ def _patch_http_client(mod) -> None:
 
 
 def _patch_urllib3(mod) -> None:
-    """urllib3 (hence requests) opens its sockets in ``_new_conn``, not in http.client's connect."""
+    """urllib3 used directly opens its sockets in ``_new_conn``, not in http.client's connect."""
     cls = mod.HTTPConnection
     if getattr(cls._new_conn, _MARK, False):
         return
@@ -248,12 +255,32 @@ def _patch_urllib3(mod) -> None:
         try:
             check_http(getattr(self, "_tunnel_host", None) or self.host)
         except NetworkSealedError as exc:
-            # The type urllib3 and requests expect for "could not connect": it stops retries that
-            # are not configured for connect errors, and requests turns it into ConnectionError.
+            # The type urllib3 expects for "could not connect"; its own retries of it are immediate.
             raise new_connection_error(self, f"Failed to establish a new connection: {exc}") from exc
         return new_conn(self)
 
     cls._new_conn = _wraps(sealed_new_conn, new_conn)
+
+
+def _patch_requests(mod) -> None:
+    """requests: refused before urllib3, with a ``RequestException`` that is *not* a
+    ``requests.ConnectionError``. Why: urllib3 would wrap any error into one, and retry loops
+    around requests (evaluate's ``_request_with_retry``: 0.5 s, 1 s, 2 s...) retry exactly
+    ``ConnectionError``/``ConnectTimeout``, while handlers of optional calls catch
+    ``RequestException`` or ``OSError``, which this error is."""
+    cls = mod.HTTPAdapter
+    if getattr(cls.send, _MARK, False):
+        return
+    send = cls.send
+    request_exception = sys.modules["requests.exceptions"].RequestException
+
+    def sealed_send(self, request, *args, **kwargs):
+        from urllib.parse import urlsplit
+
+        check_http(urlsplit(request.url).hostname or "", (request_exception,))
+        return send(self, request, *args, **kwargs)
+
+    cls.send = _wraps(sealed_send, send)
 
 
 def _httpcore_host(request) -> object:
@@ -321,6 +348,7 @@ PATCHES = {
     "socket": _patch_socket,
     "http.client": _patch_http_client,
     "urllib3.connection": _patch_urllib3,
+    "requests.adapters": _patch_requests,
     "httpcore._sync.connection_pool": _patch_httpcore_sync_pool,
     "httpcore._async.connection_pool": _patch_httpcore_async_pool,
     "httpcore2._sync.connection_pool": _patch_httpcore_sync_pool,
