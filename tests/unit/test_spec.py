@@ -1,0 +1,101 @@
+"""The job spec: validation, error messages, starters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hfhpc.errors import SpecError
+from hfhpc.spec import load_spec, lock_path_for, parse_slurm_time, parse_spec
+from hfhpc.starters import STARTERS, render_starter
+from tests.conftest import hfhpc
+
+GOOD = {"name": "j", "recipe": "sft", "model": "org/m", "dataset": "org/d"}
+
+
+def test_short_forms_expand_and_defaults_fill():
+    spec = parse_spec({**GOOD, "metrics": ["accuracy", "org/custom"], "train": {"warmup_ratio": 0.1}})
+    assert spec.model.id == "org/m" and spec.model.revision == "main"
+    assert spec.dataset.id == "org/d" and spec.dataset.split == "train"
+    assert [m.id for m in spec.metrics] == ["evaluate-metric/accuracy", "org/custom"]
+    assert spec.train.model_extra == {"warmup_ratio": 0.1}  # passes through to TRL
+    assert spec.resources.world_size == 1
+
+
+@pytest.mark.parametrize(
+    "patch, key, text",
+    [
+        ({"bogus": 1}, "bogus", "unknown key; valid keys here: name, recipe, model"),
+        ({"resources": {"gpu": 4}}, "resources.gpu", "valid keys here: nodes, gpus_per_node"),
+        ({"model": {"id": "org/m", "rev": "x"}}, "model.rev", "valid keys here: id, revision, include"),
+        ({"recipe": "train"}, "recipe", "must be 'sft', 'infer', 'evaluate', 'classify' or 'script'"),
+        ({"model": "../etc"}, "model.id", "invalid repository id '../etc'"),
+        ({"resources": {"time": "3 hours"}}, "resources.time", "is not a SLURM time"),
+        ({"resources": {"nodes": 0}}, "resources.nodes", "greater than or equal to 1"),
+        ({"name": "a b"}, "name", "is not a job name"),
+        ({"launch": {"strategy": "fsdp"}, "resources": {"gpus_per_node": 0}}, "", "fsdp' needs GPUs"),
+    ],
+)
+def test_errors_name_file_key_and_fix(patch, key, text):
+    with pytest.raises(SpecError) as e:
+        parse_spec({**GOOD, **patch}, "job.yaml")
+    assert e.value.key == key
+    assert text in e.value.render()
+    assert e.value.render().startswith(f"job.yaml: {key}" if key else "job.yaml")
+
+
+def test_recipe_requirements():
+    with pytest.raises(SpecError, match="recipe 'sft' needs `model:`"):
+        parse_spec({"name": "j", "recipe": "sft", "dataset": "org/d"})
+    with pytest.raises(SpecError, match="recipe 'script' needs `script:`"):
+        parse_spec({"name": "j", "recipe": "script"})
+    with pytest.raises(SpecError, match="needs `metrics:`"):
+        parse_spec({"name": "j", "recipe": "evaluate", "predictions": "p.jsonl"})
+
+
+def test_load_spec_paths_and_yaml_errors(tmp_path: Path):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump({**GOOD, "output_dir": "out"}))
+    spec = load_spec(p)
+    assert spec.source == p and spec.lock_path() == tmp_path / "job.lock" == lock_path_for(p)
+    assert spec.run_dir() == tmp_path / "out"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(p)
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+    p.write_text("- a list\n")
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        load_spec(p)
+
+
+def test_source_is_not_a_yaml_key():
+    with pytest.raises(SpecError, match="unknown key"):
+        parse_spec({**GOOD, "source": "/x"})
+
+
+@pytest.mark.parametrize("value, seconds", [("0-03:00:00", 10800), ("1-00:00:01", 86401), ("02:30:00", 9000), ("90", 5400)])
+def test_slurm_times(value, seconds):
+    assert parse_slurm_time(value) == seconds
+
+
+@pytest.mark.parametrize("recipe", sorted(STARTERS))
+def test_every_starter_is_valid_and_commented(recipe):
+    text = render_starter(recipe, "x.yaml")
+    spec = parse_spec(yaml.safe_load(text))
+    assert spec.recipe == recipe
+    assert "# " in text and "hfhpc stage x.yaml" in text
+
+
+def test_init_writes_and_refuses_to_overwrite(tmp_path: Path):
+    out = tmp_path / "job.yaml"
+    first = hfhpc("init", "sft", "-o", str(out))
+    assert first.returncode == 0, first.stderr
+    assert load_spec(out).recipe == "sft"
+    again = hfhpc("init", "infer", "-o", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert load_spec(out).recipe == "sft"
+    bad = hfhpc("init", "nope")
+    assert bad.returncode == 2
