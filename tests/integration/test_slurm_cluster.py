@@ -35,10 +35,11 @@ def _wait_until(what: str, predicate, timeout: float = 30, interval: float = 0.2
 def test_sbatch_wrap_runs_on_the_single_node(slurm_cluster, tmp_path):
     out = tmp_path / "out.txt"
     job = slurm_cluster.sbatch(
-        "-o", str(out), "--wrap", 'echo "hello from $(hostname) in $SLURM_JOB_PARTITION"'
+        "-o", str(out), "--wrap", 'echo "hello from $(srun hostname) in $SLURM_JOB_PARTITION"'
     )
     assert slurm_cluster.wait_job(job, timeout=30) == "COMPLETED", _read(out)
     assert out.read_text() == f"hello from {slurm_cluster.nodes[0]} in one\n"
+    assert slurm_cluster.nodes == ["hfhpc-n1"]
 
 
 def test_two_node_job_reaches_node1_from_node2_by_name(slurm_cluster2, tmp_path):
@@ -72,7 +73,7 @@ def test_two_node_job_reaches_node1_from_node2_by_name(slurm_cluster2, tmp_path)
     """))
     script = textwrap.dedent(f"""\
         #!/bin/bash
-        #SBATCH --nodes=2 --ntasks-per-node=1
+        #SBATCH --nodes=2 --ntasks-per-node=1 --time=2
         #SBATCH -o {tmp_path}/job.out
         set -euo pipefail
         cd {tmp_path}
@@ -96,6 +97,32 @@ def test_two_node_job_reaches_node1_from_node2_by_name(slurm_cluster2, tmp_path)
     server = (tmp_path / "server.txt").read_text().split()
     assert server[:3] == ["server", n1, "accepted"]
     assert server[3] == socket.gethostbyname(n2)  # the connection came from node 2's address
+
+
+def test_torch_distributed_gloo_across_two_nodes(slurm_cluster2, tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "allreduce.py").write_text(textwrap.dedent("""
+        import os, socket, torch, torch.distributed as dist
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:29512",
+            rank=int(os.environ["SLURM_PROCID"]), world_size=int(os.environ["SLURM_NTASKS"]),
+        )
+        t = torch.tensor([dist.get_rank() + 1.0])
+        dist.all_reduce(t)
+        print(socket.gethostname(), dist.get_rank(), int(t.item()), flush=True)
+        dist.destroy_process_group()
+    """))
+    script = textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --nodes=2 --ntasks-per-node=1 --time=2 -o {tmp_path}/job.out -e {tmp_path}/job.err
+        export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+        srun {sys.executable} {tmp_path}/allreduce.py
+    """)
+    job = slurm_cluster2.sbatch(script=script)
+    assert slurm_cluster2.wait_job(job, timeout=90) == "COMPLETED", _read(tmp_path / "job.err")
+    lines = sorted((tmp_path / "job.out").read_text().splitlines())
+    n1, n2 = slurm_cluster2.nodes
+    assert lines == [f"{n1} 0 3", f"{n2} 1 3"]
 
 
 def test_gres_gpu_sets_cuda_visible_devices(slurm_cluster, tmp_path):
@@ -136,15 +163,15 @@ def test_requeued_job_runs_again_with_restart_count(slurm_cluster, tmp_path):
         if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then sleep 120; fi
     """)
     job = slurm_cluster.sbatch(script=script)
-    _wait_until("the first run", lambda: log.exists() and "restart_count=0" in log.read_text())
-    slurm_cluster.run("scontrol", "requeue", job)
-
-    # A requeued job is held back by a BeginTime about 2 minutes ahead; once it is
-    # pending again, moving its start time to now releases it within seconds.
-    _wait_until("the job to be pending again", lambda: slurm_cluster.job_state(job) == "PENDING")
-    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
-
-    assert slurm_cluster.wait_job(job, timeout=60) == "COMPLETED", _read(tmp_path / "job.out")
+    try:
+        _wait_until("the first run", lambda: log.exists() and "restart_count=0" in log.read_text())
+        # `scontrol requeue`, then `scontrol update StartTime=now` once the job is pending
+        # and the second of the requeue is over: a restart within 2 s instead of 2 minutes.
+        slurm_cluster.requeue(job)
+        state = slurm_cluster.wait_job(job, timeout=60)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)  # never leave a 2-minute job behind
+    assert state == "COMPLETED", _read(tmp_path / "job.out")
     assert log.read_text().split("\n") == ["run restart_count=0", "run restart_count=1", ""]
 
 
@@ -164,7 +191,10 @@ def test_signal_reaches_batch_shell_before_time_limit(slurm_cluster, tmp_path):
     """)
     start = time.monotonic()
     job = slurm_cluster.sbatch(script=script)
-    state = slurm_cluster.wait_job(job, timeout=100)
+    try:
+        state = slurm_cluster.wait_job(job, timeout=100)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
     assert state == "COMPLETED", f"{state}: {_read(out)}"
     assert _read(out).startswith("USR1 after "), _read(out)
     assert time.monotonic() - start < 45

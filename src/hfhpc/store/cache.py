@@ -41,8 +41,6 @@ def install_blob_from(tmp: Path, store: Path, repo_type: str, repo_id: str, entr
     """Move a complete, verified temporary file to its blob name (a concurrent writer may win: same bytes)."""
     blob = blob_path(store, repo_type, repo_id, entry.etag)
     blob.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
     os.replace(tmp, blob)
     return blob
 

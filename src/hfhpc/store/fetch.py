@@ -102,12 +102,6 @@ class RemoteRevision:
 
 # -- talking to the endpoint -----------------------------------------------------------------
 
-def _api(endpoint: str, token: str | None):
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=endpoint, token=token or False)
-
-
 def _translate(exc: Exception, req: AssetRequest, endpoint: str) -> HfhpcError:
     """Map huggingface_hub / HTTP errors to typed errors (by type, never by message)."""
     from huggingface_hub import errors as hf_errors
@@ -138,27 +132,10 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 def resolve_remote(req: AssetRequest, endpoint: str, token: str | None) -> RemoteRevision:
     """The commit ``req.revision`` points to, and every file of the repository at that commit."""
-    from huggingface_hub.hf_api import RepoFile
+    from hfhpc.store import hubapi
 
-    api = _api(endpoint, token)
-    try:
-        info = api.repo_info(req.repo_id, repo_type=req.repo_type, revision=req.revision)
-        commit = info.sha
-        entries = [
-            FileEntry(
-                path=f.path,
-                size=int(f.size),
-                blob_id=f.blob_id,
-                lfs_sha256=f.lfs.sha256 if f.lfs is not None else None,
-            )
-            for f in api.list_repo_tree(req.repo_id, repo_type=req.repo_type, revision=commit, recursive=True)
-            if isinstance(f, RepoFile)
-        ]
-    except _network_errors() as e:
-        raise _translate(e, req, endpoint) from None
-    if not commit:
-        raise EndpointUnreachableError(endpoint, "the server did not say which commit the revision is")
-    return RemoteRevision(commit=commit, entries=entries)
+    commit = hubapi.resolve_commit(endpoint, req.repo_type, req.repo_id, req.revision, token)
+    return RemoteRevision(commit=commit, entries=hubapi.list_files(endpoint, req.repo_type, req.repo_id, commit, token))
 
 
 # -- choosing files --------------------------------------------------------------------------
@@ -220,8 +197,121 @@ def file_url(endpoint: str, req: AssetRequest, commit: str, path: str) -> str:
     return f"{endpoint}/{URL_PREFIX[req.repo_type]}{req.repo_id}/resolve/{commit}/{quote(path)}"
 
 
+class _Sink:
+    """Hashes on one thread and writes on another while the caller reads the next chunk.
+
+    hashlib and file writes release the GIL, so on a fast network the download runs at the speed
+    of the slowest of read, hash and write instead of their sum.
+    """
+
+    def __init__(self, out, entry: FileEntry, on_bytes: Callable[[int], None]):
+        import queue
+        import threading
+
+        self.out, self.entry, self.on_bytes = out, entry, on_bytes
+        self.hasher = _Hasher(entry)
+        self.written = 0
+        self.error: BaseException | None = None
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=8), queue.Queue(maxsize=8)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(self._queues[0], self._hash), daemon=True),
+            threading.Thread(target=self._run, args=(self._queues[1], self._write), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _hash(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        self.out.write(chunk)
+        self.written += len(chunk)
+        self.on_bytes(len(chunk))
+
+    def _run(self, q, work: Callable[[bytes], None]) -> None:
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    work(item)
+            except BaseException as e:  # noqa: BLE001 - handed over to the reading thread
+                self.error = e
+            finally:
+                q.task_done()
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        for q in self._queues:
+            q.put(chunk)
+
+    def flush(self) -> None:
+        """Wait until everything queued is hashed and written; re-raise a write error."""
+        for q in self._queues:
+            q.join()
+        if self.error is not None:
+            raise self.error
+
+    def reset(self) -> None:
+        """The server ignored Range: throw away what was written and start the file again."""
+        self.flush()
+        self.out.seek(0)
+        self.out.truncate()
+        self.on_bytes(-self.written)
+        self.hasher, self.written = _Hasher(self.entry), 0
+
+    def close(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+
+
+class _NoRedirect:
+    """urllib handler that hands redirects back to us: we follow them ourselves so that the token
+    never travels to another host (the Hub redirects large files to a CDN)."""
+
+    def __new__(cls):
+        import urllib.request
+
+        class Handler(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        return Handler()
+
+
+def _opener():
+    import urllib.request
+
+    # The environment's proxies (http_proxy, https_proxy, no_proxy) apply, as for every HTTP client here.
+    return urllib.request.build_opener(_NoRedirect())
+
+
+def _open(opener, url: str, headers: dict[str, str], timeout: float = 60.0):
+    """GET ``url`` following up to 10 redirects; ``Authorization`` only goes to the first host."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urljoin, urlsplit
+
+    origin = urlsplit(url).netloc
+    for _ in range(10):
+        h = headers if urlsplit(url).netloc == origin else {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        try:
+            return opener.open(urllib.request.Request(url, headers=h), timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code in (301, 302, 303, 307, 308) and e.headers.get("Location"):
+                url = urljoin(url, e.headers["Location"])
+                e.close()
+                continue
+            raise
+    raise EndpointUnreachableError(origin, "too many redirects")
+
+
 def download_file(
-    client,
+    opener,
     url: str,
     headers: dict[str, str],
     dest: Path,
@@ -231,46 +321,49 @@ def download_file(
 ) -> str:
     """Stream ``url`` into ``dest`` (a temporary name), resuming with Range after a dropped
     connection; return the sha256 once size and hash match ``entry``."""
-    import httpx2
+    import http.client
+    import urllib.error
 
-    hasher = _Hasher(entry)
-    written = 0
     attempt = 0
-    with disk_errors(dest.parent), open(dest, "wb") as out:
-        while True:
-            h = dict(headers)
-            if written:
-                h["Range"] = f"bytes={written}-"
-            try:
-                with client.stream("GET", url, headers=h, follow_redirects=True) as resp:
-                    if resp.status_code == 404:
-                        raise EntryNotFoundError(req.kind, req.repo_id, req.revision, entry.path)
-                    if resp.status_code in (401, 403):
-                        raise AuthError(req.kind, req.repo_id)
-                    if resp.status_code >= 400:
-                        raise httpx2.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
-                    if written and resp.status_code != 206:
-                        # The server ignored Range: start the file again.
-                        out.seek(0)
-                        out.truncate()
-                        on_bytes(-written)
-                        hasher, written = _Hasher(entry), 0
-                    for chunk in resp.iter_bytes(CHUNK):
-                        out.write(chunk)
-                        hasher.update(chunk)
-                        written += len(chunk)
-                        on_bytes(len(chunk))
-                break
-            except (httpx2.TransportError, httpx2.HTTPStatusError) as e:
+    with disk_errors(dest.parent), open(dest, "wb", buffering=0) as out:
+        sink = _Sink(out, entry, on_bytes)
+        try:
+            while True:
+                h = dict(headers)
+                sink.flush()
+                if sink.written:
+                    h["Range"] = f"bytes={sink.written}-"
+                try:
+                    with _open(opener, url, h) as resp:
+                        if sink.written and resp.status != 206:
+                            sink.reset()
+                        while chunk := resp.read(CHUNK):
+                            sink.put(chunk)
+                    sink.flush()
+                    break
+                except urllib.error.HTTPError as e:
+                    if e.code == 404:
+                        raise EntryNotFoundError(req.kind, req.repo_id, req.revision, entry.path) from None
+                    if e.code in (401, 403):
+                        raise AuthError(req.kind, req.repo_id) from None
+                    if e.code < 500 and e.code != 429:
+                        raise EndpointUnreachableError(url.split("/resolve/")[0], f"HTTP {e.code} on {entry.path}") from None
+                    error: Exception = e
+                except (OSError, http.client.HTTPException) as e:
+                    if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT: not the network
+                        raise
+                    error = e
                 attempt += 1
                 if attempt >= RETRIES:
-                    raise EndpointUnreachableError(url.split("/resolve/")[0], f"{type(e).__name__} on {entry.path}") from None
+                    raise EndpointUnreachableError(url.split("/resolve/")[0], f"{type(error).__name__} on {entry.path}") from None
                 time.sleep(min(2**attempt * 0.25, 5))
-        out.flush()
-        os.fsync(out.fileno())
-    if written != entry.size:
-        raise ChecksumError(req.repo_id, entry.path, f"{entry.size} bytes", f"{written} bytes")
-    return hasher.check(req, entry)
+        finally:
+            sink.close()
+    # No fsync per blob (as huggingface_hub, pip and curl): the rename makes it atomic, and
+    # `hfhpc check --full` re-hashes everything after a crash of the login node itself.
+    if sink.written != entry.size:
+        raise ChecksumError(req.repo_id, entry.path, f"{entry.size} bytes", f"{sink.written} bytes")
+    return sink.hasher.check(req, entry)
 
 
 def _clear_dead_tmp(folder: Path) -> None:
@@ -306,7 +399,7 @@ def fetch_files(
     xet: bool = False,
 ) -> tuple[dict[str, str], int, int]:
     """Download the ``files`` not yet in the store; return (sha256 of downloaded files, bytes, count)."""
-    from huggingface_hub.utils import build_hf_headers, get_session
+    from hfhpc.store.hubapi import headers as hub_headers
 
     missing = [e for e in files if not is_installed(store, req.repo_type, req.repo_id, commit, e)]
     # A blob may already be there (another revision shares it): then only the link is new.
@@ -314,8 +407,9 @@ def fetch_files(
     ensure_space(store, sum(e.size for e in to_download))
     if xet:
         return _fetch_with_hub(store, req, commit, to_download, endpoint, token), sum(e.size for e in to_download), len(to_download)
-    headers = build_hf_headers(token=token or False, library_name="hfhpc")
-    client = get_session()
+    headers = hub_headers(token)
+    headers.pop("Accept")
+    opener = _opener()
     digests: dict[str, str] = {}
     if progress:
         progress.add_total(sum(e.size for e in to_download))
@@ -327,7 +421,7 @@ def fetch_files(
         try:
             bar = progress.file(entry.path, entry.size) if progress else None
             digests[entry.path] = download_file(
-                client,
+                opener,
                 file_url(endpoint, req, commit, entry.path),
                 headers,
                 tmp,
