@@ -168,8 +168,13 @@ def _check_findings(store: Path, findings: list, report: CheckReport, plan: _Pla
     seen: set[tuple[str, str | None, str | None]] = set()
     for f in findings:
         where = f"{f.filename}:{f.line}"
-        if f.dynamic or not f.repo_id and f.kind not in ("torchvision-download",):
-            report.warnings.append(f"{where}: {f.call}(…) takes its id at run time; cannot check it (stage it and list it in the spec)")
+        if f.dynamic:
+            if f.repo_id:
+                report.warnings.append(f"{where}: {f.call}(…) takes its id at run time; checked its default {f.repo_id!r}")
+            else:
+                report.warnings.append(f"{where}: {f.call}(…) takes its id at run time; cannot check it (stage it and list it in the spec)")
+                continue
+        elif not f.repo_id and f.kind != "torchvision-download":
             continue
         key = (f.kind, f.repo_id, getattr(f, "revision", None))
         if key in seen:

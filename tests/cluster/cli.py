@@ -12,6 +12,7 @@ import argparse
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from tests.cluster.slurm import SlurmCluster, SlurmClusterError, cleanup_leftovers, install
 
@@ -53,7 +54,12 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     cluster, info = loaded
     running = cluster.is_running()
-    owner = "detached (cli)" if info["detached"] else f"owned by pid {info['owner_pid']}"
+    if info["detached"]:
+        owner = "detached (started by `cli start`)"
+    elif Path(f"/proc/{info['owner_pid']}").exists():
+        owner = f"owned by pid {info['owner_pid']}"
+    else:
+        owner = f"left over by pid {info['owner_pid']}, which died (the next start or stop cleans up)"
     print(f"{'running' if running else 'NOT running'}, {owner}, nodes {' '.join(cluster.nodes)}")
     if running:
         print(cluster.status())

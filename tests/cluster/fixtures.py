@@ -17,13 +17,14 @@ Every other problem fails the tests with the daemons' log tails.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.cluster.slurm import SlurmCluster, SlurmClusterError
+from tests.cluster.slurm import SlurmCluster
 
 
 class ClusterView:
@@ -38,6 +39,8 @@ class ClusterView:
         self.partition = partition
         self.nodes: list[str] = cluster.nodes[:1] if partition == "one" else list(cluster.nodes)
         self.state_dir: Path = cluster.state_dir
+        # Where jobs reach services of the test process (nodes have their own loopback).
+        self.host_address: str = cluster.host_address
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         env = self.cluster.env(base)
@@ -50,7 +53,7 @@ class ClusterView:
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a client command (``scontrol``, ``sacct``, ...) with :meth:`env`; raises
-        :class:`SlurmClusterError` on failure unless ``check=False``."""
+        :class:`~tests.cluster.slurm.SlurmClusterError` on failure unless ``check=False``."""
         return self.cluster.run(*cmd, check=check, timeout=timeout, env=self.env())
 
     def sbatch(self, *args: str, script: str | None = None, cwd: str | Path | None = None) -> str:
@@ -58,6 +61,7 @@ class ClusterView:
         return self.cluster.sbatch(*args, script=script, cwd=cwd, env=self.env())
 
     def job_state(self, job_id: str | int, *, accounting: bool = False) -> str | None:
+        """The job's current state word (``PENDING``, ``RUNNING``, ...), None if unknown."""
         return self.cluster.job_state(job_id, accounting=accounting)
 
     def wait_job(self, job_id: str | int, timeout: float = 60, *, accounting: bool = False) -> str:
@@ -67,6 +71,11 @@ class ClusterView:
         """
         return self.cluster.wait_job(job_id, timeout, accounting=accounting)
 
+    def requeue(self, job_id: str | int, *, release: bool = True) -> None:
+        """``scontrol requeue``; with ``release`` the job restarts within ~2 s instead of
+        ~2 min (see :meth:`SlurmCluster.requeue` for the race this avoids)."""
+        self.cluster.requeue(job_id, release=release)
+
     def __repr__(self) -> str:
         return f"ClusterView(nodes={self.nodes}, partition={self.partition!r}, state_dir={self.state_dir})"
 
@@ -74,6 +83,8 @@ class ClusterView:
 def _skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "the SLURM test cluster needs root (daemons, network namespaces, /etc/hosts)"
+    if shutil.which("ip") is None:
+        return "network namespaces are unavailable (no `ip` command: install iproute2)"
     probe = "hfhpc-probe"
     add = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if add.returncode != 0:
@@ -89,7 +100,7 @@ def _hfhpc_slurm_shared() -> Iterator[SlurmCluster]:
         pytest.skip(reason)
     running = SlurmCluster.attach()
     if running is not None and len(running.nodes) >= 2 and running.netns:
-        yield running  # started by the CLI: its owner stops it
+        yield running  # started by `cli start`: `cli stop` (or the next start()) stops it
         return
     cluster = SlurmCluster().start(2)
     try:

@@ -86,6 +86,9 @@ _FOREIGN_ENV = re.compile(r"^(SLURM|SBATCH|SALLOC|SRUN|SQUEUE|SINFO|SACCT|SCONTR
 # step processes that outlived their slurmd.
 _MARKER_VAR = "HFHPC_SLURM_STATE"
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Lock files this process holds. flock() also conflicts between two descriptors of one
+# process, so a second start() here would wait for itself: it fails at once instead.
+_LOCKS_HELD_HERE: set[Path] = set()
 
 
 class SlurmClusterError(RuntimeError):
@@ -101,15 +104,13 @@ def _run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     timeout: float = 60,
-    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command, capturing its output; raise with that output if it fails."""
     try:
         proc = subprocess.run(
             list(cmd),
             env=dict(env) if env is not None else None,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -269,7 +270,7 @@ def _missing_packages() -> list[str]:
     return [p for p in PACKAGES if p not in installed]
 
 
-def install(quiet: bool = True) -> list[str]:
+def install() -> list[str]:
     """Install the SLURM and MariaDB packages if missing; return what was installed.
 
     Idempotent and cheap when everything is present (one ``dpkg-query``). ``apt-get update``
@@ -302,8 +303,6 @@ def install(quiet: bool = True) -> list[str]:
     finally:
         if own_policy:
             policy.unlink(missing_ok=True)
-    if not quiet:
-        print(f"installed {' '.join(missing)}", file=sys.stderr)
     return missing
 
 
@@ -367,8 +366,8 @@ def _net_setup(nodes: Sequence[str], addresses: Mapping[str, str]) -> None:
         ip("netns", "add", node)
         ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", node)
         ip("link", "set", veth, "master", BRIDGE, "up")
-        # `ip -n` only switches netlink into the namespace; unlike `ip netns exec` it does
-        # not remount /sys, which is harmless here but kills slurmd (see NOTES).
+        # `ip -n NS` configures the namespace from outside; nothing here uses `ip netns exec`,
+        # whose /sys remount kills slurmd (see NOTES).
         ip("-n", node, "addr", "add", f"{addresses[node]}/24", "dev", "eth0")
         ip("-n", node, "link", "set", "eth0", "up")
         # Jobs bind to 127.0.0.1 (MASTER_ADDR=localhost, torch store on one node): needs lo.
@@ -473,6 +472,14 @@ class SlurmCluster:
         return self.state_dir / "run"
 
     @property
+    def host_address(self) -> str:
+        """Where jobs reach services on this machine (bind them to 0.0.0.0 or this address).
+
+        Nodes in namespaces have their own loopback: 127.0.0.1 in a job is the node itself.
+        """
+        return CTL_ADDR if self.netns else "127.0.0.1"
+
+    @property
     def _info_file(self) -> Path:
         return self.state_dir / "cluster.json"
 
@@ -484,14 +491,12 @@ class SlurmCluster:
         ``base`` defaults to ``os.environ``; SLURM variables inherited from elsewhere are
         dropped so that nothing points at another job or cluster.
         """
-        env = {k: v for k, v in (os.environ if base is None else base).items()
-               if not _FOREIGN_ENV.match(k)}  # fmt: skip
+        base = os.environ if base is None else base
+        env = {k: v for k, v in base.items() if not _FOREIGN_ENV.match(k)}
         env["SLURM_CONF"] = str(self.conf)
-        path = env.get("PATH", "")
-        env["PATH"] = ":".join(
-            [p for p in path.split(":") if p] + [p for p in _SYSTEM_PATH.split(":")
-                                                 if p not in path.split(":")]
-        )  # fmt: skip
+        # The SLURM clients live in /usr/bin and /usr/sbin, which a minimal PATH may lack.
+        path = [p for p in env.get("PATH", "").split(":") if p]
+        env["PATH"] = ":".join(path + [p for p in _SYSTEM_PATH.split(":") if p not in path])
         return env
 
     def start(self, nodes: int = 2, *, netns: bool | None = None, timeout: float = 90) -> "SlurmCluster":
@@ -631,7 +636,6 @@ class SlurmCluster:
         database once this returns.
         """
         deadline = time.monotonic() + timeout
-        state = None
         while True:
             state = self.job_state(job_id, accounting=accounting)
             if state in TERMINAL_STATES:
@@ -639,6 +643,24 @@ class SlurmCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout} s")
             time.sleep(0.2)
+
+    def requeue(self, job_id: str | int, *, release: bool = True, timeout: float = 30) -> None:
+        """``scontrol requeue`` the job; with ``release``, let it start again in ~1.5 s.
+
+        A requeued job gets a BeginTime 2 minutes ahead (the credential lifetime); ``scontrol
+        update StartTime=now`` once it is PENDING cuts that short. But slurmd refuses a
+        launch whose credential is not newer, in whole seconds, than the revocation the
+        requeue made ("Killing non-startable batch JobId=J: Job credential revoked", and the
+        job ends FAILED), so the update waits for the next second to begin first.
+        """
+        self.run("scontrol", "requeue", str(job_id))
+        if not release:
+            return
+        revoked_by = time.time()
+        _wait_for(f"job {job_id} to be pending again",
+                  lambda: self.job_state(job_id) == "PENDING", timeout)  # fmt: skip
+        time.sleep(max(0.0, int(revoked_by) + 1.2 - time.time()))
+        self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
 
     def status(self) -> str:
         """Human-readable state: nodes from ``sinfo`` and the queue."""
@@ -661,7 +683,12 @@ class SlurmCluster:
         the holder dies, which is how a killed run's leftovers are recognised.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock_path = self.root / ".lock"
+        if lock_path in _LOCKS_HELD_HERE:
+            raise SlurmClusterError(
+                "this process already runs a SLURM test cluster (use it, or stop it first)"
+            )
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + timeout
         told = False
         while True:
@@ -685,11 +712,13 @@ class SlurmCluster:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        _LOCKS_HELD_HERE.add(lock_path)
 
     def release_lock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
+            _LOCKS_HELD_HERE.discard(self.root / ".lock")
 
     # ------------------------------------------------------------------ start
 
@@ -733,7 +762,7 @@ class SlurmCluster:
         self._start_daemon("slurmctld", ["slurmctld"])
         _wait_for("slurmctld to answer", lambda: self.run("scontrol", "ping", check=False).returncode == 0, 30)
         self._mark("slurmctld")
-        for i, node in enumerate(self.nodes):
+        for node in self.nodes:
             cmd = ["slurmd", "-N", node, "-f", str(self.conf)]
             if self.netns:
                 # Own network namespace (made by `ip netns add`) plus a fresh UTS namespace
@@ -742,7 +771,11 @@ class SlurmCluster:
                        "sh", "-c", 'hostname "$0" && exec "$@"', node, *cmd]  # fmt: skip
             self._start_daemon(f"slurmd-{node}", cmd)
         remaining = max(10.0, timeout - (time.monotonic() - t0))
-        _wait_for("all nodes idle in sinfo", self._all_idle, remaining, interval=0.2)
+        try:
+            _wait_for("all nodes idle in sinfo", self._all_idle, remaining, interval=0.2)
+        except SlurmClusterError as exc:
+            sinfo = self.run("sinfo", "-N", "-o", "%N %T %E", check=False)
+            raise SlurmClusterError(f"{exc}; sinfo says:\n{sinfo.stdout}{sinfo.stderr}") from exc
         self._mark("slurmd")
         if self.netns:
             _check_node_to_node(self.nodes)

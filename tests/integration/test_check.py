@@ -1,0 +1,194 @@
+"""`hfhpc check` and `hfhpc exec` with the real libraries: fails before staging and names the fix,
+passes after, catches corruption and task-only pipelines; the seal refuses a live hub at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hfhpc.demo.build import CHAT_DATASET_ID, MINILM_ID, MODEL_ID
+from tests.conftest import hfhpc
+from tests.helpers import write_spec
+
+SPEC = f"""\
+name: tiny-sft
+recipe: sft
+model: {MODEL_ID}
+dataset: {{id: {CHAT_DATASET_ID}, split: train_sft, eval_split: test_sft}}
+metrics: [accuracy]
+resources: {{gpus_per_node: 0}}
+"""
+
+# The page's own patterns, unchanged: explicit model and tokenizer, load_dataset by id, evaluate.load.
+PAGE_SCRIPT = f"""\
+from transformers import pipeline
+from datasets import load_dataset
+import evaluate
+
+generator = pipeline("text-generation", model="{MODEL_ID}", tokenizer="{MODEL_ID}")
+print("generated:", len(generator("2 + 2 =", max_new_tokens=3)[0]["generated_text"]) > 0)
+embed = pipeline("feature-extraction", model="{MINILM_ID}", tokenizer="{MINILM_ID}")
+print("embedding dim:", len(embed("hello")[0][0]))
+ds = load_dataset("{CHAT_DATASET_ID}", split="test_sft")
+print("rows:", ds.num_rows)
+accuracy = evaluate.load("accuracy")
+print("accuracy:", accuracy.compute(predictions=[1, 0], references=[1, 1])["accuracy"])
+"""
+
+
+def _stage(hub, store: Path, folder: Path) -> Path:
+    spec = write_spec(folder / "job.yaml", SPEC)
+    env = dict(os.environ, HF_ENDPOINT=hub.url)
+    out = hfhpc("--store", str(store), "stage", str(spec), env=env)
+    assert out.returncode == 0, out.stderr
+    out = hfhpc("--store", str(store), "stage", "--model", MINILM_ID, "--lock", str(folder / "extra.lock"), env=env)
+    assert out.returncode == 0, out.stderr
+    return spec
+
+
+@pytest.fixture(scope="module")
+def shared(hub, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One staged store for the tests that only read it: (spec, store)."""
+    folder = tmp_path_factory.mktemp("staged")
+    return _stage(hub, folder / "store", folder), folder / "store"
+
+
+@pytest.fixture
+def staged(shared: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A private copy of the staged spec (tests may edit it) over the shared store."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text(shared[0].read_text())
+    (tmp_path / "job.lock").write_text(shared[0].with_suffix(".lock").read_text())
+    return spec
+
+
+@pytest.fixture
+def store(shared: tuple[Path, Path]) -> Path:  # overrides the empty per-test store
+    return shared[1]
+
+
+def test_check_fails_before_staging_with_the_fix_then_passes(hub, tmp_path: Path):
+    store = tmp_path / "own-store"
+    spec = write_spec(tmp_path / "job.yaml", SPEC)
+    before = hfhpc("--store", str(store), "check", str(spec))
+    assert before.returncode == 1
+    assert "not ready: 3 problems" in before.stdout
+    assert f"hfhpc stage {spec}" in before.stdout
+    out = hfhpc("--store", str(store), "stage", str(spec), env=dict(os.environ, HF_ENDPOINT=hub.url))
+    assert out.returncode == 0, out.stderr
+    after = hfhpc("--store", str(store), "check", str(spec))
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "ready: 3 assets verified" in after.stdout
+    assert "sealed load probes passed" in after.stdout
+
+
+def test_check_catches_a_corrupted_blob_and_repair_fixes_it(hub, tmp_path: Path):
+    store = tmp_path / "own-store"
+    staged = _stage(hub, store, tmp_path)
+    weights = next((store / "hub").glob(f"models--{MODEL_ID.replace('/', '--')}/snapshots/*/model.safetensors"))
+    blob = weights.resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))  # same size: only the hash can tell
+    out = hfhpc("--store", str(store), "check", str(staged))
+    assert out.returncode == 1
+    assert "model.safetensors: corrupt (sha256 mismatch)" in out.stdout
+    assert f"hfhpc stage {staged} --repair" in out.stdout
+    fix = hfhpc("--store", str(store), "stage", str(staged), "--repair", env=dict(os.environ, HF_ENDPOINT=hub.url))
+    assert fix.returncode == 0, fix.stderr
+    again = hfhpc("--store", str(store), "check", str(staged), "--no-probe")
+    assert again.returncode == 0, again.stdout
+
+
+def test_check_reports_a_wrong_split_as_a_spec_problem(staged: Path, store: Path):
+    staged.write_text(SPEC.replace("split: train_sft", "split: train"))
+    out = hfhpc("--store", str(store), "check", str(staged))
+    assert out.returncode == 1
+    assert "no split 'train'; the dataset has train_sft, test_sft, train_gen, test_gen" in out.stdout
+
+
+def test_check_scripts_names_task_only_pipeline_default_and_unstaged_assets(staged: Path, store: Path, tmp_path: Path):
+    script = tmp_path / "infer.py"
+    script.write_text(
+        "from transformers import pipeline\nfrom datasets import load_dataset\n"
+        "clf = pipeline('text-classification')\n"
+        "data = load_dataset('stanfordnlp/imdb', split='test')\n"
+        f"ok = load_dataset('{CHAT_DATASET_ID}', split='test_sft')\n"
+    )
+    out = hfhpc("--store", str(store), "check", str(script))
+    assert out.returncode == 1, out.stdout
+    assert f"{script}:3" in out.stdout
+    assert "distilbert/distilbert-base-uncased-finetuned-sst-2-english" in out.stdout
+    assert f"{script}:4" in out.stdout and "hfhpc stage --dataset stanfordnlp/imdb" in out.stdout
+    assert f"{script}:5" not in out.stdout  # staged: fine
+
+    page = tmp_path / "page.py"
+    page.write_text(PAGE_SCRIPT)
+    ok = hfhpc("--store", str(store), "check", str(page))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_page_script_runs_unchanged_under_exec(staged: Path, store: Path, tmp_path: Path):
+    page = tmp_path / "page.py"
+    page.write_text(PAGE_SCRIPT)
+    out = hfhpc("--store", str(store), "exec", "--", sys.executable, str(page))
+    assert out.returncode == 0, out.stderr
+    assert "generated: True" in out.stdout
+    assert "embedding dim: 384" in out.stdout
+    assert "rows: 64" in out.stdout
+    assert "accuracy: 0.5" in out.stdout
+
+
+def test_sealed_child_refuses_a_live_hub_at_once_but_loads_from_the_store(hub, staged: Path, store: Path, tmp_path: Path):
+    script = tmp_path / "reach.py"
+    script.write_text(
+        "import time\n"
+        "from transformers import AutoTokenizer\n"
+        f"AutoTokenizer.from_pretrained('{MODEL_ID}')\n"
+        "print('loaded from the store')\n"
+        "import urllib.request\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        f"    urllib.request.urlopen('{hub.url}/api/models/{MODEL_ID}', timeout=30)\n"
+        "    print('REACHED THE HUB')\n"
+        "except Exception as e:\n"
+        "    print('refused after', round(time.perf_counter() - t, 2), type(e).__name__)\n"
+    )
+    out = hfhpc("--store", str(store), "exec", "--", sys.executable, str(script))
+    assert out.returncode == 0, out.stderr
+    assert "loaded from the store" in out.stdout
+    assert "REACHED THE HUB" not in out.stdout
+    refused_after = float(out.stdout.split("refused after ")[1].split()[0])
+    assert refused_after < 1.0
+    assert "127.0.0.1" in out.stderr and "sealed" in out.stderr
+
+    # Allowed in the spec (a site service): reachable.
+    staged.write_text(SPEC + "site: {allow_hosts: ['127.0.0.1']}\n")
+    allowed = hfhpc("--store", str(store), "exec", "--spec", str(staged), "--", sys.executable, str(script))
+    assert "REACHED THE HUB" in allowed.stdout, allowed.stderr
+
+
+def test_unsealed_task_only_pipeline_fails_fast_under_exec(store: Path, tmp_path: Path):
+    script = tmp_path / "default.py"
+    script.write_text("from transformers import pipeline\npipeline('text-classification')\n")
+    t = time.perf_counter()
+    out = hfhpc("--store", str(store), "exec", "--", sys.executable, str(script))
+    assert out.returncode != 0
+    assert time.perf_counter() - t < 20  # import time included; never the 27 s retry loop
+    assert "distilbert" in out.stderr
+
+
+def test_env_lines_make_a_hand_written_job_work(staged: Path, store: Path, tmp_path: Path):
+    page = tmp_path / "page.py"
+    page.write_text(PAGE_SCRIPT)
+    job = tmp_path / "job.sh"
+    job.write_text(f'eval "$(hfhpc --store {store} env --spec {staged})"\npython {page}\n')
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    res = subprocess.run(["bash", str(job)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "rows: 64" in res.stdout
