@@ -169,7 +169,8 @@ def parse_ip(host: str) -> IPAddress | None:
     if not host or not (host[0].isdigit() or ":" in host or host[0] == "["):
         return None  # fast path for the common case, a name starting with a letter
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        # Without the zone of a link-local address ("fe80::1%eth0"): the same address either way.
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
         return None  # a name such as "3com.example" that merely starts with a digit
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -216,9 +217,6 @@ class AllowList:
             valid.append(entry)
         return cls(valid)
 
-    def __bool__(self) -> bool:
-        return bool(self.names or self.suffixes or self.networks)
-
     def matches(self, host: str) -> bool:
         ip = parse_ip(host)
         if ip is not None:
@@ -249,6 +247,11 @@ def job_host_names(environ: Mapping[str, str]) -> list[str]:
         if value:
             names.append(value)
     return names
+
+
+def policy_key(environ: Mapping[str, str]) -> tuple[str | None, ...]:
+    """The variables a policy is built from: a script may set ``MASTER_ADDR`` after start-up."""
+    return tuple(environ.get(var) for var in (*NODELIST_VARS, *NODE_NAME_VARS, "HFHPC_SEAL_ALLOW"))
 
 
 Resolver = Callable[[str], Iterable[str]]
@@ -287,6 +290,7 @@ class SealPolicy:
             # A node listed as "n01" is reached as "n01.cluster.local" too, and the other way round.
             self._short_names.add(name.split(".", 1)[0])
         self._job_resolved = resolve is None and local_addresses is None
+        self.key: tuple[str | None, ...] = ()
 
     @classmethod
     def from_environ(
@@ -297,13 +301,15 @@ class SealPolicy:
         resolve: Resolver | None = None,
         local_addresses: Callable[[], Iterable[str]] | None = None,
     ) -> SealPolicy:
-        return cls(
+        policy = cls(
             AllowList.from_value(environ.get("HFHPC_SEAL_ALLOW", "")),
             job_host_names(environ),
             hostname=hostname,
             resolve=resolve,
             local_addresses=local_addresses,
         )
+        policy.key = policy_key(environ)
+        return policy
 
     def http_allowed(self, host: str) -> bool:
         """HTTP goes to the allow list only: loopback is no exception (a mirror may run there)."""
@@ -338,9 +344,13 @@ class SealPolicy:
     def remember(self, addresses: Iterable[str]) -> None:
         """Addresses an allowed look-up returned: connects to them are allowed."""
         for address in addresses:
-            ip = parse_ip(address.split("%", 1)[0])
+            ip = parse_ip(address)
             if ip is not None:
                 self._addresses.add(str(ip))
+
+    def remembered(self) -> list[str]:
+        """The addresses allowed so far beyond the job's own (carried over when rebuilt)."""
+        return sorted(self._addresses)
 
     def _resolve_job_hosts(self) -> None:
         # Done once, and only when a connect goes to an address no allowed look-up returned (such

@@ -58,6 +58,24 @@ def _policy():  # -> hfhpc.offline.seal.SealPolicy
     return _policy_instance
 
 
+def allowed(rule: str, host: str) -> bool:
+    """Ask the policy (``rule``: http_allowed, lookup_allowed, connect_allowed) about ``host``.
+
+    Before a refusal, the policy is rebuilt if the job's variables changed since it was built: a
+    script may set ``MASTER_ADDR`` itself, after the first network call of its process.
+    """
+    global _policy_instance
+    policy = _policy()
+    if getattr(policy, rule)(host):
+        return True
+    if policy.key == _seal_module().policy_key(os.environ):
+        return False
+    old, _policy_instance = policy, None
+    policy = _policy()
+    policy.remember(old.remembered())
+    return getattr(policy, rule)(host)
+
+
 def _seal_module():  # -> the module hfhpc/offline/seal.py
     seal = sys.modules.get("hfhpc.offline.seal") or sys.modules.get(_POLICY_MODULE)
     if seal is not None:
@@ -140,7 +158,7 @@ def _host_text(host: object) -> str:
 def check_http(host: object, extra_bases: tuple = ()) -> None:
     """Raise unless an HTTP request may go to ``host``."""
     text = _host_text(host)
-    if not _policy().http_allowed(text):
+    if not allowed("http_allowed", text):
         raise refuse(text, extra_bases)
 
 
@@ -161,7 +179,7 @@ def _patch_socket(mod) -> None:
         if sock.family not in (inet, inet6) or sock.type != stream or not isinstance(address, tuple):
             return
         host = _host_text(address[0])
-        if not _policy().connect_allowed(host):
+        if not allowed("connect_allowed", host):
             raise refuse(host)
 
     def check_lookup(host, flags: int = 0) -> str | None:
@@ -171,8 +189,7 @@ def _patch_socket(mod) -> None:
         name = _host_text(host)
         if not name or _seal_module().parse_ip(name) is not None:
             return None  # an address literal: nothing is looked up, and its connect is checked
-        policy = _policy()
-        if not policy.lookup_allowed(name):
+        if not allowed("lookup_allowed", name):
             report(name)  # look-ups fail with the type their callers expect: gaierror
             raise mod.gaierror(mod.EAI_NONAME, f"name look-up of {name!r} refused: this process is sealed by hfhpc")
         return name
@@ -249,7 +266,7 @@ def _patch_urllib3(mod) -> None:
     if getattr(cls._new_conn, _MARK, False):
         return
     new_conn = cls._new_conn
-    new_connection_error = sys.modules["urllib3.exceptions"].NewConnectionError
+    new_connection_error = sys.modules["urllib3.exceptions"].NewConnectionError  # imported by urllib3.connection
 
     def sealed_new_conn(self):
         try:
@@ -277,14 +294,16 @@ def _patch_requests(mod) -> None:
     def sealed_send(self, request, *args, **kwargs):
         from urllib.parse import urlsplit
 
-        check_http(urlsplit(request.url).hostname or "", (request_exception,))
+        try:
+            check_http(urlsplit(request.url).hostname or "", (request_exception,))
+        except NetworkSealedError as exc:
+            # What RequestException.__init__ would set (OSError's __init__ runs instead): handlers
+            # read ``exc.response``.
+            exc.request, exc.response = request, None
+            raise
         return send(self, request, *args, **kwargs)
 
     cls.send = _wraps(sealed_send, send)
-
-
-def _httpcore_host(request) -> object:
-    return request.url.host
 
 
 def _patch_httpcore_sync_pool(mod) -> None:
@@ -298,7 +317,7 @@ def _patch_httpcore_sync_pool(mod) -> None:
 
     def sealed_handle_request(self, request):
         if getattr(self, "_uds", None) is None:  # a Unix socket is not the network
-            check_http(_httpcore_host(request))
+            check_http(request.url.host)
         return handle_request(self, request)
 
     cls.handle_request = _wraps(sealed_handle_request, handle_request)
@@ -312,7 +331,7 @@ def _patch_httpcore_async_pool(mod) -> None:
 
     async def sealed_handle_async_request(self, request):
         if getattr(self, "_uds", None) is None:
-            check_http(_httpcore_host(request))
+            check_http(request.url.host)
         return await handle_async_request(self, request)
 
     cls.handle_async_request = _wraps(sealed_handle_async_request, handle_async_request)
@@ -380,7 +399,7 @@ class _PatchFinder:
 
         def exec_and_patch(module) -> None:
             exec_module(module)
-            patch(module)
+            _apply(patch, module)
 
         if isinstance(loader, type):  # a class used as loader (built-in, frozen): never mutate it
             spec.loader = _PatchingLoader(loader, exec_and_patch)
@@ -411,6 +430,21 @@ class _PatchingLoader:
         return getattr(self._loader, name)
 
 
+def _apply(patch, module) -> None:
+    """Patch ``module``; if its internals changed beyond what the patch knows, say so and go on:
+    breaking the import would break the job, and the socket rules still hold."""
+    try:
+        patch(module)
+    except Exception as exc:  # any failure of a patch must leave the import working
+        try:
+            sys.stderr.write(
+                f"hfhpc: sealed: could not guard {module.__name__} ({type(exc).__name__}: {exc}); "
+                "only the socket rules apply to it\n"
+            )
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
 def install() -> None:
     """Seal this process: hook future imports, and patch the watched modules already imported."""
     if any(isinstance(finder, _PatchFinder) for finder in sys.meta_path):
@@ -419,4 +453,4 @@ def install() -> None:
     for name, patch in PATCHES.items():
         module = sys.modules.get(name)
         if module is not None:
-            patch(module)
+            _apply(patch, module)
