@@ -1,0 +1,260 @@
+"""The per-node entry point: ``python -m hfhpc.launch.node RUN_DIR [--local]``.
+
+One runs on every node of a job (``srun --ntasks-per-node=1``), or once for ``hfhpc run``. It works
+out what hand-written scripts get wrong: the machine rank (``SLURM_NODEID``), the head node (first
+of ``SLURM_JOB_NODELIST``), a rendezvous port derived from the job id and checked free, the total
+process count. It copies the job's assets to node-local disk, then starts the ranks: ``accelerate
+launch`` on GPUs, ``torchrun`` for CPU ranks (``accelerate launch --cpu`` starts one process only),
+or the process itself when the job has one rank. Signals are forwarded to every rank, and the ranks'
+exit status is the node's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hfhpc import env as hfenv
+from hfhpc.launch.jobfile import JobFile, load_job
+from hfhpc.store.atomic import atomic_write_text
+
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PORT_BASE, PORT_SPAN = 20000, 20000
+
+
+@dataclass(frozen=True)
+class Topology:
+    nodes: int
+    node_rank: int
+    procs_per_node: int
+    head: str
+    job_id: str | None
+    restart: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+def topology(job: JobFile, environ: dict[str, str], *, local: bool) -> Topology:
+    procs = job.spec.resources.procs
+    if local or "SLURM_JOB_ID" not in environ:
+        return Topology(1, 0, procs, "127.0.0.1", None, 0)
+    from hfhpc.offline.seal import expand_hostlist
+
+    hosts = expand_hostlist(environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", ""))
+    nodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or len(hosts) or 1)
+    return Topology(
+        nodes=nodes,
+        node_rank=int(environ.get("SLURM_NODEID", "0")),
+        procs_per_node=procs,
+        head=hosts[0] if hosts else "127.0.0.1",
+        job_id=environ["SLURM_JOB_ID"],
+        restart=int(environ.get("SLURM_RESTART_COUNT", "0")),
+    )
+
+
+def _port_free(port: int, host: str = "") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_port(job: JobFile, topo: Topology, *, timeout_s: float = 600) -> int:
+    """The head node picks the port and publishes it in the run folder; the other nodes read it.
+
+    Derived from the job id, so two jobs on one node do not both take 29500; checked free on the
+    head, moving up until one is. Only the head can check, hence the shared file.
+    """
+    if job.spec.launch.port:
+        return job.spec.launch.port
+    if topo.job_id is None:
+        return _free_port()
+    announce = job.run_dir / "logs" / f".port-{topo.job_id}-{topo.restart}"
+    if topo.node_rank == 0:
+        port = PORT_BASE + int("".join(c for c in topo.job_id if c.isdigit()) or "0") % PORT_SPAN
+        while not _port_free(port):
+            port = PORT_BASE + (port - PORT_BASE + 1) % PORT_SPAN
+        atomic_write_text(announce, f"{port}\n")
+        return port
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(announce.read_text())
+        time.sleep(0.2)
+    raise SystemExit(f"hfhpc: node {topo.node_rank}: the head node never announced its port ({announce})")
+
+
+def node_local_store(job: JobFile, environ: dict[str, str], log) -> Path:
+    """Where the job reads its assets: a node-local copy when there is node-local disk, else the store."""
+    if not job.spec.launch.node_local:
+        return job.store
+    base = job.spec.site.local_dir or environ.get("SLURM_TMPDIR")
+    if not base:
+        return job.store
+    from hfhpc.store.local import copy_assets
+
+    return copy_assets(job.store, job.assets, Path(os.path.expandvars(base)) / "hfhpc-store", log=log)
+
+
+def _model_dir(job: JobFile, store: Path) -> Path | None:
+    from hfhpc.store.layout import snapshot_dir
+
+    if job.spec.model is None or job.model_commit is None:
+        return None
+    return snapshot_dir(store, "model", job.spec.model.id, job.model_commit)
+
+
+def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[str]:
+    """The command that starts this node's ranks."""
+    spec = job.spec
+    if spec.recipe == "script":
+        target = [str(spec.resolve_path(spec.script)), *spec.args]
+        module: list[str] = []
+    else:
+        target = [str(job.run_dir)]
+        module = ["-m", "hfhpc.recipes.run"]
+    py = job.python if Path(job.python).exists() else sys.executable
+    if topo.world_size == 1:
+        return [py, *module, *target]
+    if spec.resources.gpus_per_node == 0:
+        return [
+            py, "-m", "torch.distributed.run",
+            f"--nnodes={topo.nodes}", f"--nproc-per-node={topo.procs_per_node}", f"--node-rank={topo.node_rank}",
+            f"--master-addr={topo.head}", f"--master-port={port}",
+            *module, *target,
+        ]
+    from hfhpc.launch.accelerate import accelerate_config, layer_class_to_wrap, write_config
+
+    model_dir = _model_dir(job, store)
+    layer = layer_class_to_wrap(model_dir) if (model_dir and spec.launch.strategy == "fsdp") else None
+    cfg = accelerate_config(
+        spec, num_machines=topo.nodes, num_processes=topo.world_size, machine_rank=topo.node_rank,
+        main_process_ip=topo.head, main_process_port=port, layer_cls=layer,
+    )
+    cfg_path = write_config(cfg, job.run_dir / "logs" / f"accelerate-node{topo.node_rank}.yaml")
+    return [py, "-m", "accelerate.commands.launch", "--config_file", str(cfg_path), *module, *target]
+
+
+def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str]) -> dict[str, str]:
+    spec = job.spec
+    env = hfenv.offline_environ(store, base=base, allow_hosts=spec.site.allow_hosts)
+    env["HFHPC_RUN_DIR"] = str(job.run_dir)
+    env["HFHPC_NODE_RANK"] = str(topo.node_rank)
+    env["HFHPC_RESTART_COUNT"] = str(topo.restart)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, spec.resources.cpus_per_gpu)))
+    env["PYTHONUNBUFFERED"] = "1"
+    if spec.resources.gpus_per_node == 0:
+        # Trainer and accelerate otherwise look for GPUs; with torchrun ranks they use gloo on CPU.
+        env["ACCELERATE_USE_CPU"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+class _Forwarder:
+    """Forward the signals this process gets to the ranks' process group."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.received: list[int] = []
+        self._previous = {}
+
+    def __enter__(self) -> _Forwarder:
+        for sig in FORWARDED:
+            with contextlib.suppress(ValueError, OSError):  # not the main thread: nothing to install
+                self._previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def _forward(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signum)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _pump(stream, sinks) -> None:
+    for line in iter(stream.readline, b""):
+        for sink in sinks:
+            sink.write(line)
+            sink.flush()
+
+
+def run_node(run_dir: Path, *, local: bool = False, environ: dict[str, str] | None = None, tee: Path | None = None) -> int:
+    """Start this node's ranks and wait for them; return their exit status (128+N for signal N)."""
+    environ = dict(os.environ if environ is None else environ)
+    job = load_job(run_dir)
+    topo = topology(job, environ, local=local)
+    prefix = f"hfhpc[node {topo.node_rank}/{topo.nodes} {socket.gethostname()}]"
+
+    def log(msg: str) -> None:
+        line = f"{prefix} {msg.removeprefix('hfhpc: ')}"
+        print(line, file=sys.stderr, flush=True)
+        if tee:
+            with open(tee, "a") as f:
+                f.write(line + "\n")
+
+    store = node_local_store(job, environ, log)
+    port = rendezvous_port(job, topo)
+    cmd = ranks_command(job, topo, port, store)
+    env = ranks_environ(job, topo, store, environ)
+    cwd = job.spec.base_dir() if job.spec.recipe == "script" else job.run_dir
+    log(f"{topo.world_size} rank(s), head {topo.head}:{port}, assets from {store}")
+    log("start: " + " ".join(cmd))
+    out = subprocess.PIPE if tee else None
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if tee else None)
+    with _Forwarder(proc) as fwd:
+        if tee:
+            with open(tee, "ab") as logfile:
+                pump = threading.Thread(target=_pump, args=(proc.stdout, [sys.stdout.buffer, logfile]), daemon=True)
+                pump.start()
+                code = _wait(proc)
+                pump.join()
+        else:
+            code = _wait(proc)
+    if code != 0:
+        got = f" after {signal.Signals(fwd.received[-1]).name}" if fwd.received else ""
+        log(f"ranks exited with status {code}{got}")
+    return code
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except InterruptedError:
+            continue
+    return 128 - code if code < 0 else code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hfhpc.launch.node", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--local", action="store_true", help="ignore SLURM: one node, this machine")
+    args = ap.parse_args(argv)
+    return run_node(args.run_dir.absolute(), local=args.local)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
