@@ -7,6 +7,7 @@ transformers, which validate them at run time.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -278,7 +279,7 @@ class JobSpec(_Strict):
         return p if p.is_absolute() else (self.base_dir() / p)
 
     def run_dir(self) -> Path:
-        return self.resolve_path(self.output_dir or f"runs/{self.name}").absolute()
+        return Path(os.path.normpath(self.resolve_path(self.output_dir or f"runs/{self.name}").absolute()))
 
     def lock_path(self) -> Path:
         if self.source is None:

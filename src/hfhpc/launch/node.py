@@ -162,6 +162,9 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
     env["HFHPC_RESTART_COUNT"] = str(topo.restart)
     env.setdefault("OMP_NUM_THREADS", str(max(1, spec.resources.cpus_per_gpu)))
     env["PYTHONUNBUFFERED"] = "1"
+    # Batch logs are files: per-example progress bars and cache notices only bury the training log.
+    env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("DATASETS_VERBOSITY", "error")
     if spec.resources.gpus_per_node == 0:
         # Trainer and accelerate otherwise look for GPUs; with torchrun ranks they use gloo on CPU.
         env["ACCELERATE_USE_CPU"] = "1"

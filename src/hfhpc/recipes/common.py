@@ -1,0 +1,168 @@
+"""Small helpers every recipe shares: the run folder's files, training arguments from the spec,
+progress logging to ``metrics.jsonl``, and stopping cleanly on a signal with a checkpoint.
+
+Recipes stay flat scripts (setup → run → save); only these helpers are shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from hfhpc.launch.jobfile import JobFile
+from hfhpc.store.atomic import atomic_write_json
+
+EXIT_INTERRUPTED = 3
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def log(msg: str) -> None:
+    if is_main():
+        print(f"hfhpc: {msg}", flush=True)
+
+
+def write_summary(job: JobFile, data: dict[str, Any]) -> Path:
+    path = job.run_dir / "summary.json"
+    if is_main():
+        atomic_write_json(path, {"name": job.spec.name, "recipe": job.spec.recipe, **data})
+    return path
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def training_kwargs(job: JobFile) -> dict[str, Any]:
+    """Trainer/SFTConfig arguments from the spec; any key of ``train:`` not modelled passes through."""
+    spec, t = job.spec, job.spec.train
+    gpu = spec.resources.gpus_per_node > 0 and cuda_available()
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(job.run_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
+        use_cpu=not gpu,
+        bf16=gpu and spec.launch.mixed_precision == "bf16",
+        fp16=gpu and spec.launch.mixed_precision == "fp16",
+        gradient_checkpointing=gpu and spec.launch.activation_checkpointing and spec.launch.strategy != "fsdp",
+    )
+    if t.eval_steps:
+        kwargs.update(eval_strategy="steps", eval_steps=t.eval_steps)
+    kwargs.update(t.model_extra or {})
+    return kwargs
+
+
+class StopOnSignal:
+    """SIGUSR1 (SLURM's warning before the time limit), SIGTERM or SIGINT: finish the current step,
+    save a checkpoint, stop. The recipe then exits with status 3 and the same command resumes."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> StopOnSignal:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame) -> None:
+        if self.signum is None:
+            print(f"hfhpc: rank {rank()} got {signal.Signals(signum).name}: checkpointing after this step", flush=True)
+        self.signum = signum
+
+    @property
+    def stopped(self) -> bool:
+        return self.signum is not None
+
+
+def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
+    """Callbacks that write metrics.jsonl and honour ``stop`` (built lazily: they need transformers)."""
+    from transformers import TrainerCallback
+
+    metrics_path = job.run_dir / "metrics.jsonl"
+
+    class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.last_t = self.t0
+            self.last_tokens = None
+            self.last_step = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = self.last_t = time.perf_counter()
+            self.last_step = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.perf_counter()
+            record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps}
+            for key in ("loss", "learning_rate", "grad_norm", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy", "num_tokens"):
+                if key in logs:
+                    record[key] = logs[key]
+            tokens = logs.get("num_tokens")
+            if tokens is not None and self.last_tokens is not None and now > self.last_t:
+                record["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_t), 1)
+            if tokens is not None:
+                self.last_tokens, self.last_t = tokens, now
+            steps = state.global_step - self.last_step
+            record["elapsed_s"] = round(now - self.t0, 3)
+            if steps > 0:
+                record["step_s"] = round((now - self.t0) / steps, 4)
+            append_jsonl(metrics_path, record)
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop.stopped:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return [Progress()]
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint-N whose save completed (trainer_state.json is written last)."""
+    best = None
+    for child in Path(run_dir).glob("checkpoint-*"):
+        try:
+            step = int(child.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if (child / "trainer_state.json").is_file() and (best is None or step > best[0]):
+            best = (step, child)
+    return str(best[1]) if best else None

@@ -1,0 +1,135 @@
+"""Supervised fine-tuning of a chat model with TRL, offline from the store.
+
+setup (tokenizer, template, prepared data, model) → train (resuming from the newest complete
+checkpoint) → save (``model/`` with the tokenizer, ``eval.json``, ``summary.json``).
+
+Packing keeps documents apart: TRL's best-fit-decreasing packing passes per-document position ids,
+from which the attention implementation builds a block-diagonal mask, so no token attends across a
+document boundary. With a template that marks assistant turns, the loss covers only those.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from hfhpc import assets
+from hfhpc.launch.jobfile import JobFile
+from hfhpc.recipes import chatdata
+from hfhpc.recipes.common import (
+    EXIT_INTERRUPTED,
+    StopOnSignal,
+    cuda_available,
+    is_main,
+    last_checkpoint,
+    log,
+    trainer_callbacks,
+    training_kwargs,
+    write_summary,
+)
+from hfhpc.store.atomic import atomic_write_json
+
+
+def _cache_root(job: JobFile) -> Path:
+    """Prepared data lives beside the shared store when it is writable, else in the run folder."""
+    root = job.store / "hfhpc" / "prepared"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return job.run_dir / "prepared"
+
+
+def main(job: JobFile) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    stop = StopOnSignal().install()
+    spec, t = job.spec, job.spec.train
+    model_id, commit = spec.model.id, job.model_commit
+    dref = spec.dataset
+
+    # -- setup -------------------------------------------------------------------------------
+    tokenizer = assets.load_tokenizer(model_id, commit)
+    if t.chat_template:
+        tokenizer.chat_template = t.chat_template
+    if not tokenizer.chat_template:
+        raise SystemExit(f"hfhpc: {model_id} has no chat template: set train.chat_template in the spec")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    assistant_only = t.assistant_only_loss
+    if assistant_only is None:
+        assistant_only = chatdata.template_marks_assistant(tokenizer.chat_template)
+
+    modelled = {"max_length", "packing", "epochs", "assistant_only_loss", "chat_template", "lora"}
+    kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
+    args = SFTConfig(
+        **kwargs,
+        max_length=t.max_length,
+        packing=t.packing,
+        dataset_kwargs={"skip_prepare_dataset": False},
+    )
+
+    cache_root = _cache_root(job)
+    with args.main_process_first(local=False, desc="dataset preparation"):
+        prepared = {}
+        for split in dref.all_splits():
+            t0 = time.perf_counter()
+            ds, hit = chatdata.prepared_split(
+                dataset_id=dref.id, commit=job.dataset_commit, config=dref.config, split=split,
+                tokenizer=tokenizer, tokenizer_commit=commit, assistant_only=assistant_only,
+                cache_root=cache_root, max_samples=dref.max_samples,
+            )
+            prepared[split] = ds
+            log(f"{split}: {len(ds)} rows {'from the prepared cache' if hit else 'prepared'} in {time.perf_counter() - t0:.1f} s")
+    train_ds = prepared[dref.split]
+    eval_ds = prepared.get(dref.eval_split) if dref.eval_split else None
+
+    gpu = spec.resources.gpus_per_node > 0 and cuda_available()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision, torch.float32) if gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype)
+    peft_config = None
+    if t.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **{"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **t.lora})
+
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        callbacks=trainer_callbacks(job, stop), peft_config=peft_config,
+    )
+
+    # -- train ---------------------------------------------------------------------------------
+    resume = last_checkpoint(job.run_dir)
+    if resume:
+        log(f"resuming from {resume}")
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped:
+        log(f"stopped at step {trainer.state.global_step} with a checkpoint: run the same command again to resume")
+        return EXIT_INTERRUPTED
+
+    # -- save ----------------------------------------------------------------------------------
+    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    out = job.run_dir / "model"
+    trainer.save_model(str(out))
+    if is_main():
+        tokenizer.save_pretrained(str(out))
+        if eval_metrics:
+            atomic_write_json(job.run_dir / "eval.json", eval_metrics)
+    write_summary(job, {
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "eval": eval_metrics,
+        "model_dir": str(out),
+        "resumed_from": resume,
+        "world_size": args.world_size,
+        "assistant_only_loss": assistant_only,
+    })
+    log(f"done: model in {out}")
+    return 0
