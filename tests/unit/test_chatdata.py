@@ -27,10 +27,26 @@ def test_only_assistant_tokens_are_trained_and_prompt_column_is_dropped(tokenize
         "messages": [[{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4"}]],
     }
     out = chatdata.tokenize_messages(datasets.Dataset.from_dict(rows), tokenizer, assistant_only=True)
-    assert out.column_names == ["input_ids", "assistant_masks"]
-    ids, mask = out[0]["input_ids"], out[0]["assistant_masks"]
-    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert out.column_names == ["input_ids", "labels"]
+    ids, labels = out[0]["input_ids"], out[0]["labels"]
+    assert len(ids) == len(labels)
+    trained = tokenizer.decode([label for label in labels if label != -100])
     assert "4" in trained and "2 plus 2" not in trained and "<|user|>" not in trained
+
+
+def test_same_tokens_and_mask_as_apply_chat_template(tokenizer):
+    import datasets
+
+    conversations = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+         {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red, of course."}],
+        [{"role": "user", "content": "Reverse 'abc'."}, {"role": "assistant", "content": "cba"}],
+    ]
+    ours = chatdata.tokenize_messages(datasets.Dataset.from_dict({"messages": conversations}), tokenizer, assistant_only=True)
+    ref = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    for row, ids, mask in zip(ours, ref["input_ids"], ref["assistant_masks"]):
+        assert row["input_ids"] == ids
+        assert row["labels"] == [i if m else -100 for i, m in zip(ids, mask)]
 
 
 def test_template_detection_and_schemas():

@@ -3,7 +3,8 @@ the result as Arrow next to the store, and share it with every job and node.
 
 Rows in the ultrachat ``messages`` schema are rendered with the model's chat template and tokenized
 in batches (the fast tokenizer runs each batch in parallel). Where the template marks assistant
-turns with ``{% generation %}``, an ``assistant_masks`` column makes the loss cover only them. Any
+turns with ``{% generation %}``, the ``labels`` column is -100 everywhere else, so the loss covers
+only them. Any
 other column (ultrachat's string ``prompt`` among them, which TRL would misread) is dropped.
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -45,22 +48,55 @@ def cache_key(*, dataset_id: str, commit: str | None, config: str | None, split:
 
 
 def tokenize_messages(ds, tokenizer, *, assistant_only: bool, batch_size: int = 1000, num_proc: int | None = None):
-    """``messages`` → ``input_ids`` (+ ``assistant_masks``), batched; other columns dropped."""
+    """``messages`` → ``input_ids`` and ``labels`` (-100 outside assistant turns), batched; other columns dropped.
+
+    The same rendering and tokens as ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)``,
+    with the mask computed from token offsets in numpy rather than token by token in Python, and labels
+    built here so TRL does not rebuild them in Python either.
+    """
+    import numpy as np
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    backend = tokenizer.backend_tokenizer
+    template_kwargs = dict(tokenizer.special_tokens_map)
 
     def encode(batch):
-        out = tokenizer.apply_chat_template(
-            batch["messages"],
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=assistant_only,
+        texts, spans = render_jinja_template(
+            conversations=batch["messages"], chat_template=tokenizer.chat_template,
+            return_assistant_tokens_mask=assistant_only, **template_kwargs,
         )
-        result = {"input_ids": out["input_ids"]}
-        if assistant_only:
-            result["assistant_masks"] = out["assistant_masks"]
-        return result
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        if not assistant_only:
+            return {"input_ids": ids}
+        labels = []
+        for e, row_ids, row_spans in zip(encodings, ids, spans):
+            offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+            mask = np.zeros(len(row_ids), dtype=bool)
+            for start, end in row_spans:
+                # A token belongs to a turn when it overlaps it (as transformers decides).
+                mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+            labels.append(np.where(mask, row_ids, -100).astype(np.int32))
+        return {"input_ids": ids, "labels": labels}
 
-    return ds.map(encode, batched=True, batch_size=batch_size, remove_columns=ds.column_names, num_proc=num_proc,
-                  desc="templating and tokenizing")
+    with _tokenizer_threads():
+        return ds.map(encode, batched=True, batch_size=batch_size, remove_columns=ds.column_names, num_proc=num_proc,
+                      desc="templating and tokenizing")
+
+
+@contextmanager
+def _tokenizer_threads():
+    """Let the fast tokenizer use every core while preparing (jobs set TOKENIZERS_PARALLELISM=false so
+    that dataloader workers forked later do not deadlock; the library disables it again after a fork)."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def prepared_split(
