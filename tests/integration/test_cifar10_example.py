@@ -130,3 +130,25 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert str(missing) in lines[0] and "prepare_cifar10.sh" in lines[0] and "login node" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_runs_through_hfhpc_run_on_two_cpu_ranks(synthetic: Path, tmp_path: Path) -> None:
+    """The shipped spec, switched to CPU ranks, through the same entry point `hfhpc submit` uses."""
+    import shutil
+
+    import yaml
+
+    from tests.conftest import hfhpc
+
+    work = tmp_path / "cifar10"
+    shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("data", "runs"))
+    spec = yaml.safe_load((work / "cifar10.yaml").read_text())
+    spec["args"] = ["--data-dir", str(synthetic), "--output-dir", "runs/cifar10", "--epochs", "2", "--batch-size", "32"]
+    spec["resources"] = {"nodes": 1, "gpus_per_node": 0, "procs_per_node": 2, "cpus_per_gpu": 1}
+    (work / "cpu.yaml").write_text(yaml.safe_dump(spec))
+    out = hfhpc("--store", str(tmp_path / "store"), "run", str(work / "cpu.yaml"), timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads((work / "runs" / "cifar10" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["test_accuracy"] >= 0.6

@@ -88,9 +88,11 @@ def load_job(run_dir: Path) -> JobFile:
 
 def resolve_job(spec: JobSpec, store: Path) -> JobFile:
     """Pin the spec's assets to the lockfile's commits; refuse if the lockfile does not cover them."""
-    lock = load_lock(spec.lock_path())
+    requests = requests_from_spec(spec)
+    # A script that loads nothing from the Hub (CIFAR-10 from files) needs no lockfile.
+    lock = load_lock(spec.lock_path(), missing_ok=not requests)
     assets = []
-    for req in requests_from_spec(spec):
+    for req in requests:
         locked = lock.get(*req.key)
         if locked is None or locked.revision != req.revision:
             raise LockfileError(str(lock.path), f"{req.kind} {req.repo_id}@{req.revision} is not in the lockfile",
