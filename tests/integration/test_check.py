@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -147,24 +146,22 @@ def test_page_script_runs_unchanged_under_exec(staged: Path, store: Path, tmp_pa
 def test_sealed_child_refuses_a_live_hub_at_once_but_loads_from_the_store(hub, staged: Path, store: Path, tmp_path: Path):
     script = tmp_path / "reach.py"
     script.write_text(
-        "import time\n"
         "from transformers import AutoTokenizer\n"
         f"AutoTokenizer.from_pretrained('{MODEL_ID}')\n"
         "print('loaded from the store')\n"
         "import urllib.request\n"
-        "t = time.perf_counter()\n"
         "try:\n"
         f"    urllib.request.urlopen('{hub.url}/api/models/{MODEL_ID}', timeout=30)\n"
         "    print('REACHED THE HUB')\n"
         "except Exception as e:\n"
-        "    print('refused after', round(time.perf_counter() - t, 2), type(e).__name__)\n"
+        "    print('refused by', [c.__name__ for c in type(e).__mro__])\n"
     )
     out = hfhpc("--store", str(store), "exec", "--", sys.executable, str(script))
     assert out.returncode == 0, out.stderr
     assert "loaded from the store" in out.stdout
     assert "REACHED THE HUB" not in out.stdout
-    refused_after = float(out.stdout.split("refused after ")[1].split()[0])
-    assert refused_after < 1.0
+    # The guard's own refusal (a ConnectionRefusedError), not a timeout or a failed connection attempt.
+    assert "NetworkSealedError" in out.stdout.split("refused by")[1]
     assert "127.0.0.1" in out.stderr and "sealed" in out.stderr
 
     # Allowed in the spec (a site service): reachable.
@@ -176,11 +173,10 @@ def test_sealed_child_refuses_a_live_hub_at_once_but_loads_from_the_store(hub, s
 def test_unsealed_task_only_pipeline_fails_fast_under_exec(store: Path, tmp_path: Path):
     script = tmp_path / "default.py"
     script.write_text("from transformers import pipeline\npipeline('text-classification')\n")
-    t = time.perf_counter()
     out = hfhpc("--store", str(store), "exec", "--", sys.executable, str(script))
     assert out.returncode != 0
-    assert time.perf_counter() - t < 20  # import time included; never the 27 s retry loop
     assert "distilbert" in out.stderr
+    assert "Retrying" not in out.stderr  # never huggingface_hub's retry loop
 
 
 def test_env_lines_make_a_hand_written_job_work(staged: Path, store: Path, tmp_path: Path):

@@ -84,11 +84,9 @@ def test_restage_is_a_noop_without_network_and_update_moves(upstream_store: Path
         assert first.returncode == 0, first.stderr
         old_commit = json.loads((tmp_path / "m.lock").read_text())["assets"][0]["commit"]
     # Server gone: an unchanged re-stage asks nothing of the network.
-    t = time.perf_counter()
     again = hfhpc(*args, env=_env("http://127.0.0.1:9"))
     assert again.returncode == 0, again.stderr
     assert "already staged" in again.stdout
-    assert time.perf_counter() - t < 10
 
     # Upstream moves main to a new commit.
     src = tmp_path / "newsrc"
