@@ -154,7 +154,7 @@ def test_sealed_child_refuses_a_live_hub_at_once_but_loads_from_the_store(hub, s
         f"    urllib.request.urlopen('{hub.url}/api/models/{MODEL_ID}', timeout=30)\n"
         "    print('REACHED THE HUB')\n"
         "except Exception as e:\n"
-        "    print('refused by', [c.__name__ for c in type(e).__mro__])\n"
+        "    print('refused by', [c.__name__ for c in type(getattr(e, 'reason', e)).__mro__])\n"
     )
     out = hfhpc("--store", str(store), "exec", "--", sys.executable, str(script))
     assert out.returncode == 0, out.stderr
