@@ -35,3 +35,17 @@ class LocalExecutor(Executor):
 
         log = job.run_dir / "logs" / f"local-{datetime.now().strftime('%Y%m%d-%H%M%S')}.out"
         return run_node(job.run_dir, local=True, tee=log)
+
+
+class SlurmExecutor(Executor):
+    """``hfhpc submit``: write ``job.sbatch`` into the run folder and hand it to ``sbatch``."""
+
+    def prepare(self, spec: JobSpec, store: Path) -> JobFile:
+        # jobs.submit creates the run folder itself, after refusing a run that is still queued.
+        return resolve_job(spec, store)
+
+    def start(self, job: JobFile):
+        """Submit; return the remembered job record (its ``job_id`` is SLURM's)."""
+        from hfhpc.launch import jobs
+
+        return jobs.submit(job)

@@ -169,6 +169,10 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
         # Trainer and accelerate otherwise look for GPUs; with torchrun ranks they use gloo on CPU.
         env["ACCELERATE_USE_CPU"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
+    elif "CUDA_VISIBLE_DEVICES" not in env:
+        # Outside SLURM nothing limits the GPUs: a one-GPU job that sees eight would get
+        # Trainer's nn.DataParallel. Show the job exactly the GPUs it asked for.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(spec.resources.gpus_per_node))
     return env
 
 

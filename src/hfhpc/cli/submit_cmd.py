@@ -1,0 +1,38 @@
+"""``hfhpc submit SPEC [--dry-run]``: write ``RUN_DIR/job.sbatch`` and submit it to SLURM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="job spec (YAML); its lockfile pins the revisions the job uses")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    p.add_argument("--parsable", action="store_true", help="print only the job id (for scripts)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hfhpc.launch.executor import SlurmExecutor
+    from hfhpc.spec import load_spec
+
+    executor = SlurmExecutor()
+    job = executor.prepare(load_spec(args.spec), args.store_path)
+    if args.dry_run:
+        from hfhpc.launch.sbatch import render_sbatch
+
+        sys.stdout.write(render_sbatch(job))
+        return 0
+    from hfhpc.cli.status_cmd import duration
+    from hfhpc.launch.jobs import log_path
+
+    record = executor.start(job)
+    if args.parsable:
+        print(record.job_id)
+        return 0
+    print(f"submitted job {record.job_id} ({record.name}): {record.nodes} node(s), "
+          f"time limit {duration(record.time_limit_s)}")
+    print(f"  run dir: {record.run_dir}")
+    print(f"  log:     {log_path(job.run_dir, record.job_id, record.name)}")
+    print(f"  follow:  hfhpc logs -f {record.job_id}    progress: hfhpc status {record.job_id}")
+    return 0

@@ -1,0 +1,100 @@
+"""GPU paths of the recipes and the launcher (run on the GPU machine: `pytest -m gpu tests/gpu`).
+
+One GPU: bf16 SFT through `hfhpc run`. Two GPUs: DDP and FSDP (full shard, the layer class to wrap
+read from the model) through the generated accelerate config; the final model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on the GPU machine"),
+]
+
+MODEL_ID = "hfhpc-demo/tiny-chat-mistral"
+DATA_ID = "hfhpc-demo/ultrachat-tiny"
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hfhpc", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A store holding the tiny chat model and data, staged through a loopback server like a user would."""
+    from hfhpc.demo.build import build_chat_dataset, build_tiny_chat_model
+    from hfhpc.store.importer import import_folder
+    from hfhpc.store.server import StoreServer
+
+    root = tmp_path_factory.mktemp("gpu")
+    upstream = root / "upstream"
+    import_folder(upstream, "model", MODEL_ID, build_tiny_chat_model(root / "src-model"))
+    import_folder(upstream, "dataset", DATA_ID, build_chat_dataset(root / "src-data"))
+    store = root / "store"
+    spec = root / "base.yaml"
+    spec.write_text(f"name: base\nrecipe: sft\nmodel: {MODEL_ID}\ndataset: {{id: {DATA_ID}, split: train_sft, eval_split: test_sft}}\n")
+    with StoreServer(upstream) as server:
+        out = subprocess.run([sys.executable, "-m", "hfhpc", "--store", str(store), "stage", str(spec)],
+                             capture_output=True, text=True, env=dict(os.environ, HF_ENDPOINT=server.url), timeout=600)
+    assert out.returncode == 0, out.stderr
+    return root, store
+
+
+def _run(staged, name: str, launch: str, resources: str, steps: int = 30) -> tuple[Path, subprocess.CompletedProcess]:
+    root, store = staged
+    spec = root / f"{name}.yaml"
+    spec.write_text(
+        f"name: {name}\nrecipe: sft\nmodel: {MODEL_ID}\n"
+        f"dataset: {{id: {DATA_ID}, split: train_sft, eval_split: test_sft}}\n"
+        f"train: {{max_length: 256, max_steps: {steps}, learning_rate: 3.0e-3, per_device_batch_size: 8, logging_steps: 5, save_steps: 1000}}\n"
+        f"launch: {launch}\nresources: {resources}\n"
+    )
+    spec.with_suffix(".lock").write_text((root / "base.lock").read_text())
+    out = _cli("--store", str(store), "run", str(spec))
+    return root / "runs" / name, out
+
+
+def _loads(run_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_sft_on_one_gpu_in_bf16(staged):
+    run_dir, out = _run(staged, "one-gpu", "{strategy: single, mixed_precision: bf16}", "{gpus_per_node: 1}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    losses = _losses(run_dir)
+    assert losses[-1] < 0.7 * losses[0], losses
+    _loads(run_dir)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sft_on_two_gpus(staged, strategy: str):
+    run_dir, out = _run(staged, f"two-{strategy}", f"{{strategy: {strategy}, mixed_precision: bf16}}", "{gpus_per_node: 2}")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    if strategy == "fsdp":
+        config = (run_dir / "logs" / "accelerate-node0.yaml").read_text()
+        assert "distributed_type: FSDP" in config and "MistralDecoderLayer" in config
+    losses = _losses(run_dir)
+    assert losses[-1] < 0.7 * losses[0], losses
+    _loads(run_dir)
