@@ -116,6 +116,9 @@ def main(job: JobFile) -> int:
     # -- save ----------------------------------------------------------------------------------
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
     out = job.run_dir / "model"
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded (fast, resumable); the final model is one plain HF model.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
     if is_main():
         tokenizer.save_pretrained(str(out))
