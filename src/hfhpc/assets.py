@@ -80,3 +80,15 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         if not 0 <= start <= end <= data_bytes:
             raise ValueError(f"tensor {name!r} lies outside the file (truncated?)")
     return header
+
+
+def unknown_training_keys(recipe: str, keys: list[str]) -> list[str]:
+    """The ``train:`` keys that the recipe's trainer config does not have (they would fail at run time)."""
+    import dataclasses
+
+    if recipe == "sft":
+        from trl import SFTConfig as config
+    else:
+        from transformers import TrainingArguments as config
+    names = {f.name for f in dataclasses.fields(config)}
+    return sorted(k for k in keys if k not in names)

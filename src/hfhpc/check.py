@@ -49,10 +49,11 @@ class _Plan:
     models: list[dict] = field(default_factory=list)
     datasets: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
+    train: dict | None = None  # {"recipe", "keys"}: pass-through train keys to check against the trainer
     fixes: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, id) → fix command
 
     def empty(self) -> bool:
-        return not (self.models or self.datasets or self.metrics)
+        return not (self.models or self.datasets or self.metrics or self.train)
 
     def add_model(self, store: Path, repo_id: str, commit: str, fix: str) -> None:
         snap = snapshot_dir(store, "model", repo_id, commit)
@@ -129,7 +130,7 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
         TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",
     )
     groups = [
-        {"models": plan.models, "datasets": plan.datasets, "metrics": []},
+        {"models": plan.models, "datasets": plan.datasets, "metrics": [], "train": plan.train},
         {"models": [], "datasets": [], "metrics": plan.metrics},
     ]
     groups = [g for g in groups if any(g.values())]
@@ -156,7 +157,8 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
         if not r["error"]:
             continue
         if r.get("cause") == "spec":
-            report.problems.append(Problem(r["kind"], r["id"], r["what"], r["error"], "edit the spec: name a split the dataset has"))
+            fix = "edit the spec's train: keys" if r["kind"] == "spec" else "edit the spec: name a split the dataset has"
+            report.problems.append(Problem(r["kind"], r["id"], r["what"], r["error"], fix))
             continue
         fix = plan.fixes.get((r["kind"], r["id"]), f"hfhpc stage --{r['kind']} {shlex.quote(r['id'])}")
         report.problems.append(Problem(r["kind"], r["id"], r["what"], f"fails offline: {r['error']}", fix))
@@ -267,6 +269,9 @@ def check(
     if spec is not None:
         allow = list(spec.site.allow_hosts)
         _check_locked(spec, store, report, plan)
+        extra = sorted((spec.train.model_extra or {}).keys())
+        if spec.recipe in ("sft", "classify") and extra:
+            plan.train = {"recipe": spec.recipe, "keys": extra}
         if spec.recipe == "script" and spec.script:
             scripts.insert(0, spec.resolve_path(spec.script))
     if scripts:

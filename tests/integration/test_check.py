@@ -188,3 +188,11 @@ def test_env_lines_make_a_hand_written_job_work(staged: Path, store: Path, tmp_p
     res = subprocess.run(["bash", str(job)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "rows: 64" in res.stdout
+
+
+def test_check_names_train_keys_the_trainer_does_not_have(staged: Path, store: Path):
+    staged.write_text(SPEC + "train: {warmup_ratio: 0.1, lr_scheduler_type: cosine}\n")
+    out = hfhpc("--store", str(store), "check", str(staged))
+    assert out.returncode == 1
+    assert "not a field of the trainer's config: warmup_ratio" in out.stdout
+    assert "lr_scheduler_type" not in out.stdout

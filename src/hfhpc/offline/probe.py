@@ -72,6 +72,17 @@ def run_plan(plan: dict) -> list[dict]:
                     raise
 
             probe("dataset", did, what, load)
+    train = plan.get("train")
+    if train and train.get("keys"):
+
+        def fields() -> None:
+            unknown = assets.unknown_training_keys(train["recipe"], train["keys"])
+            if unknown:
+                raise SpecMismatch(
+                    f"not a field of the trainer's config: {', '.join(unknown)} (check the spelling for this transformers/TRL version)"
+                )
+
+        probe("spec", "train", "pass-through keys", fields)
     for mt in plan.get("metrics", []):
         probe("metric", mt["id"], "evaluate.load", lambda mid=mt["id"]: assets.load_metric(mid))
     return results
