@@ -1,0 +1,511 @@
+"""``hfhpc report RUN_DIR``: plots of a run and one self-contained HTML page; the ETA of a run.
+
+The page embeds its plots as base64 data URIs, so ``report.html`` alone can be copied off the
+cluster and opened anywhere. Everything comes from the run folder's files (``metrics.jsonl``,
+``summary.json``, ``eval.json``, ``job.json``, ``job.sbatch``) and, for MFU, the model's staged
+``config.json``; torch is never imported, matplotlib draws with its Agg backend.
+
+MFU per GPU = tokens/s per GPU × FLOPs per token / the card's dense bf16 peak, with FLOPs per token
+= 6·N + 12·L·h·s (the seed bench's formula: forward and backward matmuls plus attention scores, not
+halved for causality; 4·N with LoRA, whose frozen weights get no weight gradients), N and the shape
+from the run's model config, s = ``train.max_length``, and the peak of ``resources.gpu_type``
+(989 TFLOP/s, an H100's, when it is not set).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hfhpc.errors import HfhpcError
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.html"
+DEFAULT_RESTART_S = 300.0  # launch, model load and resume of a requeued allocation (assumed)
+
+
+# -- reading a run -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunData:
+    run_dir: Path
+    rows: list[dict]
+    summary: dict | None
+    eval: dict | None
+    job: dict | None
+    sbatch: str | None
+
+    @property
+    def spec(self) -> dict:
+        return (self.job or {}).get("spec") or {}
+
+    @property
+    def name(self) -> str:
+        return str((self.summary or {}).get("name") or self.spec.get("name") or self.run_dir.name)
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+
+def _json_file(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every line of ``metrics.jsonl`` that is a JSON object; a line cut short by a writer is skipped."""
+    rows = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("step"), (int, float)):
+            rows.append(value)
+    return rows
+
+
+def load_run(run_dir: Path) -> RunData:
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        raise HfhpcError(f"{run_dir} is not a folder", "give a run folder (a spec's output_dir)")
+    rows = read_metrics(run_dir / METRICS_FILE)
+    summary = _json_file(run_dir / "summary.json")
+    if not rows and summary is None:
+        raise HfhpcError(f"{run_dir} has neither {METRICS_FILE} nor summary.json",
+                         "give the run folder of a job that has started training (`hfhpc status` lists them)")
+    try:
+        sbatch: str | None = (run_dir / "job.sbatch").read_text()
+    except OSError:
+        sbatch = None
+    return RunData(run_dir, rows, summary, _json_file(run_dir / "eval.json"), _json_file(run_dir / "job.json"), sbatch)
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def series(rows: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that carry ``key``."""
+    xs, ys = [], []
+    for r in rows:
+        v = _num(r.get(key))
+        if v is not None:
+            xs.append(float(r["step"]))
+            ys.append(v)
+    return xs, ys
+
+
+def restart_steps(rows: Sequence[dict]) -> list[float]:
+    """Steps at which a new allocation began: ``elapsed_s`` restarts from zero after a requeue."""
+    out, last = [], None
+    for r in rows:
+        e = _num(r.get("elapsed_s"))
+        if e is not None and last is not None and e < last:
+            out.append(float(r["step"]))
+        if e is not None:
+            last = e
+    return out
+
+
+# -- MFU --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MfuBasis:
+    flops_per_token: float
+    peak_flops: float
+    world: int
+    explanation: str
+
+
+def model_config_path(run: RunData) -> tuple[Path | None, str]:
+    """The config.json of the run's model: the staged snapshot job.json names, else ``model/``."""
+    from hfhpc.store.layout import snapshot_dir
+
+    job, spec = run.job or {}, run.spec
+    model_id = (spec.get("model") or {}).get("id")
+    for asset in job.get("assets") or []:
+        if asset.get("kind") == "model" and asset.get("id") == model_id and job.get("store"):
+            path = snapshot_dir(Path(job["store"]), "model", model_id, asset["commit"]) / "config.json"
+            if path.is_file():
+                return path, f"config.json of {model_id}@{asset['commit'][:8]}"
+    final = run.run_dir / "model" / "config.json"
+    if final.is_file():
+        return final, "config.json of the run's final model"
+    return None, "the model's config.json is not reachable from here"
+
+
+def mfu_basis(run: RunData) -> tuple[MfuBasis | None, str]:
+    """How tokens/s turn into MFU for this run, or None and why not."""
+    from hfhpc.plan import GPUS, ModelShape, gpu_kind_of, read_model_config
+
+    path, where = model_config_path(run)
+    if path is None:
+        return None, f"MFU not computed: {where}"
+    try:
+        shape = ModelShape.from_config(read_model_config(path), str(path))
+    except HfhpcError as e:
+        return None, f"MFU not computed: {e.message}"
+    train, res = run.spec.get("train") or {}, run.spec.get("resources") or {}
+    seq = int(train.get("max_length") or 1024)
+    lora = train.get("lora") is not None
+    world = int((run.summary or {}).get("world_size") or 0) or (
+        int(res.get("nodes") or 1) * int(res.get("procs_per_node") or res.get("gpus_per_node") or 1))
+    kind = GPUS.get(gpu_kind_of(str(res.get("gpu_type") or "")) or "h100")
+    assert kind is not None
+    flops = shape.flops_per_token(seq, trainable_weights=not lora)
+    n = f"{shape.params / 1e9:.2f}B" if shape.params >= 1e8 else f"{shape.params:,}"
+    text = (f"MFU = tokens/s per GPU × ({'4' if lora else '6'}·N + 12·L·h·s) / {kind.bf16_tflops:.0f} TFLOP/s "
+            f"({kind.label} bf16 dense); N = {n} from the {where}, L = {shape.layers}, h = {shape.hidden}, s = {seq}, "
+            f"{world} GPU{'s' if world > 1 else ''}")
+    if not int(res.get("gpus_per_node") or 0):
+        text += "; this run used CPUs: shown against the GPU peak for scale only"
+    return MfuBasis(flops, kind.bf16_tflops * 1e12, world, text), text
+
+
+# -- plots --------------------------------------------------------------------------------------------
+
+COLORS = {"train": "#1f77b4", "eval": "#d62728", "lr": "#2ca02c", "tps": "#9467bd", "mfu": "#ff7f0e", "grad": "#8c564b"}
+
+
+def _figure(title: str, ylabel: str):
+    try:
+        import matplotlib
+    except ImportError:
+        raise HfhpcError("the report's plots need matplotlib",
+                         "pip install matplotlib (it is in hfhpc's `train` extra)") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=110)
+    ax.set_title(title, fontsize=11, loc="left")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig, ax
+
+
+def _finish(fig, ax, path: Path, restarts: Sequence[float], note: str | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    for k, step in enumerate(restarts):
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="requeued" if k == 0 else None)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False, fontsize=9)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="#555555", wrap=True, va="bottom")
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+    else:
+        fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#777777", wrap=True)
+
+
+def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
+    """loss.png, learning_rate.png, throughput.png, mfu.png (and grad_norm.png when logged)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, restarts = run.rows, restart_steps(run.rows)
+    plots: dict[str, Path] = {}
+
+    fig, ax = _figure("Loss", "loss")
+    xs, ys = series(rows, "loss")
+    ex, ey = series(rows, "eval_loss")
+    if xs:
+        ax.plot(xs, ys, color=COLORS["train"], marker="o", markersize=3, linewidth=1.5, label="train")
+    if ex:
+        ax.plot(ex, ey, color=COLORS["eval"], marker="s", markersize=6, linestyle="--", linewidth=1.2, label="eval")
+    if not (xs or ex):
+        _empty(ax, "no loss logged yet")
+    plots["loss"] = _finish(fig, ax, out_dir / "loss.png", restarts)
+
+    fig, ax = _figure("Learning rate", "learning rate")
+    xs, ys = series(rows, "learning_rate")
+    if xs:
+        ax.plot(xs, ys, color=COLORS["lr"], linewidth=1.5)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    else:
+        _empty(ax, "no learning rate logged")
+    plots["learning_rate"] = _finish(fig, ax, out_dir / "learning_rate.png", restarts)
+
+    fig, ax = _figure("Throughput (all GPUs)", "tokens / s")
+    xs, ys = series(rows, "tokens_per_s")
+    if xs:
+        ax.plot(xs, ys, color=COLORS["tps"], marker="o", markersize=3, linewidth=1.5)
+        ax.axhline(statistics.median(ys), color=COLORS["tps"], alpha=0.4, linestyle="--",
+                   label=f"median {statistics.median(ys):,.0f}")
+        ax.set_ylim(bottom=0)
+    else:
+        _empty(ax, "no tokens/s logged (it needs num_tokens from TRL)")
+    plots["throughput"] = _finish(fig, ax, out_dir / "throughput.png", restarts)
+
+    basis, why = mfu_basis(run)
+    fig, ax = _figure("Model FLOPs utilisation per GPU", "MFU (%)")
+    if basis is not None and xs:
+        mfu = [100 * y / basis.world * basis.flops_per_token / basis.peak_flops for y in ys]
+        ax.plot(xs, mfu, color=COLORS["mfu"], marker="o", markersize=3, linewidth=1.5)
+        ax.set_ylim(bottom=0)
+    else:
+        _empty(ax, why if basis is None else "no tokens/s logged")
+    plots["mfu"] = _finish(fig, ax, out_dir / "mfu.png", restarts, note=why)
+
+    gx, gy = series(rows, "grad_norm")
+    if gx:
+        fig, ax = _figure("Gradient norm (before clipping)", "grad norm")
+        ax.plot(gx, gy, color=COLORS["grad"], linewidth=1.2)
+        plots["grad_norm"] = _finish(fig, ax, out_dir / "grad_norm.png", restarts)
+    return plots
+
+
+# -- ETA ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EtaReport:
+    """Where a run stands against its allocations."""
+
+    step: int
+    max_steps: int | None
+    seconds_per_step: float | None
+    remaining_s: float | None  # training time left
+    elapsed_s: float | None  # time used in the current allocation
+    time_left_s: float | None  # in the current allocation, before SLURM's warning signal
+    finishes_in_allocation: bool | None
+    requeues: int | None  # further allocations needed after this one
+    warning: str | None
+
+    def render(self) -> str:
+        def hms(s: float | None) -> str:
+            if s is None:
+                return "?"
+            s = int(round(s))
+            return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"
+
+        if self.remaining_s is None:
+            return f"step {self.step}: no ETA (max_steps unknown or no step timing logged yet)"
+        text = f"step {self.step}/{self.max_steps}: {hms(self.remaining_s)} of training left"
+        if self.time_left_s is not None:
+            text += f", {hms(self.time_left_s)} left in this allocation"
+        return text + (f". {self.warning}" if self.warning else "")
+
+
+def eta_report(run_dir: Path, time_limit_s: float, *, elapsed_s: float | None = None,
+               signal_delay_s: float | None = None, restart_s: float = DEFAULT_RESTART_S) -> EtaReport:
+    """The ETA of the run in ``run_dir`` against a SLURM time limit of ``time_limit_s`` per allocation.
+
+    ``elapsed_s`` is the time used in the current allocation (SLURM's RunTime; default: the last
+    logged ``elapsed_s``, which starts when training starts). The job stops ``signal_delay_s`` before
+    each limit to checkpoint (default: what its sbatch script asks for), and every further
+    allocation spends ``restart_s`` loading before it trains again.
+    """
+    from hfhpc.launch.jobs import read_progress
+
+    progress = read_progress(Path(run_dir))
+    if progress is None:
+        return EtaReport(0, None, None, None, elapsed_s, None, None, None, None)
+    if signal_delay_s is None:
+        signal_delay_s = _signal_delay(Path(run_dir), time_limit_s)
+    used = elapsed_s if elapsed_s is not None else progress.elapsed_s
+    remaining = progress.eta_s
+    time_left = max(0.0, time_limit_s - (used or 0.0) - signal_delay_s) if time_limit_s else None
+    if remaining is None or time_left is None:
+        return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
+                         None, None, None)
+    if remaining <= time_left:
+        return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
+                         True, 0, None)
+    per_allocation = time_limit_s - signal_delay_s - restart_s
+    if per_allocation <= 0:
+        warning = (f"The time limit ({time_limit_s:.0f} s) leaves no time to train after a requeue: "
+                   "raise resources.time")
+        return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
+                         False, None, warning)
+    requeues = math.ceil((remaining - time_left) / per_allocation)
+    warning = (f"The run will not finish in this allocation: about {requeues} more allocation"
+               f"{'s' if requeues > 1 else ''} (requeue{'s' if requeues > 1 else ''}) of {time_limit_s / 3600:.1f} h; "
+               "the job checkpoints and requeues itself before each limit, and a longer resources.time needs fewer")
+    return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
+                     False, requeues, warning)
+
+
+def _signal_delay(run_dir: Path, time_limit_s: float) -> float:
+    """The SIGUSR1 delay of the run's sbatch script (the spec in job.json), else SLURM's default of 0."""
+    job = _json_file(run_dir / "job.json")
+    if not job or not isinstance(job.get("spec"), dict):
+        return 0.0
+    from hfhpc.launch.sbatch import signal_delay_s
+    from hfhpc.spec import parse_spec
+
+    try:
+        return float(signal_delay_s(parse_spec(job["spec"])))
+    except HfhpcError:
+        return 0.0
+
+
+# -- HTML ----------------------------------------------------------------------------------------------
+
+CSS = """
+body { font: 15px/1.45 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1d2330;
+       margin: 0; background: #f5f6f8; }
+main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px; }
+h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 10px; }
+.sub { color: #5b6476; margin-bottom: 18px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; }
+.card { background: #fff; border-radius: 8px; padding: 12px 14px; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+.card .k { color: #5b6476; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .v { font-size: 22px; font-weight: 600; margin-top: 2px; }
+.plots { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
+.plots figure { margin: 0; background: #fff; border-radius: 8px; padding: 8px; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+.plots img { width: 100%; display: block; }
+table { border-collapse: collapse; background: #fff; border-radius: 8px; overflow: hidden;
+        box-shadow: 0 1px 2px rgba(0,0,0,.08); min-width: 420px; }
+td, th { padding: 6px 12px; border-bottom: 1px solid #eceef2; text-align: left; vertical-align: top; }
+td.num { font-variant-numeric: tabular-nums; }
+pre { background: #fff; border-radius: 8px; padding: 12px 14px; overflow-x: auto; font-size: 12.5px;
+      box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+.warn { background: #fff4e5; border-left: 4px solid #f0a020; padding: 10px 14px; border-radius: 4px; }
+.muted { color: #5b6476; font-size: 13px; }
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:,.6g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _table(data: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td class='num'>{html.escape(_fmt(v))}</td></tr>"
+                   for k, v in data.items())
+    return f"<table>{rows}</table>"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _cards(run: RunData, basis: MfuBasis | None) -> list[tuple[str, str]]:
+    rows, summary = run.rows, run.summary or {}
+    cards = []
+    last = rows[-1] if rows else {}
+    max_steps = _num(last.get("max_steps"))
+    steps = summary.get("steps", last.get("step"))
+    if steps is not None:
+        cards.append(("steps", f"{int(steps):,}" + (f" / {int(max_steps):,}" if max_steps and max_steps > 0 else "")))
+    _, losses = series(rows, "loss")
+    if losses:
+        cards.append(("last train loss", f"{losses[-1]:.4g}"))
+    _, evals = series(rows, "eval_loss")
+    ev = (run.eval or {}).get("eval_loss", evals[-1] if evals else None)
+    if _num(ev) is not None:
+        cards.append(("eval loss", f"{ev:.4g}"))
+    _, tps = series(rows, "tokens_per_s")
+    if tps:
+        med = statistics.median(tps)
+        cards.append(("tokens/s (median)", f"{med:,.0f}"))
+        if basis is not None:
+            cards.append(("MFU per GPU (median)", f"{100 * med / basis.world * basis.flops_per_token / basis.peak_flops:.3g}%"))
+    if _num(summary.get("train_seconds")) is not None:
+        cards.append(("train time", f"{summary['train_seconds'] / 60:.1f} min"))
+    cards.append(("state", "finished" if run.finished else "running or stopped"))
+    return cards
+
+
+def render_html(run: RunData, plots: dict[str, Path], *, eta: EtaReport | None = None) -> str:
+    """One self-contained page: the numbers, the plots (embedded), eval, the spec and the script."""
+    import yaml
+
+    basis, why = mfu_basis(run)
+    spec = run.spec
+    model = (spec.get("model") or {}).get("id", "?")
+    dataset = (spec.get("dataset") or {}).get("id")
+    created = (run.job or {}).get("created", "")
+    sub = " · ".join(html.escape(x) for x in [spec.get("recipe", ""), model, dataset or "", str(run.run_dir), created] if x)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(run.name)} · hfhpc report</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{html.escape(run.name)}</h1><div class='sub'>{sub}</div>",
+        "<div class='cards'>" + "".join(
+            f"<div class='card'><div class='k'>{html.escape(k)}</div><div class='v'>{html.escape(v)}</div></div>"
+            for k, v in _cards(run, basis)) + "</div>",
+    ]
+    if eta is not None and eta.remaining_s is not None:
+        cls = "warn" if eta.warning else "muted"
+        parts.append(f"<h2>Time</h2><p class='{cls}'>{html.escape(eta.render())}</p>")
+    titles = {"loss": "Train and eval loss", "learning_rate": "Learning rate", "throughput": "Tokens per second",
+              "mfu": "MFU", "grad_norm": "Gradient norm"}
+    parts.append("<h2>Training</h2><div class='plots'>" + "".join(
+        f"<figure><img alt='{html.escape(titles.get(k, k))}' src='{_data_uri(p)}'></figure>" for k, p in plots.items())
+        + "</div>")
+    parts.append(f"<p class='muted'>{html.escape(why)}</p>")
+    if run.summary:
+        flat = {k: v for k, v in run.summary.items() if k != "eval"}
+        parts.append("<h2>Summary</h2>" + _table(flat))
+    if run.eval:
+        parts.append("<h2>Evaluation (eval.json)</h2>" + _table(run.eval))
+    if spec:
+        source = (run.job or {}).get("spec_path")
+        note = f"<p class='muted'>as resolved in job.json{' from ' + html.escape(source) if source else ''}</p>"
+        parts.append("<h2>Spec</h2>" + note + f"<pre>{html.escape(yaml.safe_dump(spec, sort_keys=False))}</pre>")
+        assets = (run.job or {}).get("assets") or []
+        if assets:
+            parts.append(_table({f"{a.get('kind')} {a.get('id')}": f"{a.get('revision')} → {a.get('commit')}" for a in assets}))
+    if run.sbatch:
+        parts.append(f"<h2>job.sbatch</h2><pre>{html.escape(run.sbatch)}</pre>")
+    parts.append("<p class='muted'>written by hfhpc report</p></main></body></html>")
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Report:
+    html: Path
+    plots: dict[str, Path]
+    eta: EtaReport | None
+
+
+def build_report(run_dir: Path, out_dir: Path | None = None) -> Report:
+    """Write the PNG plots and ``report.html`` of ``run_dir`` into ``out_dir`` (default: the run folder)."""
+    from hfhpc.store.atomic import atomic_write_text
+
+    run = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.run_dir
+    plots = render_plots(run, out)
+    eta = None
+    limit = (run.spec.get("resources") or {}).get("time")
+    if not run.finished and limit:
+        from hfhpc.spec import parse_slurm_time
+
+        try:
+            eta = eta_report(run.run_dir, parse_slurm_time(str(limit)))
+        except ValueError:
+            eta = None
+    page = out / REPORT_FILE
+    atomic_write_text(page, render_html(run, plots, eta=eta))
+    return Report(page, plots, eta)
