@@ -90,10 +90,17 @@ def training_kwargs(job: JobFile) -> dict[str, Any]:
 
 class StopOnSignal:
     """SIGUSR1 (SLURM's warning before the time limit), SIGTERM or SIGINT: finish the current step,
-    save a checkpoint, stop. The recipe then exits with status 3 and the same command resumes."""
+    save a checkpoint, stop. The recipe then exits with status 3 and the same command resumes.
+
+    Ranks get the signal at different moments (one node before another), so they agree on the step
+    to stop at: after every step each rank's flag is combined with the others' (a one-integer
+    all-reduce on a gloo group), and all stop at the first step where any rank was told to.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.by_peer = False
+        self._group = None
 
     def install(self) -> StopOnSignal:
         for sig in STOP_SIGNALS:
@@ -107,7 +114,24 @@ class StopOnSignal:
 
     @property
     def stopped(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.by_peer
+
+    def agree(self) -> bool:
+        """Whether any rank was signalled; every rank must call this at the same step."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.stopped
+        import torch
+
+        if self._group is None:
+            # A CPU group, so that NCCL jobs do not synchronise the GPU for one integer per step.
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([1 if self.stopped else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item() and not self.stopped:
+            self.by_peer = True
+        return self.stopped
 
 
 def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
@@ -126,6 +150,7 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
             self.last_step = state.global_step
+            stop.agree()  # collective: every rank creates the group at the same point
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -147,7 +172,7 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
             append_jsonl(metrics_path, record)
 
         def on_step_end(self, args, state, control, **kw):
-            if stop.stopped:
+            if stop.agree():
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -156,13 +181,9 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint-N whose save completed (trainer_state.json is written last)."""
-    best = None
-    for child in Path(run_dir).glob("checkpoint-*"):
-        try:
-            step = int(child.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        if (child / "trainer_state.json").is_file() and (best is None or step > best[0]):
-            best = (step, child)
-    return str(best[1]) if best else None
+    """The newest complete checkpoint-N (see :mod:`hfhpc.recipes.checkpoint`); newer incomplete or
+    corrupt ones are named in a warning and skipped."""
+    from hfhpc.recipes.checkpoint import last_complete
+
+    found = last_complete(Path(run_dir), warn=log)
+    return str(found.path) if found else None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hfhpc import assets
 from hfhpc.launch.jobfile import JobFile
-from hfhpc.recipes import chatdata
+from hfhpc.recipes import chatdata, checkpoint
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
@@ -44,11 +44,13 @@ def _cache_root(job: JobFile) -> Path:
 
 
 def main(job: JobFile) -> int:
+    # First: SLURM's warning can come early, and a SIGUSR1 with no handler ends the process.
+    stop = StopOnSignal().install()
+
     import torch
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    stop = StopOnSignal().install()
     spec, t = job.spec, job.spec.train
     model_id, commit = spec.model.id, job.model_commit
     dref = spec.dataset
@@ -102,14 +104,17 @@ def main(job: JobFile) -> int:
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         callbacks=trainer_callbacks(job, stop), peft_config=peft_config,
     )
+    checkpoint.install(trainer, stop)
 
     # -- train ---------------------------------------------------------------------------------
     resume = last_checkpoint(job.run_dir)
     if resume:
         log(f"resuming from {resume}")
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    if stop.stopped:
+    with checkpoint.one_line_errors():
+        result = trainer.train(resume_from_checkpoint=resume)
+    # A signal that came after the last step (during the final save) does not stop the job.
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
         log(f"stopped at step {trainer.state.global_step} with a checkpoint: run the same command again to resume")
         return EXIT_INTERRUPTED
 
