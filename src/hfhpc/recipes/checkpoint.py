@@ -41,7 +41,7 @@ PREFIX = "checkpoint-"
 MARKER = "hfhpc-complete.json"
 MARKER_VERSION = 1
 STAGING_SUFFIX = ".tmp"  # .checkpoint-N.tmp/checkpoint-N while it is written
-TRASH_INFIX = ".deleting-"  # .checkpoint-N.deleting-XXXX while it is removed
+TRASH_INFIX = ".deleting-"  # .checkpoint-N.deleting-<random> while it is removed
 
 # The signal-delay hint: finishing the step in flight and saving, twice over, plus the exit and
 # `scontrol requeue`; never less than a minute (SLURM's own timing is that coarse).
