@@ -15,9 +15,11 @@ from the run's model config, s = ``train.max_length``, and the peak of ``resourc
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -350,7 +352,12 @@ def eta_report(run_dir: Path, time_limit_s: float, *, elapsed_s: float | None = 
 
 
 def _signal_delay(run_dir: Path, time_limit_s: float) -> float:
-    """The SIGUSR1 delay of the run's sbatch script (the spec in job.json), else SLURM's default of 0."""
+    """The SIGUSR1 delay of the run's sbatch script (its --signal line, else the spec in job.json),
+    else SLURM's default of 0."""
+    with contextlib.suppress(OSError):
+        found = re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", (run_dir / "job.sbatch").read_text(), re.M)
+        if found:
+            return float(found.group(1))
     job = _json_file(run_dir / "job.json")
     if not job or not isinstance(job.get("spec"), dict):
         return 0.0

@@ -112,6 +112,8 @@ class TrainSpec(BaseModel):
     assistant_only_loss: bool | None = Field(None, description="train on assistant turns only (default: when the template allows)")
     chat_template: str | None = Field(None, description="template for base models without one: a name or a Jinja string")
     lora: dict[str, Any] | None = Field(None, description="peft LoraConfig fields; enables LoRA")
+    attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="auto: variable-length FlashAttention over packed documents (PyTorch's, on GPU), else sdpa")
 
 
 class InferSpec(BaseModel):

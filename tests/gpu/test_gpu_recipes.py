@@ -50,13 +50,13 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, store
 
 
-def _run(staged, name: str, launch: str, resources: str, steps: int = 30) -> tuple[Path, subprocess.CompletedProcess]:
+def _run(staged, name: str, launch: str, resources: str, steps: int = 30, save: int = 1000) -> tuple[Path, subprocess.CompletedProcess]:
     root, store = staged
     spec = root / f"{name}.yaml"
     spec.write_text(
         f"name: {name}\nrecipe: sft\nmodel: {MODEL_ID}\n"
         f"dataset: {{id: {DATA_ID}, split: train_sft, eval_split: test_sft}}\n"
-        f"train: {{max_length: 256, max_steps: {steps}, learning_rate: 3.0e-3, per_device_batch_size: 8, logging_steps: 5, save_steps: 1000}}\n"
+        f"train: {{max_length: 256, max_steps: {steps}, learning_rate: 3.0e-3, per_device_batch_size: 8, logging_steps: 5, save_steps: {save}}}\n"
         f"launch: {launch}\nresources: {resources}\n"
     )
     spec.with_suffix(".lock").write_text((root / "base.lock").read_text())
@@ -88,13 +88,25 @@ def test_sft_on_one_gpu_in_bf16(staged):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_sft_on_two_gpus(staged, strategy: str):
-    run_dir, out = _run(staged, f"two-{strategy}", f"{{strategy: {strategy}, mixed_precision: bf16}}", "{gpus_per_node: 2}")
+    # FSDP checkpoints at the last step too: its sharded weights merge into the final model.
+    run_dir, out = _run(staged, f"two-{strategy}", f"{{strategy: {strategy}, mixed_precision: bf16}}", "{gpus_per_node: 2}",
+                        save=30 if strategy == "fsdp" else 1000)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     if strategy == "fsdp":
         config = (run_dir / "logs" / "accelerate-node0.yaml").read_text()
         assert "distributed_type: FSDP" in config and "MistralDecoderLayer" in config
+        assert (run_dir / "checkpoint-30" / "pytorch_model_fsdp_0").is_dir()  # sharded, not one file
+        export = _cli("export", str(run_dir), "-o", str(run_dir / "merged"))
+        assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+        merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+        final = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, final(ids).logits, rtol=1e-4, atol=1e-4)
     losses = _losses(run_dir)
     assert losses[-1] < 0.7 * losses[0], losses
     _loads(run_dir)

@@ -34,29 +34,6 @@ from tests.conftest import hfhpc, offline_python
 pytestmark = pytest.mark.slow
 
 
-def _node_fixed() -> bool:
-    """Whether the node agent delivers stop signals to a launcher's ranks (see docs/faults.md)."""
-    from hfhpc.launch import node
-
-    return hasattr(node, "LAUNCHER_IGNORES")
-
-
-def _sbatch_fixed() -> bool:
-    """Whether the batch script asks the checkpoint marker before it requeues (see docs/faults.md)."""
-    import inspect
-
-    from hfhpc.launch import sbatch
-
-    return "hfhpc.recipes.checkpoint stopped" in inspect.getsource(sbatch)
-
-
-NODE_FIX = ("launch/node.py: torchrun dies of SIGUSR1 and its ranks never see the signal; a launcher's status 1 "
-            "hides the ranks' 3 (the fix is in docs/faults.md)")
-SBATCH_FIX = ("launch/sbatch.py: with 2 nodes, srun's --kill-on-bad-exit can turn the ranks' 3 into another status, "
-              "and the job is not requeued (the fix is in docs/faults.md)")
-needs_node_fix = pytest.mark.xfail(not _node_fixed(), strict=True, reason=NODE_FIX)
-
-
 SPEC = """\
 name: {name}
 recipe: sft
@@ -289,7 +266,7 @@ def test_stop_signal_mid_step_then_resume_is_bit_exact(staged, references, procs
 
 @pytest.mark.parametrize(
     ("signum", "procs"),
-    [(signal.SIGTERM, 1), pytest.param(signal.SIGUSR1, 2, marks=needs_node_fix)],
+    [(signal.SIGTERM, 1), (signal.SIGUSR1, 2)],
     ids=["sigterm-1-rank", "sigusr1-2-ranks"],
 )
 def test_hfhpc_run_stops_with_status_3_and_the_same_command_resumes(staged, tmp_path: Path, signum, procs: int):
@@ -419,7 +396,6 @@ def test_no_space_left_during_a_checkpoint_is_one_line_and_keeps_the_older_one(s
 
 @pytest.mark.slurm
 # Without both fixes the job fails after minutes of waiting: not run.
-@pytest.mark.xfail(not (_node_fixed() and _sbatch_fixed()), run=False, reason=f"{NODE_FIX}; {SBATCH_FIX}")
 def test_two_node_job_checkpoints_on_the_warning_requeues_and_resumes(slurm_cluster2, staged):
     pytest.importorskip("torch")
     spec = _variant(staged, "slurm-requeue", steps=40, save=10, procs=1, nodes=2)

@@ -183,16 +183,17 @@ def test_cancel_a_sleeping_job_and_refuse_a_second_submit_meanwhile(slurm_cluste
 
 @pytest.mark.slow
 def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path: Path, store: Path):
-    # USR1 is due 30 s before the 1-minute limit; slurmctld sends it within 30 s of that.
-    spec = _project(tmp_path, "requeue", "{nodes: 1, gpus_per_node: 0, cpus_per_gpu: 1, time: '1'}",
-                    args="[--until-usr1]")
+    # USR1 is due 90 s before the 2-minute limit. slurmctld checks limits every 30 s, so it comes
+    # 60-90 s before the limit: never so late that the limit ends the job before it requeues.
+    spec = _project(tmp_path, "requeue", "{nodes: 1, gpus_per_node: 0, cpus_per_gpu: 1, time: '2'}",
+                    args="[--until-usr1]", extra="launch: {signal_delay_s: 90}\n")
     job_id = _submit(slurm_cluster, store, spec)
     run_dir = tmp_path / "runs" / "requeue"
     try:
         _wait_until("the first run", lambda: (run_dir / "probe").is_dir())
         status = _cli(slurm_cluster, "status", job_id).stdout
-        # 995 steps at 10 s each against a 1-minute limit: many allocations.
-        assert "RUNNING" in status and "ETA:      2:45:50" in status and "more allocations of 0:01:00" in status, status
+        # 995 steps at 10 s each against a 2-minute limit: many allocations.
+        assert "RUNNING" in status and "ETA:      2:45:50" in status and "more allocations of 0:02:00" in status, status
 
         def requeued() -> bool:
             info = slurm_cluster.run("scontrol", "show", "job", "-o", job_id).stdout

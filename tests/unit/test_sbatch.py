@@ -114,6 +114,22 @@ def test_default_signal_delay_fits_short_jobs() -> None:
     assert e.value.key == "launch.signal_delay_s"
 
 
+def test_a_run_with_a_checkpoint_gets_the_warning_its_marker_measured(tmp_path: Path) -> None:
+    from hfhpc.recipes import checkpoint
+
+    spec = parse_spec(ZEPHYR)  # 3 h on GPUs: the default would be 300 s
+    folder = tmp_path / "checkpoint-50"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    checkpoint.write_marker(folder, 50, save_s=140.0, max_step_s=6.0)
+    assert sbatch.signal_delay_s(spec, tmp_path) == 2 * (140 + 6) + 30
+    assert sbatch.signal_delay_s(spec, tmp_path / "no-checkpoint-yet") == 300
+    assert "#SBATCH --signal=B:USR1@322\n" in sbatch.render_sbatch(make_job(ZEPHYR, run_dir=tmp_path))
+    # The spec's own value wins over the measurement.
+    fixed = parse_spec({**ZEPHYR, "launch": {**ZEPHYR["launch"], "signal_delay_s": 200}})
+    assert sbatch.signal_delay_s(fixed, tmp_path) == 200
+
+
 @pytest.mark.parametrize("resources, key", [
     ({"extra_sbatch": ["-C v100"]}, "resources.extra_sbatch[0]"),
     ({"extra_sbatch": ["--constraint=v100", "--comment=x\n#SBATCH --account=other"]}, "resources.extra_sbatch[1]"),

@@ -176,24 +176,116 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
     return env
 
 
-class _Forwarder:
-    """Forward the signals this process gets to the ranks' process group."""
+# Stop signals: the ranks finish their step, checkpoint and exit 3. SLURM's time-limit warning
+# (USR1) and USR2 kill a process that has no handler, so the ranks start with them ignored (a
+# disposition exec keeps) and get them only once they handle them: a signal that comes while a
+# rank still imports torch waits, instead of killing it or being lost.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+# torchrun and accelerate launch die of USR1 (orphaning the ranks, each in its own session) and
+# answer TERM by killing the ranks 30 s later, whatever their checkpoint is doing: they get no
+# stop signal; the agent delivers it to the ranks themselves.
+LAUNCHER_IGNORES = STOP_SIGNALS
 
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
+
+def _ignore_stop_signals() -> None:
+    for sig in LAUNCHER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``, from /proc (Linux)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ")".
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def handling(pid: int, signum: int) -> bool | None:
+    """Whether ``pid`` has a handler for ``signum`` (False: ignores it; None: default action or unknown)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = dict(line.split(":", 1) for line in f if line.startswith(("SigIgn", "SigCgt")))
+    except (OSError, ValueError):
+        return None
+    bit = 1 << (signum - 1)
+    if int(masks.get("SigCgt", "0"), 16) & bit:
+        return True
+    if int(masks.get("SigIgn", "0"), 16) & bit:
+        return False
+    return None
+
+
+class _Forwarder:
+    """Take the agent's signals from the moment it starts; pass them to the ranks once they run.
+
+    With a launcher (``launcher=True``) the signals go to its children, the ranks, never to the
+    launcher itself; without one, to the one rank. Only the ranks: their own helper processes
+    (data loader workers, compile workers) are theirs to stop.
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.launcher = False
         self.received: list[int] = []
-        self._previous = {}
+        self._pending: set[int] = set()  # stop signals some rank was not ready for
+        self._delivered: set[tuple[int, int]] = set()  # (pid, signal): a stop signal goes to a rank once
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _Forwarder:
         for sig in FORWARDED:
             with contextlib.suppress(ValueError, OSError):  # not the main thread: nothing to install
-                self._previous[sig] = signal.signal(sig, self._forward)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def _forward(self, signum: int, frame) -> None:
+    def attach(self, proc: subprocess.Popen, *, launcher: bool) -> None:
+        self.proc, self.launcher = proc, launcher
+        for sig in dict.fromkeys(self.received):  # what came before the ranks started
+            self._deliver(sig)
+
+    def _on_signal(self, signum: int, frame) -> None:
         self.received.append(signum)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signum)
+        if self.proc is not None:
+            self._deliver(signum)
+
+    def _targets(self, signum: int) -> list[int]:
+        assert self.proc is not None
+        if not self.launcher:
+            return [self.proc.pid]
+        ranks = children(self.proc.pid)
+        if not ranks and signum not in STOP_SIGNALS:
+            return [self.proc.pid]  # no ranks yet: the launcher ends
+        return ranks
+
+    def _deliver(self, signum: int) -> None:
+        targets = self._targets(signum)
+        if not targets and signum in STOP_SIGNALS:
+            self._pending.add(signum)  # the launcher has not started the ranks yet
+        for pid in targets:
+            if signum in STOP_SIGNALS:
+                if (pid, signum) in self._delivered:
+                    continue
+                if handling(pid, signum) is False:  # still ignored: the rank has not set up yet
+                    self._pending.add(signum)
+                    continue
+                self._delivered.add((pid, signum))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    def retry(self) -> None:
+        """Deliver the stop signals that ranks were not ready for."""
+        if self.proc is not None and self.proc.poll() is None:
+            pending, self._pending = self._pending, set()
+            for sig in sorted(pending):
+                self._deliver(sig)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -208,7 +300,17 @@ def _pump(stream, sinks) -> None:
 
 
 def run_node(run_dir: Path, *, local: bool = False, environ: dict[str, str] | None = None, tee: Path | None = None) -> int:
-    """Start this node's ranks and wait for them; return their exit status (128+N for signal N)."""
+    """Start this node's ranks and wait for them; return their exit status (128+N for signal N).
+
+    Status 3 means the ranks stopped on a signal after writing a checkpoint (requeue, or run the
+    same command again), also where a launcher reports its ranks' 3 as a failure.
+    """
+    with _Forwarder() as fwd:
+        return _run_node(run_dir, fwd, local=local, environ=environ, tee=tee)
+
+
+def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str, str] | None, tee: Path | None) -> int:
+    started = time.time()
     environ = dict(os.environ if environ is None else environ)
     job = load_job(run_dir)
     topo = topology(job, environ, local=local)
@@ -224,32 +326,44 @@ def run_node(run_dir: Path, *, local: bool = False, environ: dict[str, str] | No
     store = node_local_store(job, environ, log)
     port = rendezvous_port(job, topo)
     cmd = ranks_command(job, topo, port, store)
+    launcher = topo.world_size > 1
     env = ranks_environ(job, topo, store, environ)
     cwd = job.spec.base_dir() if job.spec.recipe == "script" else job.run_dir
     log(f"{topo.world_size} rank(s), head {topo.head}:{port}, assets from {store}")
     log("start: " + " ".join(cmd))
     out = subprocess.PIPE if tee else None
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if tee else None)
-    with _Forwarder(proc) as fwd:
-        if tee:
-            with open(tee, "ab") as logfile:
-                pump = threading.Thread(target=_pump, args=(proc.stdout, [sys.stdout.buffer, logfile]), daemon=True)
-                pump.start()
-                code = _wait(proc)
-                pump.join()
-        else:
-            code = _wait(proc)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=out,
+                            stderr=subprocess.STDOUT if tee else None, preexec_fn=_ignore_stop_signals)
+    fwd.attach(proc, launcher=launcher)
+    if tee:
+        with open(tee, "ab") as logfile:
+            pump = threading.Thread(target=_pump, args=(proc.stdout, [sys.stdout.buffer, logfile]), daemon=True)
+            pump.start()
+            code = _wait(proc, fwd)
+            pump.join()
+    else:
+        code = _wait(proc, fwd)
+    if code not in (0, 3) and launcher and job.spec.recipe != "script":
+        from hfhpc.recipes.checkpoint import stopped_on_signal
+
+        stop = stopped_on_signal(job.run_dir, job_id=topo.job_id, restart=topo.restart,
+                                 since=None if topo.job_id else started)
+        if stop is not None:
+            log(f"the launcher exited {code}; its ranks stopped after writing {stop.path.name}")
+            code = 3
     if code != 0:
         got = f" after {signal.Signals(fwd.received[-1]).name}" if fwd.received else ""
         log(f"ranks exited with status {code}{got}")
     return code
 
 
-def _wait(proc: subprocess.Popen) -> int:
+def _wait(proc: subprocess.Popen, fwd: _Forwarder) -> int:
     while True:
         try:
-            code = proc.wait()
+            code = proc.wait(timeout=1.0)
             break
+        except subprocess.TimeoutExpired:
+            fwd.retry()
         except InterruptedError:
             continue
     return 128 - code if code < 0 else code

@@ -101,20 +101,28 @@ def _check_extra(job: JobFile, index: int, line: str) -> str:
     return line
 
 
-def signal_delay_s(spec: JobSpec) -> int:
+def signal_delay_s(spec: JobSpec, run_dir: Path | None = None) -> int:
     """Seconds before the time limit at which the batch shell gets SIGUSR1 (checkpoint, requeue).
 
-    The default never exceeds half the time limit, so a short job still gets its warning late.
+    ``launch.signal_delay_s`` when set; else, for a run that already wrote a checkpoint, what its
+    marker says a stop needs (longest step + save, doubled, + 30 s); else 300 s on GPUs, 60 s on CPUs.
+    The measured and default values never exceed half the time limit, so a short job still gets
+    its warning late.
     """
     if spec.launch.signal_delay_s is not None:
         return spec.launch.signal_delay_s
+    measured = None
+    if run_dir is not None:
+        from hfhpc.recipes.checkpoint import signal_delay_hint_s
+
+        measured = signal_delay_hint_s(run_dir)
     default = DEFAULT_SIGNAL_DELAY_GPU_S if spec.resources.gpus_per_node else DEFAULT_SIGNAL_DELAY_CPU_S
-    return max(10, min(default, spec.resources.time_s // 2))
+    return max(10, min(measured or default, spec.resources.time_s // 2))
 
 
 def _directives(job: JobFile) -> list[str]:
     res = job.spec.resources
-    delay = signal_delay_s(job.spec)
+    delay = signal_delay_s(job.spec, job.run_dir)
     if delay >= res.time_s:
         raise SpecError(job.spec_path or "<spec>", "launch.signal_delay_s",
                         f"{delay} s is not shorter than resources.time ({res.time})",
@@ -261,10 +269,14 @@ def _launch(job: JobFile, python: str) -> list[str]:
         "# more for its exit status (bash keeps it).",
         'while kill -0 "$HFHPC_SRUN" 2>/dev/null; do wait "$HFHPC_SRUN" || true; done',
         'wait "$HFHPC_SRUN" && HFHPC_STATUS=0 || HFHPC_STATUS=$?',
-        "# Exit status 3: the run stopped on the time-limit warning after writing a checkpoint.",
-        'if [ "$HFHPC_STATUS" -eq 3 ] && [ "$HFHPC_WARNED" -eq 1 ]; then',
+        "# Exit status 3: the run stopped on the time-limit warning after writing a checkpoint. With",
+        "# several nodes srun may report another status (--kill-on-bad-exit ends the other nodes when",
+        "# the first exits 3): the checkpoint's marker says whether this allocation stopped cleanly.",
+        'if [ "$HFHPC_WARNED" -eq 1 ] && { [ "$HFHPC_STATUS" -eq 3 ] ||',
+        f'    {python} -m hfhpc.recipes.checkpoint stopped {run_dir} --job-id "$SLURM_JOB_ID" --restart "${{SLURM_RESTART_COUNT:-0}}"; }}; then',
         '  echo "hfhpc: checkpoint written before the time limit: requeueing job $SLURM_JOB_ID"',
         '  scontrol requeue "$SLURM_JOB_ID" || echo "hfhpc: requeue refused: resubmit job.sbatch to resume"',
+        "  HFHPC_STATUS=3",
         "fi",
         'exit "$HFHPC_STATUS"',
     ]

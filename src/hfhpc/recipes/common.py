@@ -17,7 +17,9 @@ from hfhpc.launch.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json
 
 EXIT_INTERRUPTED = 3
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# Trainer log keys copied into metrics.jsonl (with every numeric eval_* key).
+LOGGED = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens")
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 def rank() -> int:
@@ -82,6 +84,8 @@ def training_kwargs(job: JobFile) -> dict[str, Any]:
         fp16=gpu and spec.launch.mixed_precision == "fp16",
         gradient_checkpointing=gpu and spec.launch.activation_checkpointing and spec.launch.strategy != "fsdp",
     )
+    if gpu:
+        kwargs["optim"] = "adamw_torch_fused"  # one kernel per step for all parameters
     if t.eval_steps:
         kwargs.update(eval_strategy="steps", eval_steps=t.eval_steps)
     kwargs.update(t.model_extra or {})
@@ -89,7 +93,7 @@ def training_kwargs(job: JobFile) -> dict[str, Any]:
 
 
 class StopOnSignal:
-    """SIGUSR1 (SLURM's warning before the time limit), SIGTERM or SIGINT: finish the current step,
+    """SIGUSR1 (SLURM's warning before the time limit), SIGUSR2, SIGTERM or SIGINT: finish the current step,
     save a checkpoint, stop. The recipe then exits with status 3 and the same command resumes.
 
     Ranks get the signal at different moments (one node before another), so they agree on the step
@@ -134,6 +138,15 @@ class StopOnSignal:
         return self.stopped
 
 
+def _peak_memory_gib() -> float | None:
+    """This process's peak GPU memory so far (what PyTorch allocated), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
     """Callbacks that write metrics.jsonl and honour ``stop`` (built lazily: they need transformers)."""
     from transformers import TrainerCallback
@@ -157,9 +170,9 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
                 return
             now = time.perf_counter()
             record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps}
-            for key in ("loss", "learning_rate", "grad_norm", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy", "num_tokens"):
-                if key in logs:
-                    record[key] = logs[key]
+            for key, value in logs.items():
+                if key in LOGGED or (key.startswith("eval_") and isinstance(value, (int, float))):
+                    record[key] = value
             tokens = logs.get("num_tokens")
             if tokens is not None and self.last_tokens is not None and now > self.last_t:
                 record["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_t), 1)
@@ -167,6 +180,10 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
                 self.last_tokens, self.last_t = tokens, now
             steps = state.global_step - self.last_step
             record["elapsed_s"] = round(now - self.t0, 3)
+            record["unix_time"] = round(time.time(), 3)
+            peak = _peak_memory_gib()
+            if peak is not None:
+                record["peak_mem_gib"] = peak
             if steps > 0:
                 record["step_s"] = round((now - self.t0) / steps, 4)
             append_jsonl(metrics_path, record)

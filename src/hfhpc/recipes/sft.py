@@ -3,9 +3,11 @@
 setup (tokenizer, template, prepared data, model) → train (resuming from the newest complete
 checkpoint) → save (``model/`` with the tokenizer, ``eval.json``, ``summary.json``).
 
-Packing keeps documents apart: TRL's best-fit-decreasing packing passes per-document position ids,
-from which the attention implementation builds a block-diagonal mask, so no token attends across a
-document boundary. With a template that marks assistant turns, the loss covers only those.
+Packing keeps documents apart: TRL's best-fit-decreasing packing flattens each batch into one row
+and passes the documents' boundaries, and attention runs per document (variable-length
+FlashAttention on GPUs, :mod:`hfhpc.recipes.attention`), so no token attends across a boundary. With
+a template that marks assistant turns, the loss covers only those. Full fine-tuning keeps fp32
+weights and computes in bf16 (autocast, or FSDP's mixed precision); LoRA keeps the frozen base in bf16.
 """
 
 from __future__ import annotations
@@ -43,6 +45,35 @@ def _cache_root(job: JobFile) -> Path:
     return job.run_dir / "prepared"
 
 
+def attention_implementation(choice: str, *, packed: bool, max_length: int | None = None) -> str:
+    """The transformers attention implementation for ``train.attention``."""
+    if choice == "varlen" or (choice == "auto" and packed):
+        from hfhpc.recipes import attention
+
+        return attention.register(max_length)
+    return "sdpa" if choice == "auto" else choice
+
+
+def save_in_dtype(model, dtype) -> None:
+    """Make ``model.save_pretrained`` write its weights in ``dtype`` (the staged model's own, bf16 for
+    most): training keeps fp32 weights, the final model is the size of the one it started from."""
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or dtype == torch.float32:
+        return
+    original = model.save_pretrained
+
+    def save_pretrained(*args, state_dict=None, **kwargs):
+        state = model.state_dict() if state_dict is None else state_dict
+        state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
+        model.config.dtype = dtype
+        return original(*args, state_dict=state, **kwargs)
+
+    model.save_pretrained = save_pretrained
+
+
 def main(job: JobFile) -> int:
     # First: SLURM's warning can come early, and a SIGUSR1 with no handler ends the process.
     stop = StopOnSignal().install()
@@ -67,7 +98,7 @@ def main(job: JobFile) -> int:
     if assistant_only is None:
         assistant_only = chatdata.template_marks_assistant(tokenizer.chat_template)
 
-    modelled = {"max_length", "packing", "epochs", "assistant_only_loss", "chat_template", "lora"}
+    modelled = {"max_length", "packing", "epochs", "assistant_only_loss", "chat_template", "lora", "attention"}
     kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
     args = SFTConfig(
         **kwargs,
@@ -92,8 +123,13 @@ def main(job: JobFile) -> int:
     eval_ds = prepared.get(dref.eval_split) if dref.eval_split else None
 
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision, torch.float32) if gpu else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
+    # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
+    dtype = half if (gpu and half is not None and t.lora is not None) else torch.float32
+    attn = attention_implementation(t.attention, packed=t.packing, max_length=t.max_length)
+    saved_dtype = getattr(assets.load_config(model_id, commit), "dtype", None)
+    model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
+    log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, attention {attn}")
     peft_config = None
     if t.lora is not None:
         from peft import LoraConfig
@@ -124,6 +160,8 @@ def main(job: JobFile) -> int:
     if trainer.is_fsdp_enabled:
         # Checkpoints stay sharded (fast, resumable); the final model is one plain HF model.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if t.lora is None:
+        save_in_dtype(trainer.accelerator.unwrap_model(trainer.model), saved_dtype)
     trainer.save_model(str(out))
     if is_main():
         tokenizer.save_pretrained(str(out))

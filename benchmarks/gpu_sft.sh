@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# SFT throughput on the GPU machine: the page's recipe (seed_sft_baseline.py) and hfhpc's sft
+# recipe in the same call, on the same card. Usage: bash benchmarks/gpu_sft.sh OUT SHAPE GPUS [VARIANT...]
+# where VARIANT is a name from the table below. Wheels for packages missing there go in .whl/.
+set -uo pipefail
+OUT=${1:?output folder}; SHAPE=${2:-1b}; GPUS=${3:-1}; shift 3 || true
+VARIANTS=("$@")
+STEPS=${STEPS:-20}  # optimizer steps per run; the median step time skips the first 4
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
+else
+  export PYTHONPATH=$PWD/src:$PWD/benchmarks
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+python3 - <<'PY'
+import inspect, torch, transformers, trl
+from torch.nn.attention import varlen
+print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__,
+      torch.cuda.get_device_name(), "x", torch.cuda.device_count())
+print("varlen_attn", inspect.signature(varlen.varlen_attn))
+PY
+B=/tmp/bench
+python3 benchmarks/bench_sft.py build --shape "$SHAPE" --dir $B || exit 1
+seed() {  # the page's recipe
+  if [ "$GPUS" -gt 1 ]; then
+    timeout 500 accelerate launch --num_processes "$GPUS" --use_fsdp --fsdp_sharding_strategy FULL_SHARD \
+      --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap MistralDecoderLayer \
+      --fsdp_state_dict_type SHARDED_STATE_DICT --fsdp_use_orig_params true --mixed_precision bf16 \
+      benchmarks/seed_sft_baseline.py --shape "$SHAPE" --steps "$STEPS" --out "$OUT" "$@"
+  else
+    timeout 400 python3 benchmarks/seed_sft_baseline.py --shape "$SHAPE" --steps "$STEPS" --out "$OUT" "$@"
+  fi
+}
+hfhpc() { timeout 500 python3 benchmarks/bench_sft.py run --shape "$SHAPE" --gpus "$GPUS" --steps "$STEPS" --dir $B --out "$OUT" "$@"; }
+for v in "${VARIANTS[@]}"; do
+  echo "=== $v $(date +%T)"
+  case $v in
+    seed)          seed ;;
+    seed-nockpt)   seed --no-ckpt ;;
+    hfhpc)         hfhpc --tag nockpt ;;
+    hfhpc-ckpt)    hfhpc --tag ckpt --ckpt ;;
+    hfhpc-sdpa)    hfhpc --tag sdpa-nockpt --attention sdpa ;;
+    hfhpc-compile) hfhpc --tag compile-nockpt --train torch_compile=true ;;
+    hfhpc-ckpt-compile) hfhpc --tag compile-ckpt --ckpt --train torch_compile=true ;;
+    hfhpc-bs16)    hfhpc --tag ckpt-bs16 --ckpt --bs 16 ;;
+    *) echo "unknown variant $v" ;;
+  esac
+done
+echo "=== done $(date +%T)"
