@@ -160,7 +160,11 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
     env["HFHPC_RUN_DIR"] = str(job.run_dir)
     env["HFHPC_NODE_RANK"] = str(topo.node_rank)
     env["HFHPC_RESTART_COUNT"] = str(topo.restart)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, spec.resources.cpus_per_gpu)))
+    # One thread per core the rank owns: never more than this node has for each rank (a laptop or
+    # a test machine has fewer cores than a cluster node's cpus_per_gpu).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(spec.resources.cpus_per_gpu, cores // max(1, topo.procs_per_node)))
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     env["PYTHONUNBUFFERED"] = "1"
     # Batch logs are files: per-example progress bars and cache notices only bury the training log.
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -135,9 +135,10 @@ def varlen_attention_forward(
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if kernel_available(query.device) and dtype in (torch.float16, torch.bfloat16):
         cu = cu.to(device=query.device, dtype=torch.int32, non_blocking=True)
-        # A fixed bound (the recipe's max_length) keeps the kernel's arguments the same from batch to
-        # batch, so a compiled model is not recompiled for every longest document.
-        if _MAX_LEN is not None and (max_len is None or max_len <= _MAX_LEN):
+        # A fixed bound (the recipe's max_length, which packing never exceeds) keeps the kernel's
+        # arguments the same from batch to batch: a compiled model is not recompiled for each
+        # longest document.
+        if _MAX_LEN is not None:
             max_len = _MAX_LEN
         elif max_len is None:
             max_len = int((cu[1:] - cu[:-1]).max())
