@@ -455,6 +455,7 @@ def estimate_memory(p: PlanInputs) -> MemoryEstimate:
 SHAPE_7B = ModelShape("mistral", 4096, 14336, 32, 32, 8, 128, 32000)
 SHAPE_1B = ModelShape("mistral", 2048, 5632, 22, 32, 4, 64, 32000)
 ANCHOR_SOURCE = "NOTES.md (2026-11-25): seed SFT bench, TRL, sdpa, random-init Mistral shapes"
+HFHPC_SOURCE = "benchmarks/results/sft_*.json (2026-11-26): hfhpc sft recipe, varlen attention"
 
 
 @dataclass(frozen=True)
@@ -482,7 +483,10 @@ class Anchor:
         return self.tokens_per_s_per_gpu * self.shape.flops_per_token(self.ctx()) / (GPUS[self.gpu].bf16_tflops * 1e12)
 
     def label(self) -> str:
-        pack = "bfd packing" if self.padding_free else "wrapped packing"
+        if self.padding_free:
+            pack = "bfd packing, sdpa"
+        else:
+            pack = "bfd packing, attention per document" if "hfhpc" in self.source else "wrapped packing"
         ckpt = "checkpointing" if self.checkpointing else "no checkpointing"
         return (f"{self.shape.params / 1e9:.2f}B {self.strategy} on {self.world}×{self.gpu}, {self.micro_batch}×{self.seq_len}, "
                 f"{pack}, {ckpt}: {self.tokens_per_s_per_gpu:,.0f} tok/s/GPU")
@@ -493,6 +497,9 @@ BUILTIN_ANCHORS: tuple[Anchor, ...] = (
     Anchor(ANCHOR_SOURCE, SHAPE_1B, "h100", 1, 8, 2048, True, True, 7498),
     Anchor(ANCHOR_SOURCE, SHAPE_1B, "h100", 1, 8, 2048, True, False, 32915),
     Anchor(ANCHOR_SOURCE, SHAPE_1B, "h100", 1, 8, 2048, False, False, 40360, 51.6),
+    # hfhpc's sft recipe (attention per document, fused AdamW, compiled on one GPU), same bench.
+    Anchor(HFHPC_SOURCE, SHAPE_1B, "h100", 1, 8, 2048, False, False, 61937, 38.0, optim="adamw_torch_fused"),
+    Anchor(HFHPC_SOURCE, SHAPE_7B, "h200", 2, 8, 2048, True, False, 8242, 59.1, "fsdp", optim="adamw_torch_fused"),
 )
 # Measured on the 1.1B shape: wrapped packing without checkpointing runs 40,360 / 32,915 faster.
 CHECKPOINTING_SPEEDUP = 40360 / 32915
@@ -531,7 +538,8 @@ def load_result_anchors(results_dir: Path | None) -> list[Anchor]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        for record in data if isinstance(data, list) else data.get("results", [data]) if isinstance(data, dict) else []:
+        records = data if isinstance(data, list) else (data.get("runs") or data.get("results") or [data]) if isinstance(data, dict) else []
+        for record in records:
             anchor = _anchor_from_result(record, path.name)
             if anchor is not None:
                 anchors.append(anchor)
@@ -558,7 +566,8 @@ def _anchor_from_result(r: Any, source: str) -> Anchor | None:
         source=f"benchmarks/results/{source}", shape=model_shape, gpu=kind, world=int(r.get("world", 1)),
         micro_batch=int(r.get("bs") or r.get("micro_batch") or 8), seq_len=int(r.get("seq") or r.get("seq_len") or 2048),
         checkpointing=bool(r.get("ckpt", r.get("activation_checkpointing", True))),
-        padding_free=packing in ("bfd", "bfd_split") and r.get("attn", "sdpa") == "sdpa",
+        # hfhpc's own recipe runs attention per document: no dense mask over the flattened row.
+        padding_free=packing in ("bfd", "bfd_split") and r.get("attn", "sdpa") == "sdpa" and r.get("recipe") != "hfhpc",
         tokens_per_s_per_gpu=float(r["tokens_per_s_per_gpu"]),
         peak_mem_gib=float(r["peak_mem_gib"]) if isinstance(r.get("peak_mem_gib"), (int, float)) else None,
         strategy=str(r.get("strategy", "fsdp" if int(r.get("world", 1)) > 1 else "single")),
@@ -578,7 +587,8 @@ def estimate_throughput(p: PlanInputs, gpu: GpuKind, anchors: Sequence[Anchor]) 
     """Tokens per second per GPU: the anchors' MFU, interpolated over log N, on the target card."""
     same_mode = [a for a in anchors if a.padding_free == p.padding_free] or list(anchors)
     # Measurements on the target card win over the rest; otherwise MFU is assumed to carry over.
-    on_card = [a for a in same_mode if a.gpu == gpu.name]
+    # Cards of the same peak bf16 FLOPs (H100 and H200) share their measurements.
+    on_card = [a for a in same_mode if GPUS[a.gpu].bf16_tflops == gpu.bf16_tflops]
     pool = on_card or same_mode
     notes = []
     if not on_card:
@@ -970,14 +980,17 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
         if isinstance(wanted, list):
             targets = tuple(n for n in LINEAR_NAMES if n in wanted) or LINEAR_NAMES
     strategy = str(extra.get("packing_strategy", "bfd"))
-    padding_free = bool(extra.get("padding_free", t.packing and strategy in ("bfd", "bfd_split")))
+    # Padding-free rows cost attention over the whole row only with a dense mask (sdpa, eager); the
+    # recipe's default attention (auto, varlen) runs each document alone.
+    padding_free = bool(extra.get("padding_free", t.packing and strategy in ("bfd", "bfd_split"))) and \
+        getattr(t, "attention", "sdpa") not in ("auto", "varlen")
     gpn = res.gpus_per_node or res.procs
     return PlanInputs(
         shape=shape, strategy=launch.strategy, nodes=res.nodes, gpus_per_node=gpn, micro_batch=t.per_device_batch_size,
         seq_len=t.max_length, grad_accum=t.gradient_accumulation_steps,
         activation_checkpointing=launch.activation_checkpointing, mixed_precision=launch.mixed_precision,
-        # The sft recipe loads weights in the compute dtype on GPUs (fp32 without mixed precision).
-        weights_dtype=weights_dtype or ("fp32" if launch.mixed_precision == "no" else "bf16"),  # type: ignore[arg-type]
+        # The sft recipe keeps fp32 weights for full fine-tuning; LoRA's frozen base is in the compute dtype.
+        weights_dtype=weights_dtype or ("bf16" if lora is not None and launch.mixed_precision != "no" else "fp32"),  # type: ignore[arg-type]
         optim=str(extra.get("optim", DEFAULT_OPTIM)), lora_rank=int(lora.get("r", 16)) if lora is not None else None,
         lora_targets=targets, fused_lm_head=trl_has_fused_lm_head() if fused_lm_head is None else fused_lm_head,
         padding_free=padding_free,
