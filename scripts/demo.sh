@@ -1,60 +1,124 @@
 #!/usr/bin/env bash
-# The main job on the bundled tiny example, as a user would run it, with no SLURM and no internet:
+# The main job on the bundled tiny example, as a user would run it, with no GPU, SLURM or internet:
 # a local upstream stands in for the Hub; `hfhpc stage` on the "login node", `hfhpc check` with the
-# network sealed, then `hfhpc run` of each recipe: fine-tune a chat model (SFT), fine-tune and score
-# a classifier with an Evaluate metric, batch inference; finally the report of the SFT run.
+# network sealed, then `hfhpc run` of each recipe: fine-tune a chat model (SFT), fine-tune and score a
+# classifier with an Evaluate metric, batch inference, scoring a model on a split; finally the report
+# of the SFT run and where everything is.
+#
+# Everything goes under $DEMO_DIR (default: demo/). The specs are examples/demo/*.yaml, copied to
+# $DEMO_DIR/specs/ with output_dir pointing at $DEMO_DIR/runs/, so that lockfiles and runs stay there.
+# Each command's whole output is in $DEMO_DIR/logs/; the screen shows a few lines of each.
+# Runs start afresh every time; the store is kept (staging it again is a no-op).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO_DIR:-demo}
-SPECS=(examples/demo/sft.yaml examples/demo/classify.yaml examples/demo/infer.yaml)
+RECIPES=(sft classify infer evaluate)
+declare -A WHAT=(
+  [sft]="fine-tune the tiny chat model on chat data (TRL SFT)"
+  [classify]="fine-tune MiniLM as a sentiment classifier, scored with Evaluate's accuracy"
+  [infer]="batch generation with the chat model, one prediction per row"
+  [evaluate]="score MiniLM on the test reviews, two CPU ranks"
+)
+
 mkdir -p "$DEMO"
-step() { printf '\n== %s\n' "$*"; }
+rm -rf "$DEMO/runs" "$DEMO/logs" "$DEMO/specs"
+mkdir -p "$DEMO/logs" "$DEMO/specs"
+LOGS=$DEMO/logs
+TIMES=$LOGS/times.tsv
+STORE=$(cd "$DEMO" && pwd)/store
+export HFHPC_STORE=$STORE
+# Output goes to log files: no progress bars in them; lines as they are written.
+export HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONUNBUFFERED=1
 
-step "building the tiny example repos into $DEMO/upstream (a chat model, chat data, reviews, a metric)"
-python -m hfhpc.demo.build "$DEMO/upstream" >/dev/null
+seconds() { awk -v a="$1" -v b="$2" 'BEGIN { s = b - a; printf(s < 10 ? "(%.1f s)" : "(%.0f s)", s) }'; }
 
-step "serving them as a Hub-compatible endpoint: hfhpc serve"
-hfhpc --store "$DEMO/upstream" serve --port 0 >"$DEMO/serve.log" 2>&1 &
+# run STAGE LOG PATTERN CMD...: print CMD, run it with its output in LOG, then print its time and the
+# lines of LOG that match PATTERN. On failure, print the end of LOG and stop.
+run() {
+  local stage=$1 log=$2 pattern=$3 t0 t1 rc=0
+  shift 3
+  printf '   $ %s  ' "$*"
+  t0=$EPOCHREALTIME
+  "$@" >"$log" 2>&1 || rc=$?
+  t1=$EPOCHREALTIME
+  printf '%s\t%s\n' "$stage" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" >>"$TIMES"
+  if [ "$rc" -ne 0 ]; then
+    printf 'FAILED (exit %s)\n' "$rc"
+    tail -n 25 "$log" | sed 's/^/     | /'
+    printf '\ndemo: `%s` failed (exit %s); the end of its output is above, all of it in %s\n' "$*" "$rc" "$log" >&2
+    exit "$rc"
+  fi
+  seconds "$t0" "$t1"
+  echo
+  if [ -n "$pattern" ]; then
+    grep -E "$pattern" "$log" | sed 's/^/     /' || true
+  fi
+}
+
+echo "hfhpc demo: the bundled tiny example staged, checked and run on this machine, in $DEMO/"
+echo "(full output of every command in $LOGS/)"
+
+echo
+echo "1. build the example repos: a tiny chat model, chat data, reviews, the accuracy metric, MiniLM"
+run build "$LOGS/build.log" '' python -m hfhpc.demo.build "$DEMO/upstream"
+
+echo
+echo "2. serve them as a stand-in for the Hub"
+printf '   $ hfhpc --store %s serve --port 0 &  ' "$DEMO/upstream"
+hfhpc --store "$DEMO/upstream" serve --port 0 >"$LOGS/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q '^serving' "$DEMO/serve.log" && break; sleep 0.1; done
-export HF_ENDPOINT=$(sed -n 's/^serving .* at //p' "$DEMO/serve.log")
-[ -n "$HF_ENDPOINT" ] || { cat "$DEMO/serve.log"; exit 1; }
-
-export HFHPC_STORE=$PWD/$DEMO/store
-for spec in "${SPECS[@]}"; do
-  step "hfhpc stage $spec"
-  hfhpc stage --quiet "$spec"
+for _ in $(seq 600); do
+  grep -q '^serving' "$LOGS/serve.log" && break
+  kill -0 $SERVER 2>/dev/null || break
+  sleep 0.05
 done
+HF_ENDPOINT=$(sed -n 's/^serving .* at //p' "$LOGS/serve.log")
+if [ -z "$HF_ENDPOINT" ]; then
+  echo
+  cat "$LOGS/serve.log" >&2
+  echo "demo: hfhpc serve did not start within 30 s; its output is above (and in $LOGS/serve.log)" >&2
+  exit 1
+fi
+export HF_ENDPOINT
+echo "(at $HF_ENDPOINT)"
+
+for recipe in "${RECIPES[@]}"; do
+  name=$(sed -n 's/^name: *//p' "examples/demo/$recipe.yaml")
+  sed "s#^output_dir: .*#output_dir: ../runs/$name#" "examples/demo/$recipe.yaml" >"$DEMO/specs/$recipe.yaml"
+done
+
+echo
+echo "3. stage each spec into the store $DEMO/store, pinning commits in a lockfile (the login-node step)"
+for recipe in "${RECIPES[@]}"; do
+  run stage "$LOGS/stage-$recipe.log" '^(model|dataset|metric) ' hfhpc stage --quiet "$DEMO/specs/$recipe.yaml"
+done
+
 # What a compute node sees: no endpoint at all.
 unset HF_ENDPOINT
 kill $SERVER 2>/dev/null || true
-for spec in "${SPECS[@]}"; do
-  step "hfhpc check $spec   (network sealed)"
-  hfhpc check "$spec"
-done
-for spec in "${SPECS[@]}"; do
-  step "hfhpc run $spec"
-  hfhpc run "$spec"
+
+echo
+echo "4. check each spec with the network sealed: every asset loads offline"
+for recipe in "${RECIPES[@]}"; do
+  run check "$LOGS/check-$recipe.log" '^ready' hfhpc check "$DEMO/specs/$recipe.yaml"
 done
 
-RUNS=$DEMO/runs
-step "results"
-python - "$RUNS" <<'PY'
-import json, sys
-from pathlib import Path
-runs = Path(sys.argv[1])
-sft = [json.loads(l) for l in (runs / "demo-sft" / "metrics.jsonl").read_text().splitlines()]
-losses = [r["loss"] for r in sft if "loss" in r]
-print(f"SFT:      loss {losses[0]:.2f} -> {losses[-1]:.2f} in {sft[-1]['step']} steps; model in {runs / 'demo-sft' / 'model'}")
-ev = json.loads((runs / "demo-classify" / "eval.json").read_text())
-acc = ev.get("eval_accuracy", ev.get("accuracy"))
-print(f"classify: accuracy {acc:.3f} (Evaluate's accuracy metric); model in {runs / 'demo-classify' / 'model'}")
-preds = (runs / "demo-infer" / "predictions.jsonl").read_text().splitlines()
-print(f"infer:    {len(preds)} predictions in {runs / 'demo-infer' / 'predictions.jsonl'}")
-PY
-if hfhpc report --help >/dev/null 2>&1; then
-  hfhpc report "$RUNS/demo-sft" >/dev/null
-  echo "report:   $RUNS/demo-sft/report.html"
-fi
-echo "store:    $HFHPC_STORE"
+echo
+echo "5. run each recipe here, sealed and offline"
+for recipe in "${RECIPES[@]}"; do
+  echo "   ${WHAT[$recipe]}:"
+  run "$recipe" "$LOGS/run-$recipe.log" '^hfhpc: (done|[0-9]+ labels|text-generation with|text-classification with)' \
+    hfhpc run "$DEMO/specs/$recipe.yaml"
+done
+
+echo
+echo "6. report of the SFT run: plots and a one-page HTML"
+run report "$LOGS/report.log" '' hfhpc report "$DEMO/runs/demo-sft"
+
+echo
+echo "Results"
+python -m hfhpc.demo.summary "$DEMO/runs" --times "$TIMES"
+echo
+echo "Next: open $DEMO/runs/demo-sft/report.html in a browser;"
+echo "      \`hfhpc --store $DEMO/store submit --dry-run $DEMO/specs/sft.yaml\` prints the SLURM job it would submit."

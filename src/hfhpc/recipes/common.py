@@ -82,14 +82,24 @@ def training_kwargs(job: JobFile) -> dict[str, Any]:
         use_cpu=not gpu,
         bf16=gpu and spec.launch.mixed_precision == "bf16",
         fp16=gpu and spec.launch.mixed_precision == "fp16",
-        gradient_checkpointing=gpu and spec.launch.activation_checkpointing and spec.launch.strategy != "fsdp",
     )
+    # FSDP checkpoints activations through its own config (the launcher's); transformers 5 renamed the
+    # option (the old name still works there, with a warning).
+    ckpt = gpu and spec.launch.activation_checkpointing and spec.launch.strategy != "fsdp"
+    kwargs[_checkpointing_option()] = ckpt
     if gpu:
         kwargs["optim"] = "adamw_torch_fused"  # one kernel per step for all parameters
     if t.eval_steps:
         kwargs.update(eval_strategy="steps", eval_steps=t.eval_steps)
     kwargs.update(t.model_extra or {})
     return kwargs
+
+
+def _checkpointing_option() -> str:
+    from transformers import TrainingArguments
+
+    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 class StopOnSignal:

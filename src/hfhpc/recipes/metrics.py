@@ -13,6 +13,7 @@ unreliable; and the ranks of a job would all contend for the same file name.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,6 +61,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _CachedModuleNotice(logging.Filter):
+    """Drops Evaluate's warning that it uses "the latest cached version of the module … since it
+    couldn't be found locally … or remotely": offline, a staged metric always loads that way, and the
+    warning reads like a failure in every run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using the latest cached version of the module")
+
+
 def load_metrics(ids: Sequence[str]) -> Scorer:
     """Load every metric once; return a function that scores with all of them.
 
@@ -71,6 +81,9 @@ def load_metrics(ids: Sequence[str]) -> Scorer:
     """
     import evaluate
 
+    loading = logging.getLogger("evaluate.loading")
+    if not any(isinstance(f, _CachedModuleNotice) for f in loading.filters):
+        loading.addFilter(_CachedModuleNotice())
     modules = [(metric_id.split("/")[-1], evaluate.load(metric_id, keep_in_memory=True)) for metric_id in ids]
 
     def score(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, Any]:

@@ -160,6 +160,9 @@ def main(job: JobFile) -> int:
 
     # -- save ----------------------------------------------------------------------------------
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    # Scores only: the Trainer's timings (eval_runtime, eval_*_per_second) are not results.
+    eval_metrics = {k: v for k, v in eval_metrics.items()
+                    if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
     out = job.run_dir / "model"
     if trainer.is_fsdp_enabled:
         # Checkpoints stay sharded (fast, resumable); the final model is one plain HF model.
