@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -64,13 +65,15 @@ print("generated", out.shape[1] > ids["input_ids"].shape[1])
 
 def test_prepared_data_is_reused_by_the_next_job(sft_run):
     spec, store, run_dir, first = sft_run
-    assert "train_sft: 512 rows prepared" in first.stdout
+    # 512 conversations, templated, tokenized and packed into rows of max_length once.
+    packed = re.search(r"train_sft: (\d+) packed rows prepared", first.stdout)
+    assert packed and 0 < int(packed.group(1)) < 512, first.stdout[-3000:]
     again = spec.with_name("again.yaml")
     again.write_text(SPEC.replace("name: tiny-sft", "name: tiny-sft-again").replace("max_steps: 40", "max_steps: 2"))
     again.with_suffix(".lock").write_text(spec.with_suffix(".lock").read_text())
     out = hfhpc("--store", str(store), "run", str(again), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "train_sft: 512 rows from the prepared cache" in out.stdout
+    assert f"train_sft: {packed.group(1)} packed rows from the prepared cache" in out.stdout
 
 
 def test_two_cpu_ranks_train_with_ddp(sft_run):

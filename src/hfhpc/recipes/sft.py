@@ -105,27 +105,35 @@ def main(job: JobFile) -> int:
         # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
         # benchmark) after a minute or two of compiling; not yet measured with FSDP or LoRA.
         kwargs["torch_compile"] = gpu and spec.launch.strategy != "fsdp" and t.lora is None
-    args = SFTConfig(
-        **kwargs,
-        max_length=t.max_length,
-        packing=t.packing,
-        dataset_kwargs={"skip_prepare_dataset": False},
-    )
+    args = SFTConfig(**kwargs, max_length=t.max_length, packing=t.packing)
 
+    # Templated, tokenized and packed once (exactly as TRL would), cached beside the store and shared by
+    # every job and node; TRL's own preparation is then skipped. TRL shuffles before packing when asked
+    # to (shuffle_dataset): then it packs our tokenized rows itself.
     cache_root = _cache_root(job)
+    own_packing = not args.shuffle_dataset if hasattr(args, "shuffle_dataset") else True
     with args.main_process_first(local=False, desc="dataset preparation"):
         prepared = {}
         for split in dref.all_splits():
             t0 = time.perf_counter()
-            ds, hit = chatdata.prepared_split(
-                dataset_id=dref.id, commit=job.dataset_commit, config=dref.config, split=split,
-                tokenizer=tokenizer, tokenizer_commit=commit, assistant_only=assistant_only,
-                cache_root=cache_root, max_samples=dref.max_samples,
-            )
-            prepared[split] = ds
-            log(f"{split}: {len(ds)} rows {'from the prepared cache' if hit else 'prepared'} in {time.perf_counter() - t0:.1f} s")
-    train_ds = prepared[dref.split]
-    eval_ds = prepared.get(dref.eval_split) if dref.eval_split else None
+            common = dict(dataset_id=dref.id, commit=job.dataset_commit, config=dref.config, split=split,
+                          tokenizer=tokenizer, tokenizer_commit=commit, assistant_only=assistant_only,
+                          cache_root=cache_root, max_samples=dref.max_samples)
+            eval_packing = getattr(args, "eval_packing", None)
+            packing = args.packing if split == dref.split or eval_packing is None else eval_packing
+            if own_packing:
+                found = chatdata.packed_split(**common, max_length=args.max_length, packing=packing,
+                                              packing_strategy=args.packing_strategy,
+                                              truncation_mode=args.truncation_mode)
+                ds, hit, ready = found.dataset, found.from_cache, found.ready
+            else:
+                (ds, hit), ready = chatdata.prepared_split(**common), False
+            prepared[split] = (ds, ready)
+            what = "packed rows" if ready and packing else "rows"
+            log(f"{split}: {len(ds)} {what} {'from the prepared cache' if hit else 'prepared'} in {time.perf_counter() - t0:.1f} s")
+    args.dataset_kwargs = {"skip_prepare_dataset": all(ready for _, ready in prepared.values())}
+    train_ds = prepared[dref.split][0]
+    eval_ds = prepared[dref.eval_split][0] if dref.eval_split else None
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
     # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
