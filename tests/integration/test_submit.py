@@ -45,7 +45,13 @@ PROBE = textwrap.dedent("""\
                                 "elapsed_s": 50.0, "step_s": 10.0, "max_steps": 1000}) + "\\n")
     print(f"probe rank {rank} on {socket.gethostname()} restart {restart}", flush=True)
     if "--until-usr1" in sys.argv and restart == 0:
-        signal.signal(signal.SIGUSR1, lambda *a: sys.exit(3))
+        def stop(*_):
+            # As a recipe does once it has its checkpoint: a second warning must not kill the
+            # exit (Python restores the default action, death, while it shuts down).
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            sys.exit(3)
+
+        signal.signal(signal.SIGUSR1, stop)
         time.sleep(300)
     if "--sleep" in sys.argv:
         time.sleep(float(sys.argv[sys.argv.index("--sleep") + 1]))

@@ -240,6 +240,7 @@ class _Forwarder:
         self.proc: subprocess.Popen | None = None
         self.launcher = False
         self.received: list[int] = []
+        self.log = None  # where received signals are noted (the job log)
         self._pending: set[int] = set()  # stop signals some rank was not ready for
         self._delivered: set[tuple[int, int]] = set()  # (pid, signal): a stop signal goes to a rank once
         self._previous: dict[int, object] = {}
@@ -257,6 +258,7 @@ class _Forwarder:
 
     def _on_signal(self, signum: int, frame) -> None:
         self.received.append(signum)
+        self._note(f"got {signal.Signals(signum).name}")
         if self.proc is not None:
             self._deliver(signum)
 
@@ -283,6 +285,14 @@ class _Forwarder:
                 self._delivered.add((pid, signum))
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
+                if signum in STOP_SIGNALS:
+                    self._note(f"{signal.Signals(signum).name} passed to rank process {pid}")
+
+    def _note(self, message: str) -> None:
+        # Called from the signal handler too: a write that would re-enter a stream is skipped.
+        if self.log is not None:
+            with contextlib.suppress(RuntimeError, OSError):
+                self.log(message)
 
     def retry(self) -> None:
         """Deliver the stop signals that ranks were not ready for."""
@@ -338,6 +348,7 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
     out = subprocess.PIPE if tee else None
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=out,
                             stderr=subprocess.STDOUT if tee else None, preexec_fn=_ignore_stop_signals)
+    fwd.log = log
     fwd.attach(proc, launcher=launcher)
     if tee:
         with open(tee, "ab") as logfile:
@@ -347,13 +358,13 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
             pump.join()
     else:
         code = _wait(proc, fwd)
-    if code not in (0, 3) and launcher and job.spec.recipe != "script":
+    if code not in (0, 3) and job.spec.recipe != "script":
         from hfhpc.recipes.checkpoint import stopped_on_signal
 
         stop = stopped_on_signal(job.run_dir, job_id=topo.job_id, restart=topo.restart,
                                  since=None if topo.job_id else started)
         if stop is not None:
-            log(f"the launcher exited {code}; its ranks stopped after writing {stop.path.name}")
+            log(f"status {code}, but the ranks stopped after writing {stop.path.name}")
             code = 3
     if code != 0:
         got = f" after {signal.Signals(fwd.received[-1]).name}" if fwd.received else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = load_job(Path(argv[0]))
     module = importlib.import_module(RECIPES[job.spec.recipe])
-    return int(module.main(job) or 0)
+    code = int(module.main(job) or 0)
+    # The work is saved: a second stop signal must not turn this exit into a death by signal
+    # (while Python shuts down, its handlers are gone and the default action kills).
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":
