@@ -87,10 +87,8 @@ def _fused(query, key, value, cu: torch.Tensor, max_len: int, scaling, window: i
     left = window - 1 if (window is not None and max_len > window) else -1
     if "window_size" in params:
         kwargs["window_size"] = (left, 0)
-    elif left == -1:
+    else:  # only causal without a window: the caller sends windowed rows to the reference instead
         kwargs["is_causal"] = True
-    else:
-        raise NotImplementedError("sliding-window attention needs a torch whose varlen_attn takes window_size")
     return varlen_attn(query, key, value, cu, cu, max_len, max_len, **kwargs)
 
 
@@ -133,7 +131,11 @@ def varlen_attention_forward(
     window = sliding_window if sliding_window and sliding_window < seq else None
     dtype = _compute_dtype(query)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    if kernel_available(query.device) and dtype in (torch.float16, torch.bfloat16):
+    # A torch whose kernel has no window argument runs windowed documents per document instead.
+    longest = _MAX_LEN or max_len
+    windowed_ok = (window is None or (longest is not None and longest <= window)
+                   or "window_size" in (_varlen() or (None, ()))[1])
+    if kernel_available(query.device) and dtype in (torch.float16, torch.bfloat16) and windowed_ok:
         cu = cu.to(device=query.device, dtype=torch.int32, non_blocking=True)
         # A fixed bound (the recipe's max_length, which packing never exceeds) keeps the kernel's
         # arguments the same from batch to batch: a compiled model is not recompiled for each
