@@ -129,7 +129,7 @@ train:
   assistant_only_loss: false
   attention: {attention}
   dataloader_num_workers: 2
-{train_extra}launch: {{strategy: {strategy}, mixed_precision: bf16, activation_checkpointing: {ckpt}}}
+{train_extra}launch: {{strategy: {strategy}, mixed_precision: bf16, activation_checkpointing: {ckpt}{launch_extra}}}
 resources: {{nodes: 1, gpus_per_node: {gpus}, cpus_per_gpu: 6, time: '1:00:00'}}
 """
 
@@ -144,7 +144,8 @@ def run(args) -> dict:
         name=name, model=MODEL_ID.format(shape=args.shape), data=DATA_ID, out=str(folder / "run"), seq=args.seq,
         bs=args.bs, steps=args.steps, attention=args.attention, strategy="fsdp" if args.gpus > 1 else "single",
         ckpt="true" if args.ckpt else "false", gpus=args.gpus,
-        train_extra="".join(f"  {k}: {v}\n" for k, v in (x.split("=", 1) for x in args.train))))
+        train_extra="".join(f"  {k}: {v}\n" for k, v in (x.split("=", 1) for x in args.train)),
+        launch_extra="".join(f", {k}: {v}" for k, v in (x.split("=", 1) for x in args.launch))))
     env = dict(os.environ, HFHPC_STORE=str(root / "store"))
     serve = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "--store", str(root / "store"), "serve", "--port", "0"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -160,12 +161,53 @@ def run(args) -> dict:
     finally:
         serve.terminate()
     run_dir = folder / "run"
+    env.update(x.split("=", 1) for x in args.env)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=env)
+    stopped = False
+    while proc.poll() is None:
+        time.sleep(1)
+        if args.stop_after and _steps_logged(run_dir) >= args.stop_after:
+            # Throughput is measured: end the job without its final save (the launcher and the
+            # ranks each run in their own session, so the whole tree is killed).
+            _kill_tree(proc.pid)
+            stopped = True
     wall = time.time() - t0
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not stopped:
         raise SystemExit(f"hfhpc run failed with status {proc.returncode}")
-    return summarize(args, run_dir, t0, wall)
+    return summarize(args, run_dir, t0, None if stopped else wall)
+
+
+def _steps_logged(run_dir: Path) -> int:
+    try:
+        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_tree(pid: int) -> None:
+    import signal
+
+    def children(p: int) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return found
+
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += children(p)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(3)  # GPU memory is freed once the ranks are gone
 
 
 def summarize(args, run_dir: Path, t0: float, wall: float) -> dict:
@@ -193,10 +235,25 @@ def summarize(args, run_dir: Path, t0: float, wall: float) -> dict:
         tokens_per_s_per_gpu=round(tps, 1), real_tokens_per_step_per_gpu=round(tok_step, 1),
         mfu=round(tps * flops_tok / PEAK_FLOPS, 4), mfu_formula="(6N + 12*L*H*seq) * tokens/s / 989e12",
         step_s_median=round(step_s, 4), peak_mem_gib=max(r.get("peak_mem_gib", 0) for r in steps),
-        time_to_first_step_s=round(first["unix_time"] - t0, 1), wall_s=round(wall, 1),
+        time_to_first_step_s=round(first["unix_time"] - t0, 1), wall_s=None if wall is None else round(wall, 1),
+        launch=args.launch, env=args.env, **_phases(run_dir),
         first_loss=losses[0], last_loss=losses[-1], steps=len(steps),
         versions=versions("torch", "transformers", "trl", "accelerate", "datasets"),
     )
+
+
+def _phases(run_dir: Path) -> dict:
+    """Where the time before the first step went, from the job's log lines (rank 0)."""
+    import re
+
+    out = {}
+    for log in sorted((run_dir / "logs").glob("*.out")):
+        text = log.read_text(errors="replace")
+        for key, pattern in (("load_s", r"loaded in ([0-9.]+) s"), ("ready_s", r"ready to train ([0-9.]+) s after start")):
+            m = re.search(pattern, text)
+            if m:
+                out[key] = float(m.group(1))
+    return out
 
 
 def _params(cfg) -> int:
@@ -251,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     r.add_argument("--tag", default="default")
     r.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="one more train: setting")
+    r.add_argument("--launch", action="append", default=[], metavar="KEY=VALUE", help="one more launch: setting")
+    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable for the job")
+    r.add_argument("--stop-after", type=int, default=0, help="end the job after this many logged steps (no final save)")
     r.add_argument("--out", default=".")
     c = sub.add_parser("collect", help="merge raw results into benchmarks/results/NAME.json")
     c.add_argument("name")

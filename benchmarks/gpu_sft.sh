@@ -6,8 +6,13 @@ set -uo pipefail
 OUT=${1:?output folder}; SHAPE=${2:-1b}; GPUS=${3:-1}; shift 3 || true
 VARIANTS=("$@")
 STEPS=${STEPS:-20}  # optimizer steps per run; the median step time skips the first 4
+# Lanes: several calls can share one machine, each given its GPUs in CUDA_VISIBLE_DEVICES (and no
+# VARIANT on the first, which only installs, prints versions and builds the model and data).
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  if [ ! -e /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    touch /tmp/site/.installed
+  fi
   export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
 else
   export PYTHONPATH=$PWD/src:$PWD/benchmarks
@@ -33,17 +38,19 @@ seed() {  # the page's recipe
     timeout 400 python3 benchmarks/seed_sft_baseline.py --shape "$SHAPE" --steps "$STEPS" --out "$OUT" "$@"
   fi
 }
-hfhpc() { timeout 500 python3 benchmarks/bench_sft.py run --shape "$SHAPE" --gpus "$GPUS" --steps "$STEPS" --dir $B --out "$OUT" "$@"; }
+STOP=${STOP_AFTER:+--stop-after $STOP_AFTER}  # end hfhpc's jobs after this many steps (no final save)
+hfhpc() { timeout 500 python3 benchmarks/bench_sft.py run --shape "$SHAPE" --gpus "$GPUS" --steps "$STEPS" --dir $B --out "$OUT" $STOP "$@"; }
 for v in "${VARIANTS[@]}"; do
   echo "=== $v $(date +%T)"
   case $v in
     seed)          seed ;;
     seed-nockpt)   seed --no-ckpt ;;
-    hfhpc)         hfhpc --tag nockpt ;;
-    hfhpc-ckpt)    hfhpc --tag ckpt --ckpt ;;
+    hfhpc)         hfhpc --tag nockpt ;;                      # the recipe's defaults
+    hfhpc-ckpt)    hfhpc --tag ckpt --ckpt ;;                 # defaults + activation checkpointing
     hfhpc-sdpa)    hfhpc --tag sdpa-nockpt --attention sdpa ;;
-    hfhpc-compile) hfhpc --tag compile-nockpt --train torch_compile=true ;;
-    hfhpc-ckpt-compile) hfhpc --tag compile-ckpt --ckpt --train torch_compile=true ;;
+    hfhpc-nocompile) hfhpc --tag nocompile-nockpt --train torch_compile=false ;;
+    hfhpc-ckpt-nocompile) hfhpc --tag nocompile-ckpt --ckpt --train torch_compile=false ;;
+    hfhpc-fsdp1)   hfhpc --tag fsdp1-ckpt --ckpt --launch fsdp_version=1 ;;
     hfhpc-bs16)    hfhpc --tag ckpt-bs16 --ckpt --bs 16 ;;
     *) echo "unknown variant $v" ;;
   esac

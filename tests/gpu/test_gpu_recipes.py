@@ -1,7 +1,8 @@
 """GPU paths of the recipes and the launcher (run on the GPU machine: `pytest -m gpu tests/gpu`).
 
-One GPU: bf16 SFT through `hfhpc run`. Two GPUs: DDP and FSDP (full shard, the layer class to wrap
-read from the model) through the generated accelerate config; the final model loads.
+One GPU: bf16 SFT through `hfhpc run`. Two GPUs: DDP, FSDP2 (the default) and FSDP1; four GPUs: FSDP2.
+FSDP runs (full shard, the layer class to wrap read from the model, through the generated accelerate
+config) save a sharded checkpoint that `hfhpc export` merges into the final model, and resume from it.
 """
 
 from __future__ import annotations
@@ -85,18 +86,25 @@ def test_sft_on_one_gpu_in_bf16(staged):
     _loads(run_dir)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_sft_on_two_gpus(staged, strategy: str):
+@pytest.mark.parametrize("strategy,gpus", [
+    ("ddp", 2), ("fsdp", 2), ("fsdp1", 2),
+    pytest.param("fsdp", 4, marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
+])
+def test_sft_on_several_gpus(staged, strategy: str, gpus: int):
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
     # FSDP checkpoints at the last step too: its sharded weights merge into the final model.
-    run_dir, out = _run(staged, f"two-{strategy}", f"{{strategy: {strategy}, mixed_precision: bf16}}", "{gpus_per_node: 2}",
-                        save=30 if strategy == "fsdp" else 1000)
+    launch = {"ddp": "{strategy: ddp, mixed_precision: bf16}", "fsdp": "{strategy: fsdp, mixed_precision: bf16}",
+              "fsdp1": "{strategy: fsdp, mixed_precision: bf16, fsdp_version: 1}"}[strategy]
+    name = f"{strategy}-{gpus}"
+    run_dir, out = _run(staged, name, launch, f"{{gpus_per_node: {gpus}}}", save=30 if "fsdp" in strategy else 1000)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    if strategy == "fsdp":
+    assert summary["world_size"] == gpus
+    if "fsdp" in strategy:
         config = (run_dir / "logs" / "accelerate-node0.yaml").read_text()
         assert "distributed_type: FSDP" in config and "MistralDecoderLayer" in config
+        assert f"fsdp_version: {1 if strategy == 'fsdp1' else 2}" in config
         assert (run_dir / "checkpoint-30" / "pytorch_model_fsdp_0").is_dir()  # sharded, not one file
         export = _cli("export", str(run_dir), "-o", str(run_dir / "merged"))
         assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
@@ -110,3 +118,12 @@ def test_sft_on_two_gpus(staged, strategy: str):
     losses = _losses(run_dir)
     assert losses[-1] < 0.7 * losses[0], losses
     _loads(run_dir)
+    if "fsdp" in strategy:
+        # The same job asked for more steps resumes from the sharded checkpoint.
+        root, store = staged
+        spec = root / f"{name}.yaml"
+        spec.write_text(spec.read_text().replace("max_steps: 30", "max_steps: 40"))
+        again = _cli("--store", str(store), "run", str(spec))
+        assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+        assert "resuming from" in again.stdout + again.stderr and "checkpoint-30" in again.stdout + again.stderr
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40

@@ -1,7 +1,9 @@
 """The accelerate config a GPU job launches with, generated from the spec (never hand-edited).
 
-FSDP defaults are the page's ``fsdp.yaml`` (full shard, transformer-based wrap, backward prefetch,
-sharded state dict, CPU-RAM-efficient loading); the layer class to wrap is read from the model.
+FSDP defaults are the page's ``fsdp.yaml`` (full shard, transformer-based wrap, sharded state dict,
+CPU-RAM-efficient loading); the layer class to wrap is read from the model. ``launch.fsdp_version: 2``
+(the default) shards with PyTorch's ``fully_shard`` (per-parameter sharding, which composes with
+``torch.compile`` per decoder layer); ``1`` is the page's flat-parameter FSDP with its prefetch settings.
 """
 
 from __future__ import annotations
@@ -14,14 +16,21 @@ from hfhpc.spec import JobSpec
 
 FSDP_DEFAULTS: dict[str, Any] = {
     "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-    "fsdp_backward_prefetch": "BACKWARD_PRE",
     "fsdp_cpu_ram_efficient_loading": True,
-    "fsdp_forward_prefetch": True,
     "fsdp_offload_params": False,
-    "fsdp_sharding_strategy": "FULL_SHARD",
     "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+    # accelerate's launcher asks for it with CPU-RAM-efficient loading (FSDP2 does not use it).
     "fsdp_sync_module_states": True,
+}
+# Flat-parameter FSDP only: FSDP2 prefetches by itself and always uses the original parameters.
+FSDP1_DEFAULTS: dict[str, Any] = {
+    "fsdp_backward_prefetch": "BACKWARD_PRE",
+    "fsdp_forward_prefetch": True,
+    "fsdp_sharding_strategy": "FULL_SHARD",
     "fsdp_use_orig_params": True,
+}
+FSDP2_DEFAULTS: dict[str, Any] = {
+    "fsdp_reshard_after_forward": True,  # full shard
 }
 
 
@@ -73,7 +82,8 @@ def accelerate_config(
         "use_cpu": False,
     }
     if spec.launch.strategy == "fsdp":
-        fsdp = dict(FSDP_DEFAULTS)
+        version = spec.launch.fsdp_version
+        fsdp = dict(FSDP_DEFAULTS, **(FSDP2_DEFAULTS if version == 2 else FSDP1_DEFAULTS), fsdp_version=version)
         fsdp["fsdp_activation_checkpointing"] = spec.launch.activation_checkpointing
         if layer_cls:
             fsdp["fsdp_transformer_layer_cls_to_wrap"] = layer_cls

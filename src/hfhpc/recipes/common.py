@@ -20,6 +20,7 @@ EXIT_INTERRUPTED = 3
 # Trainer log keys copied into metrics.jsonl (with every numeric eval_* key).
 LOGGED = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+STARTED = time.time()  # about when this rank started: recipes import this module first
 
 
 def rank() -> int:
@@ -172,6 +173,7 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
+            log(f"ready to train {time.time() - STARTED:.1f} s after start")
             self.last_step = state.global_step
             stop.agree()  # collective: every rank creates the group at the same point
 

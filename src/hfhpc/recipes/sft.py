@@ -74,6 +74,18 @@ def save_in_dtype(model, dtype) -> None:
     model.save_pretrained = save_pretrained
 
 
+def compile_settings(*, fsdp2: bool) -> None:
+    """How ``torch_compile`` compiles: one decoder layer at a time under FSDP2 (accelerate's regional
+    compilation: the layer is compiled once and reused by every layer, inside FSDP's per-layer
+    all-gathers), with dynamic shapes from the start (a packed row's length and its number of
+    documents change every batch; compiled static first, the model would be compiled three times).
+    ``accelerate launch`` passes its own defaults for both to the ranks, so they are set here.
+    Compiled kernels are cached per node (``TORCHINDUCTOR_CACHE_DIR``, /tmp by default): a job that
+    runs again on the same node compiles from the cache."""
+    os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true" if fsdp2 else "false"
+    os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "true"
+
+
 def main(job: JobFile) -> int:
     # First: SLURM's warning can come early, and a SIGUSR1 with no handler ends the process.
     stop = StopOnSignal().install()
@@ -101,10 +113,13 @@ def main(job: JobFile) -> int:
     modelled = {"max_length", "packing", "epochs", "assistant_only_loss", "chat_template", "lora", "attention"}
     kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
+    fsdp2 = spec.launch.strategy == "fsdp" and spec.launch.fsdp_version == 2
     if "torch_compile" not in (t.model_extra or {}):
         # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
-        # benchmark) after a minute or two of compiling; not yet measured with FSDP or LoRA.
-        kwargs["torch_compile"] = gpu and spec.launch.strategy != "fsdp" and t.lora is None
+        # benchmark) after a minute or two of compiling. Not with FSDP1's flat parameters or LoRA.
+        kwargs["torch_compile"] = gpu and t.lora is None and (spec.launch.strategy != "fsdp" or fsdp2)
+    if kwargs.get("torch_compile"):
+        compile_settings(fsdp2=fsdp2)
     args = SFTConfig(**kwargs, max_length=t.max_length, packing=t.packing)
 
     # Templated, tokenized and packed once (exactly as TRL would), cached beside the store and shared by
@@ -140,8 +155,10 @@ def main(job: JobFile) -> int:
     dtype = half if (gpu and half is not None and t.lora is not None) else torch.float32
     attn = attention_implementation(t.attention, packed=t.packing, max_length=t.max_length)
     saved_dtype = getattr(assets.load_config(model_id, commit), "dtype", None)
+    t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
-    log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, attention {attn}")
+    log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
+        f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
     peft_config = None
     if t.lora is not None:
         from peft import LoraConfig
@@ -153,6 +170,12 @@ def main(job: JobFile) -> int:
         callbacks=trainer_callbacks(job, stop), peft_config=peft_config,
     )
     checkpoint.install(trainer, stop)
+    if fsdp2 and half is not None and t.lora is None:
+        # bf16 compute and all-gathers, gradients reduced in fp32 (accelerate's default reduces in bf16).
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)
 
     # -- train ---------------------------------------------------------------------------------
     resume = last_checkpoint(job.run_dir)
