@@ -52,6 +52,7 @@ for v in "${VARIANTS[@]}"; do
     hfhpc-ckpt-nocompile) hfhpc --tag nocompile-ckpt --ckpt --train torch_compile=false ;;
     hfhpc-fsdp1)   hfhpc --tag fsdp1-ckpt --ckpt --launch fsdp_version=1 ;;
     hfhpc-bs16)    hfhpc --tag ckpt-bs16 --ckpt --bs 16 ;;
+    hfhpc-keep*)   hfhpc --tag "ckpt-keep${v#hfhpc-keep}" --ckpt --launch "keep_activations=${v#hfhpc-keep}" ;;  # hfhpc-keep6 …
     *) echo "unknown variant $v" ;;
   esac
 done

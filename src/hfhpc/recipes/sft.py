@@ -74,18 +74,6 @@ def save_in_dtype(model, dtype) -> None:
     model.save_pretrained = save_pretrained
 
 
-def compile_settings(*, fsdp2: bool) -> None:
-    """How ``torch_compile`` compiles: one decoder layer at a time under FSDP2 (accelerate's regional
-    compilation: the layer is compiled once and reused by every layer, inside FSDP's per-layer
-    all-gathers), with dynamic shapes from the start (a packed row's length and its number of
-    documents change every batch; compiled static first, the model would be compiled three times).
-    ``accelerate launch`` passes its own defaults for both to the ranks, so they are set here.
-    Compiled kernels are cached per node (``TORCHINDUCTOR_CACHE_DIR``, /tmp by default): a job that
-    runs again on the same node compiles from the cache."""
-    os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true" if fsdp2 else "false"
-    os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "true"
-
-
 def main(job: JobFile) -> int:
     # First: SLURM's warning can come early, and a SIGUSR1 with no handler ends the process.
     stop = StopOnSignal().install()
@@ -118,8 +106,13 @@ def main(job: JobFile) -> int:
         # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
         # benchmark) after a minute or two of compiling. Not with FSDP1's flat parameters or LoRA.
         kwargs["torch_compile"] = gpu and t.lora is None and (spec.launch.strategy != "fsdp" or fsdp2)
+    # Under FSDP2 the recipe checkpoints and compiles each decoder layer itself (hfhpc.recipes.layers).
+    own_layers = fsdp2 and t.lora is None
+    compile_layers = own_layers and bool(kwargs.get("torch_compile"))
+    if own_layers:
+        kwargs["torch_compile"] = False
     if kwargs.get("torch_compile"):
-        compile_settings(fsdp2=fsdp2)
+        os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "true"  # accelerate launch passes "False" to the ranks
     args = SFTConfig(**kwargs, max_length=t.max_length, packing=t.packing)
 
     # Templated, tokenized and packed once (exactly as TRL would), cached beside the store and shared by
@@ -159,6 +152,12 @@ def main(job: JobFile) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
     log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
         f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
+    if own_layers:
+        from hfhpc.recipes.layers import prepare_layers
+
+        done = prepare_layers(model, checkpoint=spec.launch.activation_checkpointing,
+                              keep=spec.launch.keep_activations, compile=compile_layers)
+        log(f"decoder layers: {done['layers']}, {done['checkpointed']} checkpointed, {done['compiled']} compiled")
     peft_config = None
     if t.lora is not None:
         from peft import LoraConfig
@@ -170,12 +169,14 @@ def main(job: JobFile) -> int:
         callbacks=trainer_callbacks(job, stop), peft_config=peft_config,
     )
     checkpoint.install(trainer, stop)
-    if fsdp2 and half is not None and t.lora is None:
-        # bf16 compute and all-gathers, gradients reduced in fp32 (accelerate's default reduces in bf16).
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+    if own_layers:
+        plugin = trainer.accelerator.state.fsdp_plugin
+        plugin.activation_checkpointing = False  # done per layer, inside the compiled forward
+        if half is not None:
+            # bf16 compute and all-gathers, gradients reduced in fp32 (accelerate's default reduces in bf16).
+            from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)
 
     # -- train ---------------------------------------------------------------------------------
     resume = last_checkpoint(job.run_dir)

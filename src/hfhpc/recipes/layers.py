@@ -1,0 +1,57 @@
+"""The decoder layers of a causal LM under FSDP2: each checkpointed (or not) and compiled on its own.
+
+FSDP2 makes every decoder layer a unit: its hooks gather the layer's weights before it runs and free
+them after. Compiling the whole model, or a wrapper around the layer, puts those hooks inside the
+compiled code; here each layer's ``forward`` is compiled, and the hooks stay outside it. Activation
+checkpointing moves inside that ``forward`` (``torch.utils.checkpoint`` is traced with the layer, so
+the compiler sees the recomputation), which is why the recipe does it here instead of accelerate.
+One compiled graph, with dynamic shapes from the start (a packed row's length and document count
+change every batch), serves every layer.
+
+``keep`` layers (spread evenly) keep their activations instead of recomputing them: with memory to
+spare, each one saves its forward pass a second time in the backward.
+
+Parameter names, state dicts and checkpoints are unchanged: the layers stay the model's own modules,
+with their class swapped for a subclass whose ``forward`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers: modules of the classes it names in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+@functools.cache
+def _checkpointing_class(cls: type) -> type:
+    """``cls`` with a ``forward`` that recomputes itself in the backward when ``hfhpc_recompute`` is set.
+    Same name, so FSDP's wrap policy (by class name) still finds the layers."""
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(self, *args, **kwargs):
+        if self.hfhpc_recompute and torch.is_grad_enabled():
+            return checkpoint(functools.partial(cls.forward, self), *args, use_reentrant=False,
+                              preserve_rng_state=False, **kwargs)
+        return cls.forward(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def prepare_layers(model: torch.nn.Module, *, checkpoint: bool, keep: int = 0, compile: bool = False) -> dict[str, int]:
+    """Checkpoint all decoder layers but ``keep`` of them (when ``checkpoint``); compile each one's forward."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    keep = max(0, min(keep, n)) if checkpoint else n
+    kept = {round((i + 0.5) * n / keep - 0.5) for i in range(keep)} if keep else set()
+    for i, layer in enumerate(layers):
+        layer.__class__ = _checkpointing_class(type(layer))
+        layer.hfhpc_recompute = i not in kept
+        if compile:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+    return {"layers": n, "checkpointed": n - len(kept), "compiled": n if compile else 0}
