@@ -112,7 +112,9 @@ def main(job: JobFile) -> int:
     if own_layers:
         kwargs["torch_compile"] = False
     if kwargs.get("torch_compile"):
-        os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "true"  # accelerate launch passes "False" to the ranks
+        # accelerate launch passes dynamic=False to the ranks: every new packed length would be compiled
+        # again. Unset, torch compiles the changing dimensions dynamically after seeing them change.
+        os.environ.pop("ACCELERATE_DYNAMO_USE_DYNAMIC", None)
     args = SFTConfig(**kwargs, max_length=t.max_length, packing=t.packing)
 
     # Templated, tokenized and packed once (exactly as TRL would), cached beside the store and shared by
