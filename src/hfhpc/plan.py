@@ -233,6 +233,7 @@ class PlanInputs:
     seq_len: int = 2048
     grad_accum: int = 1
     activation_checkpointing: bool = True
+    kept_layers: int = 0  # launch.keep_activations: layers whose activations are saved, not recomputed
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     weights_dtype: Literal["fp32", "bf16"] = "bf16"  # what the recipe loads the weights as
     optim: str = DEFAULT_OPTIM
@@ -414,7 +415,12 @@ def estimate_memory(p: PlanInputs) -> MemoryEstimate:
     per_token, parts = layer_activation_bytes_per_token(p)
     layer_act = per_token * T
     stream = p.stream_bytes
-    if p.activation_checkpointing:
+    kept = min(p.kept_layers, s.layers) if p.activation_checkpointing else 0
+    if p.activation_checkpointing and kept:
+        saved = Term("activations (checkpointed layer inputs, kept layers)",
+                     (s.layers - kept) * stream * s.hidden * T + kept * layer_act,
+                     f"{s.layers - kept}·{stream}·h·T + {kept} kept layers · {per_token / s.hidden:.0f}·h·T")
+    elif p.activation_checkpointing:
         saved = Term("activations (checkpointed layer inputs)", s.layers * stream * s.hidden * T,
                      f"L·{stream}·h·T; per recomputed layer {per_token / s.hidden:.0f}·h·T")
     else:
@@ -991,6 +997,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
         shape=shape, strategy=launch.strategy, nodes=res.nodes, gpus_per_node=gpn, micro_batch=t.per_device_batch_size,
         seq_len=t.max_length, grad_accum=t.gradient_accumulation_steps,
         activation_checkpointing=launch.activation_checkpointing, mixed_precision=launch.mixed_precision,
+        kept_layers=launch.keep_activations if launch.strategy == "fsdp" and launch.fsdp_version == 2 else 0,
         # The sft recipe keeps fp32 weights for full fine-tuning; LoRA's frozen base is in the compute dtype.
         weights_dtype=weights_dtype or ("bf16" if lora is not None and launch.mixed_precision != "no" else "fp32"),  # type: ignore[arg-type]
         optim=str(extra.get("optim", DEFAULT_OPTIM)), lora_rank=int(lora.get("r", 16)) if lora is not None else None,

@@ -385,3 +385,11 @@ def test_gpu_results_in_benchmarks_supersede_the_built_in_anchors(tmp_path: Path
     # On another card the measured MFU carries over, scaled by the peak FLOPs.
     a100 = make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=results, gpu="a100-80")
     assert a100.throughput.tokens_per_s_per_gpu == pytest.approx(4000.0 * 312 / 989)
+
+
+def test_kept_activations_cost_memory_between_full_and_no_checkpointing():
+    base = dict(shape=SHAPE_7B, strategy="fsdp", gpus_per_node=2, micro_batch=8, seq_len=2048, weights_dtype="fp32")
+    ckpt = estimate_memory(PlanInputs(**base)).peak_gib
+    kept = estimate_memory(PlanInputs(**base, kept_layers=6)).peak_gib
+    none = estimate_memory(PlanInputs(**base, activation_checkpointing=False)).peak_gib
+    assert ckpt < kept < none
