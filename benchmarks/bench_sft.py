@@ -213,6 +213,8 @@ def _kill_tree(pid: int) -> None:
 def summarize(args, run_dir: Path, t0: float, wall: float) -> dict:
     from transformers import MistralConfig
 
+    from hfhpc.plan import ModelShape
+
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r for r in rows if "loss" in r and "num_tokens" in r]
     times = [r["elapsed_s"] for r in steps]
@@ -225,8 +227,9 @@ def summarize(args, run_dir: Path, t0: float, wall: float) -> dict:
     tok_step = float(np.median(dtok)) / world
     tps = tok_step / step_s
     cfg = MistralConfig(vocab_size=VOCAB, tie_word_embeddings=False, **SHAPES[args.shape])
-    n_params = _params(cfg)
-    flops_tok = 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
+    shape = ModelShape.from_config(cfg.to_dict())  # the planner's own count: 6N + 12·L·h·seq per token
+    n_params = shape.params
+    flops_tok = shape.flops_per_token(args.seq)
     first = steps[0]
     losses = [r["loss"] for r in steps]
     return dict(
@@ -254,13 +257,6 @@ def _phases(run_dir: Path) -> dict:
             if m:
                 out[key] = float(m.group(1))
     return out
-
-
-def _params(cfg) -> int:
-    h, i, l, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
-    return l * per_layer + 2 * v * h + h
 
 
 def collect(folders: list[Path], name: str, note: str = "") -> Path:
