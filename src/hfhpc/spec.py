@@ -131,7 +131,7 @@ class LaunchSpec(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="no | bf16 | fp16")
     activation_checkpointing: bool = True
     keep_activations: int = Field(0, ge=0, description="with activation checkpointing under FSDP2 (sft): this many decoder layers keep their activations instead of recomputing them (faster, more memory)")
-    fsdp_version: Literal[1, 2] = Field(2, description="FSDP implementation: 2 (per-parameter sharding, fully_shard) or 1 (flat parameters)")
+    fsdp_version: Literal[1, 2] | None = Field(None, description="FSDP implementation: 2 (per-parameter sharding, fully_shard) or 1 (flat parameters); default 2 for the built-in recipes, 1 for scripts")
     port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port (default: derived from the job id)")
     node_local: bool = Field(True, description="copy the job's assets to node-local disk ($SLURM_TMPDIR) first")
     signal_delay_s: int | None = Field(None, ge=10, description="SIGUSR1 this long before the time limit (default: sized to the checkpoint)")
@@ -269,6 +269,14 @@ class JobSpec(_Strict):
         return self
 
     # -- derived ---------------------------------------------------------------------------
+    @property
+    def fsdp_version(self) -> int:
+        """FSDP2 for the built-in recipes (measured faster, see docs/performance.md); a user's script
+        keeps accelerate's own default, FSDP1, which scripts written for the page expect."""
+        if self.launch.fsdp_version is not None:
+            return self.launch.fsdp_version
+        return 1 if self.recipe == "script" else 2
+
     def all_models(self) -> list[ModelRef]:
         return ([self.model] if self.model else []) + list(self.models)
 

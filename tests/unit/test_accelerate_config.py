@@ -15,9 +15,10 @@ from hfhpc.launch.accelerate import accelerate_config, write_config
 from hfhpc.spec import JobSpec
 
 
-def _spec(**launch) -> JobSpec:
+def _spec(recipe: str = "sft", **launch) -> JobSpec:
+    needs = {"script": "train.py"} if recipe == "script" else {"model": "org/model", "dataset": "org/data"}
     return JobSpec.model_validate({
-        "name": "x", "recipe": "sft", "model": "org/model", "dataset": "org/data",
+        "name": "x", "recipe": recipe, **needs,
         "launch": {"strategy": "fsdp", **launch}, "resources": {"gpus_per_node": 4},
     })
 
@@ -60,6 +61,11 @@ def test_fsdp1_keeps_the_pages_flat_parameter_settings(tmp_path):
     assert env["FSDP_USE_ORIG_PARAMS"] == "true"
     assert env["FSDP_SYNC_MODULE_STATES"] == "true"
     assert env["FSDP_ACTIVATION_CHECKPOINTING"] == "false"
+
+
+def test_a_users_script_keeps_accelerates_fsdp1_unless_asked(tmp_path):
+    assert _launcher_env(_spec("script"), tmp_path)["FSDP_VERSION"] == "1"
+    assert _launcher_env(_spec("script", fsdp_version=2), tmp_path)["FSDP_VERSION"] == "2"
 
 
 def test_an_fsdp_version_other_than_1_or_2_is_refused():

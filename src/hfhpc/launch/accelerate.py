@@ -1,9 +1,10 @@
 """The accelerate config a GPU job launches with, generated from the spec (never hand-edited).
 
 FSDP defaults are the page's ``fsdp.yaml`` (full shard, transformer-based wrap, sharded state dict,
-CPU-RAM-efficient loading); the layer class to wrap is read from the model. ``launch.fsdp_version: 2``
-(the default) shards with PyTorch's ``fully_shard`` (per-parameter sharding, which composes with
-``torch.compile`` per decoder layer); ``1`` is the page's flat-parameter FSDP with its prefetch settings.
+CPU-RAM-efficient loading); the layer class to wrap is read from the model. FSDP2 (the built-in
+recipes' default) shards with PyTorch's ``fully_shard`` (per-parameter sharding, which composes with
+``torch.compile`` per decoder layer); FSDP1 (a script's default, or ``launch.fsdp_version: 1``) is the
+page's flat-parameter FSDP with its prefetch settings.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def accelerate_config(
         "use_cpu": False,
     }
     if spec.launch.strategy == "fsdp":
-        version = spec.launch.fsdp_version
+        version = spec.fsdp_version
         fsdp = dict(FSDP_DEFAULTS, **(FSDP2_DEFAULTS if version == 2 else FSDP1_DEFAULTS), fsdp_version=version)
         fsdp["fsdp_activation_checkpointing"] = spec.launch.activation_checkpointing
         if layer_cls:

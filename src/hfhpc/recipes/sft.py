@@ -101,7 +101,7 @@ def main(job: JobFile) -> int:
     modelled = {"max_length", "packing", "epochs", "assistant_only_loss", "chat_template", "lora", "attention"}
     kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
-    fsdp2 = spec.launch.strategy == "fsdp" and spec.launch.fsdp_version == 2
+    fsdp2 = spec.launch.strategy == "fsdp" and spec.fsdp_version == 2
     if "torch_compile" not in (t.model_extra or {}):
         # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
         # benchmark) after a minute or two of compiling. Not with FSDP1's flat parameters or LoRA.
