@@ -272,10 +272,11 @@ class JobSpec(_Strict):
     @property
     def fsdp_version(self) -> int:
         """FSDP2 for the built-in recipes (measured faster, see docs/performance.md); a user's script
-        keeps accelerate's own default, FSDP1, which scripts written for the page expect."""
+        keeps accelerate's own default, FSDP1, which scripts written for the page expect, and so does
+        LoRA (a frozen half-precision base beside fp32 adapters, measured with FSDP1 only)."""
         if self.launch.fsdp_version is not None:
             return self.launch.fsdp_version
-        return 1 if self.recipe == "script" else 2
+        return 1 if self.recipe == "script" or self.train.lora is not None else 2
 
     def all_models(self) -> list[ModelRef]:
         return ([self.model] if self.model else []) + list(self.models)
