@@ -481,6 +481,7 @@ class Anchor:
     strategy: str = "single"
     optim: str = "adamw_torch"
     weights_dtype: str = "fp32"
+    per_document: bool = False  # hfhpc's sft recipe: packed documents attend only to themselves
 
     def ctx(self) -> int:
         return self.micro_batch * self.seq_len if self.padding_free else self.seq_len
@@ -492,7 +493,7 @@ class Anchor:
         if self.padding_free:
             pack = "bfd packing, sdpa"
         else:
-            pack = "bfd packing, attention per document" if "hfhpc" in self.source else "wrapped packing"
+            pack = "bfd packing, attention per document" if self.per_document or "hfhpc" in self.source else "wrapped packing"
         ckpt = "checkpointing" if self.checkpointing else "no checkpointing"
         return (f"{self.shape.params / 1e9:.2f}B {self.strategy} on {self.world}×{self.gpu}, {self.micro_batch}×{self.seq_len}, "
                 f"{pack}, {ckpt}: {self.tokens_per_s_per_gpu:,.0f} tok/s/GPU")
@@ -557,6 +558,8 @@ def load_result_anchors(results_dir: Path | None) -> list[Anchor]:
 def _anchor_from_result(r: Any, source: str) -> Anchor | None:
     if not isinstance(r, dict) or not isinstance(r.get("tokens_per_s_per_gpu"), (int, float)):
         return None
+    if not _recipe_defaults(r):
+        return None
     kind = gpu_kind_of(str(r.get("gpu", "")))
     shape = r.get("shape")
     model_shape: ModelShape | None
@@ -579,7 +582,19 @@ def _anchor_from_result(r: Any, source: str) -> Anchor | None:
         tokens_per_s_per_gpu=float(r["tokens_per_s_per_gpu"]),
         peak_mem_gib=float(r["peak_mem_gib"]) if isinstance(r.get("peak_mem_gib"), (int, float)) else None,
         strategy=str(r.get("strategy", "fsdp" if int(r.get("world", 1)) > 1 else "single")),
+        per_document=r.get("recipe") == "hfhpc",
     )
+
+
+def _recipe_defaults(r: dict) -> bool:
+    """Whether an hfhpc benchmark run used the sft recipe as a spec without extra settings gets it
+    (the plan estimates such a spec): no launch or environment overrides, compile not turned off,
+    no tag naming a variant the recipe no longer has."""
+    if r.get("recipe") != "hfhpc":
+        return True
+    train = [str(x) for x in r.get("train") or []]
+    return (not r.get("launch") and not r.get("env") and "torch_compile=false" not in train
+            and "accelerate" not in str(r.get("tag", "")))
 
 
 @dataclass(frozen=True)
@@ -610,9 +625,9 @@ def estimate_throughput(p: PlanInputs, gpu: GpuKind, anchors: Sequence[Anchor]) 
             value /= CHECKPOINTING_SPEEDUP
         return value
 
-    # One MFU per model size, from the anchor whose checkpointing matches the plan when there is one.
+    # One MFU per model size, from the anchor whose checkpointing (then GPU count) matches the plan.
     by_size: dict[int, list[float]] = {}
-    for a in sorted(pool, key=lambda a: a.checkpointing != p.activation_checkpointing):
+    for a in sorted(pool, key=lambda a: (a.checkpointing != p.activation_checkpointing, a.world != p.world)):
         by_size.setdefault(a.shape.params, []).append(mfu_of(a))
     points = sorted((math.log(n), vs[0]) for n, vs in by_size.items())
     x = math.log(p.shape.params)
