@@ -37,11 +37,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
+    """Two ranks, started here (not by torchrun) so that a hang ends with both killed."""
     out = tmp_path_factory.mktemp("fsdp2")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                           str(WORKER), str(out)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    port = str(_free_port())
+    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert all(p.returncode == 0 for p in ranks), "\n".join(log[-3000:] for log in logs)
     return out
 
 
