@@ -949,6 +949,7 @@ class Plan:
     schedule: Schedule | None
     measured: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
+    keep_activations: int | None = None  # a larger launch.keep_activations that still fits, if any
 
     @property
     def est_hours(self) -> float | None:
@@ -980,7 +981,7 @@ class Plan:
             "est_hours": round(self.est_hours, 3) if self.est_hours is not None else None,
             "schedule": asdict(self.schedule) if self.schedule else None,
             "suggested": {
-                "gpus": self.min_gpus, "suggestion": self.suggestion,
+                "gpus": self.min_gpus, "suggestion": self.suggestion, "keep_activations": self.keep_activations,
                 "time": self.schedule.time_limit if self.schedule else None,
                 "save_steps": self.schedule.save_steps if self.schedule else None,
                 "requeues": self.schedule.allocations - 1 if self.schedule else None,
@@ -1166,6 +1167,9 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         nodes = f"{smallest.nodes} node{'s' if smallest.nodes > 1 else ''}"
         suggestion = f"does not fit {p.world} GPUs; needs {nodes} × {smallest.gpus_per_node} GPUs"
 
+    keep = most_kept_layers(p, kind) if ok and p.kept_layers < shape.layers and spec.recipe == "sft" \
+        and p.fsdp and spec.fsdp_version == 2 and p.activation_checkpointing and not p.lora else None
+
     # Time the layout that will run: the spec's when it fits, else the fewest GPUs that fit.
     run_layout = p if ok or smallest is None else smallest
     anchors = list(load_result_anchors(results_dir if results_dir is not None else default_results_dir()))
@@ -1190,8 +1194,23 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         name=spec.name, model=f"{spec.model.id} ({config_path})", inputs=p, gpu=kind, memory=memory, fits=ok,
         min_gpus=smallest.world if smallest else None, suggestion=suggestion, data=data, data_note=data_note,
         throughput=tp, schedule=plan_schedule, measured=tuple(_measured_matches(p, kind, anchors, memory)),
-        notes=tuple(notes),
+        notes=tuple(notes), keep_activations=keep if keep and keep > p.kept_layers else None,
     )
+
+
+KEEP_MARGIN = 0.9  # kept layers are suggested up to this share of the card (the estimate is not exact)
+
+
+def most_kept_layers(p: PlanInputs, kind: GpuKind) -> int:
+    """The most decoder layers that can keep their activations (launch.keep_activations) and still fit."""
+    fits = lambda n: estimate_memory(replace(p, kept_layers=n)).reserved_gib <= KEEP_MARGIN * kind.memory_gib  # noqa: E731
+    lo, hi = p.kept_layers, p.shape.layers
+    if not fits(lo):
+        return lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -1251,6 +1270,9 @@ def render_plan(plan: Plan) -> str:
             f" + {s.saves} checkpoint{'s' if s.saves != 1 else ''} × {_duration(s.save_s)} = {_duration(s.total_s)}",
         ]
     lines += ["", "suggested:", f"  resources: {plan.suggestion}"]
+    if plan.keep_activations:
+        lines.append(f"  launch.keep_activations: {plan.keep_activations} (fits; each layer kept is not recomputed "
+                     f"in the backward: 6 of 32 gave +3.6% on 7.24B)")
     if s:
         allocations = "one allocation" if s.allocations == 1 else f"{s.allocations} allocations: {s.allocations - 1} requeues"
         lines += [

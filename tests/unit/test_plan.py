@@ -393,3 +393,16 @@ def test_kept_activations_cost_memory_between_full_and_no_checkpointing():
     kept = estimate_memory(PlanInputs(**base, kept_layers=6)).peak_gib
     none = estimate_memory(PlanInputs(**base, activation_checkpointing=False)).peak_gib
     assert ckpt < kept < none
+
+
+def test_plan_suggests_keeping_activations_where_memory_allows(tmp_path: Path):
+    spec, config = _zephyr_files(tmp_path)
+    plan = make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=tmp_path)
+    assert plan.keep_activations and 0 < plan.keep_activations < 32
+    kept = replace(plan.inputs, kept_layers=plan.keep_activations)
+    assert estimate_memory(kept).reserved_gib <= 0.9 * GPUS["h100"].memory_gib
+    assert estimate_memory(replace(kept, kept_layers=plan.keep_activations + 1)).reserved_gib > 0.9 * GPUS["h100"].memory_gib
+    assert plan.to_json()["suggested"]["keep_activations"] == plan.keep_activations
+    # FSDP1 (the recipe then leaves checkpointing to accelerate, every layer): nothing to suggest.
+    spec.write_text(spec.read_text().replace("activation_checkpointing: true", "activation_checkpointing: true, fsdp_version: 1"))
+    assert make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=tmp_path).keep_activations is None
