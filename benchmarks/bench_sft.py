@@ -188,14 +188,7 @@ def _steps_logged(run_dir: Path) -> int:
 def _kill_tree(pid: int) -> None:
     import signal
 
-    def children(p: int) -> list[int]:
-        found = []
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                found += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-        return found
+    from hfhpc.launch.node import children
 
     pids, todo = [], [pid]
     while todo:

@@ -493,7 +493,7 @@ class Anchor:
         if self.padding_free:
             pack = "bfd packing, sdpa"
         else:
-            pack = "bfd packing, attention per document" if self.per_document or "hfhpc" in self.source else "wrapped packing"
+            pack = "bfd packing, attention per document" if self.per_document else "wrapped packing"
         ckpt = "checkpointing" if self.checkpointing else "no checkpointing"
         return (f"{self.shape.params / 1e9:.2f}B {self.strategy} on {self.world}×{self.gpu}, {self.micro_batch}×{self.seq_len}, "
                 f"{pack}, {ckpt}: {self.tokens_per_s_per_gpu:,.0f} tok/s/GPU")
@@ -506,9 +506,9 @@ BUILTIN_ANCHORS: tuple[Anchor, ...] = (
     Anchor(ANCHOR_SOURCE, SHAPE_1B, "h100", 1, 8, 2048, False, False, 40360, 51.6),
     # hfhpc's sft recipe (attention per document, fused AdamW, compiled; FSDP2 with per-layer
     # checkpointing), same bench.
-    Anchor(HFHPC_SOURCE, SHAPE_1B, "h100", 1, 8, 2048, False, False, 61937, 38.0, optim="adamw_torch_fused"),
-    Anchor(HFHPC_SOURCE, SHAPE_7B, "h200", 2, 8, 2048, True, False, 9089, 58.4, "fsdp", optim="adamw_torch_fused"),
-    Anchor(HFHPC_SOURCE, SHAPE_7B, "h200", 4, 8, 2048, True, False, 9155, 31.8, "fsdp", optim="adamw_torch_fused"),
+    Anchor(HFHPC_SOURCE, SHAPE_1B, "h100", 1, 8, 2048, False, False, 61937, 38.0, optim="adamw_torch_fused", per_document=True),
+    Anchor(HFHPC_SOURCE, SHAPE_7B, "h200", 2, 8, 2048, True, False, 9089, 58.4, "fsdp", optim="adamw_torch_fused", per_document=True),
+    Anchor(HFHPC_SOURCE, SHAPE_7B, "h200", 4, 8, 2048, True, False, 9155, 31.8, "fsdp", optim="adamw_torch_fused", per_document=True),
 )
 # Measured on the 1.1B shape: wrapped packing without checkpointing runs 40,360 / 32,915 faster.
 CHECKPOINTING_SPEEDUP = 40360 / 32915
@@ -589,12 +589,11 @@ def _anchor_from_result(r: Any, source: str) -> Anchor | None:
 def _recipe_defaults(r: dict) -> bool:
     """Whether an hfhpc benchmark run used the sft recipe as a spec without extra settings gets it
     (the plan estimates such a spec): no launch or environment overrides, compile not turned off,
-    no tag naming a variant the recipe no longer has."""
+    not a code path the recipe has since replaced (``superseded``)."""
     if r.get("recipe") != "hfhpc":
         return True
     train = [str(x) for x in r.get("train") or []]
-    return (not r.get("launch") and not r.get("env") and "torch_compile=false" not in train
-            and "accelerate" not in str(r.get("tag", "")))
+    return not (r.get("launch") or r.get("env") or r.get("superseded") or "torch_compile=false" in train)
 
 
 @dataclass(frozen=True)
@@ -1013,7 +1012,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
         shape=shape, strategy=launch.strategy, nodes=res.nodes, gpus_per_node=gpn, micro_batch=t.per_device_batch_size,
         seq_len=t.max_length, grad_accum=t.gradient_accumulation_steps,
         activation_checkpointing=launch.activation_checkpointing, mixed_precision=launch.mixed_precision,
-        kept_layers=launch.keep_activations if launch.strategy == "fsdp" and spec.fsdp_version == 2 else 0,
+        kept_layers=launch.keep_activations if spec.per_layer_fsdp else 0,
         # The sft recipe keeps fp32 weights for full fine-tuning; LoRA's frozen base is in the compute dtype.
         weights_dtype=weights_dtype or ("bf16" if lora is not None and launch.mixed_precision != "no" else "fp32"),  # type: ignore[arg-type]
         optim=str(extra.get("optim", DEFAULT_OPTIM)), lora_rank=int(lora.get("r", 16)) if lora is not None else None,
@@ -1167,8 +1166,7 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         nodes = f"{smallest.nodes} node{'s' if smallest.nodes > 1 else ''}"
         suggestion = f"does not fit {p.world} GPUs; needs {nodes} × {smallest.gpus_per_node} GPUs"
 
-    keep = most_kept_layers(p, kind) if ok and p.kept_layers < shape.layers and spec.recipe == "sft" \
-        and p.fsdp and spec.fsdp_version == 2 and p.activation_checkpointing and not p.lora else None
+    keep = most_kept_layers(p, kind) if ok and spec.per_layer_fsdp and p.activation_checkpointing else None
 
     # Time the layout that will run: the spec's when it fits, else the fewest GPUs that fit.
     run_layout = p if ok or smallest is None else smallest

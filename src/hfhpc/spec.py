@@ -278,6 +278,13 @@ class JobSpec(_Strict):
             return self.launch.fsdp_version
         return 1 if self.recipe == "script" or self.train.lora is not None else 2
 
+    @property
+    def per_layer_fsdp(self) -> bool:
+        """Whether the sft recipe checkpoints and compiles each decoder layer itself (FSDP2, no LoRA:
+        hfhpc.recipes.layers); only then does ``launch.keep_activations`` apply."""
+        return (self.recipe == "sft" and self.launch.strategy == "fsdp" and self.fsdp_version == 2
+                and self.train.lora is None)
+
     def all_models(self) -> list[ModelRef]:
         return ([self.model] if self.model else []) + list(self.models)
 

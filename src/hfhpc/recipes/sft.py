@@ -101,17 +101,14 @@ def main(job: JobFile) -> int:
     modelled = {"max_length", "packing", "epochs", "assistant_only_loss", "chat_template", "lora", "attention"}
     kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
-    fsdp2 = spec.launch.strategy == "fsdp" and spec.fsdp_version == 2
-    if "torch_compile" not in (t.model_extra or {}):
-        # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
-        # benchmark) after a minute or two of compiling. Not with FSDP1's flat parameters or LoRA.
-        kwargs["torch_compile"] = gpu and t.lora is None and (spec.launch.strategy != "fsdp" or fsdp2)
     # Under FSDP2 the recipe checkpoints and compiles each decoder layer itself (hfhpc.recipes.layers).
-    own_layers = fsdp2 and t.lora is None
-    compile_layers = own_layers and bool(kwargs.get("torch_compile"))
-    if own_layers:
-        kwargs["torch_compile"] = False
-    if kwargs.get("torch_compile"):
+    own_layers = spec.per_layer_fsdp
+    # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
+    # benchmark) after a minute or two of compiling. Not with FSDP1's flat parameters or LoRA.
+    compile_model = bool(kwargs.get("torch_compile", gpu and t.lora is None and (spec.launch.strategy != "fsdp" or own_layers)))
+    compile_layers = own_layers and compile_model
+    kwargs["torch_compile"] = compile_model and not own_layers
+    if kwargs["torch_compile"]:
         # accelerate launch passes dynamic=False to the ranks: every new packed length would be compiled
         # again. Unset, torch compiles the changing dimensions dynamically after seeing them change.
         os.environ.pop("ACCELERATE_DYNAMO_USE_DYNAMIC", None)
