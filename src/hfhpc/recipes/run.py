@@ -21,7 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     # (while Python shuts down, its handlers are gone and the default action kills).
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    _close_process_groups()
     return code
+
+
+def _close_process_groups() -> None:
+    """Shut the ranks' process groups (the recipe's and the stop-signal gloo group) before Python
+    exits: left to interpreter shutdown, their threads can be torn down running and abort the rank
+    ("terminate called without an active exception") after its work is saved."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
