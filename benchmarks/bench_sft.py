@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,6 +163,13 @@ def run(args) -> dict:
     finally:
         serve.terminate()
     run_dir = folder / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a new job, not a resumed one
+    # Every job starts on a "fresh node": empty local compile caches (inductor's and Triton's). Cold:
+    # nothing compiled in the store either; store: the kernels an earlier job left there.
+    local = Path(tempfile.mkdtemp(prefix="node-", dir=root))
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(local / "inductor"), TRITON_CACHE_DIR=str(local / "triton"))
+    if args.compile_cache == "cold":
+        shutil.rmtree(root / "store" / "hfhpc" / "compiled", ignore_errors=True)
     env.update(x.split("=", 1) for x in args.env)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=env)
@@ -232,7 +241,7 @@ def summarize(args, run_dir: Path, t0: float, wall: float) -> dict:
         mfu=round(tps * flops_tok / PEAK_FLOPS, 4), mfu_formula="(6N + 12*L*H*seq) * tokens/s / 989e12",
         step_s_median=round(step_s, 4), peak_mem_gib=max(r.get("peak_mem_gib", 0) for r in steps),
         time_to_first_step_s=round(first["unix_time"] - t0, 1), wall_s=None if wall is None else round(wall, 1),
-        launch=args.launch, env=args.env, **_phases(run_dir),
+        launch=args.launch, env=args.env, compile_cache=args.compile_cache, **_phases(run_dir),
         first_loss=losses[0], last_loss=losses[-1], steps=len(steps),
         versions=versions("torch", "transformers", "trl", "accelerate", "datasets"),
     )
@@ -245,10 +254,11 @@ def _phases(run_dir: Path) -> dict:
     out = {}
     for log in sorted((run_dir / "logs").glob("*.out")):
         text = log.read_text(errors="replace")
-        for key, pattern in (("load_s", r"loaded in ([0-9.]+) s"), ("ready_s", r"ready to train ([0-9.]+) s after start")):
+        for key, pattern in (("load_s", r"loaded in ([0-9.]+) s"), ("ready_s", r"ready to train ([0-9.]+) s after start"),
+                             ("compile_cache_entries", r"compile cache: (\d+) entries from")):
             m = re.search(pattern, text)
             if m:
-                out[key] = float(m.group(1))
+                out[key] = float(m.group(1)) if key.endswith("_s") else int(m.group(1))
     return out
 
 
@@ -300,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--launch", action="append", default=[], metavar="KEY=VALUE", help="one more launch: setting")
     r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable for the job")
     r.add_argument("--stop-after", type=int, default=0, help="end the job after this many logged steps (no final save)")
+    r.add_argument("--compile-cache", choices=("cold", "store"), default="cold",
+                   help="cold: compile from nothing; store: start from the kernels an earlier job kept in the store")
     r.add_argument("--out", default=".")
     c = sub.add_parser("collect", help="merge raw results into benchmarks/results/NAME.json")
     c.add_argument("name")

@@ -51,7 +51,7 @@ for v in "${VARIANTS[@]}"; do
     hfhpc-nocompile) hfhpc --tag nocompile-nockpt --train torch_compile=false ;;
     hfhpc-ckpt-nocompile) hfhpc --tag nocompile-ckpt --ckpt --train torch_compile=false ;;
     hfhpc-fsdp1)   hfhpc --tag fsdp1-ckpt --ckpt --launch fsdp_version=1 ;;
-    hfhpc-warm)    hfhpc --tag ckpt-warm --ckpt ;;            # hfhpc-ckpt again: compiled kernels from the node's cache
+    hfhpc-warm)    hfhpc --tag ckpt-warm --ckpt --compile-cache store ;;  # a new node; the kernels an earlier job kept in the store
     hfhpc-bs16)    hfhpc --tag ckpt-bs16 --ckpt --bs 16 ;;
     hfhpc-keep*)   hfhpc --tag "ckpt-keep${v#hfhpc-keep}" --ckpt --launch "keep_activations=${v#hfhpc-keep}" ;;  # hfhpc-keep6 …
     *) echo "unknown variant $v" ;;

@@ -26,8 +26,8 @@ MODEL_ID = "hfhpc-demo/tiny-chat-mistral"
 DATA_ID = "hfhpc-demo/ultrachat-tiny"
 
 
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hfhpc", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+def _cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hfhpc", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +119,14 @@ def test_sft_on_several_gpus(staged, strategy: str, gpus: int):
     assert losses[-1] < 0.7 * losses[0], losses
     _loads(run_dir)
     if "fsdp" in strategy:
-        # The same job asked for more steps resumes from the sharded checkpoint.
+        # The same job asked for more steps resumes from the sharded checkpoint, on a "node" whose local
+        # compile cache is empty: the compiled layers come from the store.
         root, store = staged
         spec = root / f"{name}.yaml"
         spec.write_text(spec.read_text().replace("max_steps: 30", "max_steps: 40"))
-        again = _cli("--store", str(store), "run", str(spec))
+        again = _cli("--store", str(store), "run", str(spec), env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(root / f"{name}-node")))
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+        if strategy == "fsdp":
+            assert "compile cache: all" in again.stdout and "nothing compiled" in again.stdout, again.stdout[-4000:]
         assert "resuming from" in again.stdout + again.stderr and "checkpoint-30" in again.stdout + again.stderr
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40

@@ -33,16 +33,17 @@ from hfhpc.recipes.common import (
 from hfhpc.store.atomic import atomic_write_json
 
 
-def _cache_root(job: JobFile) -> Path:
-    """Prepared data lives beside the shared store when it is writable, else in the run folder."""
-    root = job.store / "hfhpc" / "prepared"
+def _cache_root(job: JobFile, name: str = "prepared") -> Path:
+    """Prepared data and compiled kernels live beside the shared store when it is writable, else in
+    the run folder."""
+    root = job.store / "hfhpc" / name
     try:
         root.mkdir(parents=True, exist_ok=True)
         if os.access(root, os.W_OK):
             return root
     except OSError:
         pass
-    return job.run_dir / "prepared"
+    return job.run_dir / name
 
 
 def attention_implementation(choice: str, *, packed: bool, max_length: int | None = None) -> str:
@@ -157,6 +158,13 @@ def main(job: JobFile) -> int:
         done = prepare_layers(model, checkpoint=spec.launch.activation_checkpointing,
                               keep=spec.launch.keep_activations, compile=compile_layers)
         log(f"decoder layers: {done['layers']}, {done['checkpointed']} checkpointed, {done['compiled']} compiled")
+    callbacks = trainer_callbacks(job, stop)
+    if compile_model:
+        from hfhpc.recipes import compilecache
+
+        compiled = compilecache.for_job(_cache_root(job, "compiled"), model_id, commit)
+        compiled.load()
+        callbacks.append(compiled.callback())
     peft_config = None
     if t.lora is not None:
         from peft import LoraConfig
@@ -165,7 +173,7 @@ def main(job: JobFile) -> int:
 
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        callbacks=trainer_callbacks(job, stop), peft_config=peft_config,
+        callbacks=callbacks, peft_config=peft_config,
     )
     checkpoint.install(trainer, stop)
     if own_layers:
@@ -191,6 +199,8 @@ def main(job: JobFile) -> int:
 
     # -- save ----------------------------------------------------------------------------------
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    if compile_model:
+        compiled.save_if_new()  # the evaluation's graphs too
     # Scores only: the Trainer's timings (eval_runtime, eval_*_per_second) are not results.
     eval_metrics = {k: v for k, v in eval_metrics.items()
                     if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
