@@ -255,7 +255,9 @@ def _phases(run_dir: Path) -> dict:
     for log in sorted((run_dir / "logs").glob("*.out")):
         text = log.read_text(errors="replace")
         for key, pattern in (("load_s", r"loaded in ([0-9.]+) s"), ("ready_s", r"ready to train ([0-9.]+) s after start"),
-                             ("compile_cache_entries", r"compile cache: (\d+) entries from")):
+                             ("compile_cache_entries", r"compile cache: (\d+) entries"),
+                             ("first_step_s", r"compile: first step ([0-9.]+) s"),
+                             ("compile_s", r"of which ([0-9.]+) s compiling")):
             m = re.search(pattern, text)
             if m:
                 out[key] = float(m.group(1)) if key.endswith("_s") else int(m.group(1))

@@ -119,14 +119,22 @@ def test_sft_on_several_gpus(staged, strategy: str, gpus: int):
     assert losses[-1] < 0.7 * losses[0], losses
     _loads(run_dir)
     if "fsdp" in strategy:
-        # The same job asked for more steps resumes from the sharded checkpoint, on a "node" whose local
-        # compile cache is empty: the compiled layers come from the store.
+        # The same job asked for more steps resumes from the sharded checkpoint.
         root, store = staged
         spec = root / f"{name}.yaml"
         spec.write_text(spec.read_text().replace("max_steps: 30", "max_steps: 40"))
-        again = _cli("--store", str(store), "run", str(spec), env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(root / f"{name}-node")))
+        again = _cli("--store", str(store), "run", str(spec))
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-        if strategy == "fsdp":
-            assert "compile cache: all" in again.stdout and "nothing compiled" in again.stdout, again.stdout[-4000:]
         assert "resuming from" in again.stdout + again.stderr and "checkpoint-30" in again.stdout + again.stderr
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
+    if strategy == "fsdp":
+        # A new job of the same model on a "node" whose local compile cache is empty: the compiled
+        # layers come from the store, nothing is compiled before the first step.
+        root, store = staged
+        fresh = root / f"{name}-fresh.yaml"
+        fresh.write_text((root / f"{name}.yaml").read_text().replace(f"name: {name}", f"name: {name}-fresh")
+                         .replace("max_steps: 40", "max_steps: 2"))
+        fresh.with_suffix(".lock").write_text((root / "base.lock").read_text())
+        out = _cli("--store", str(store), "run", str(fresh), env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(root / f"{name}-node")))
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        assert "compile cache: all" in out.stdout and "nothing compiled" in out.stdout, out.stdout[-4000:]

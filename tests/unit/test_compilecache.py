@@ -1,65 +1,82 @@
 """Compiled kernels kept in the store (hfhpc.recipes.compilecache): the first process compiles and
-writes them; the next, with an empty local compile cache (another node), loads them and compiles nothing."""
+writes them; the next, with an empty local compile cache (another node), loads them and compiles
+nothing; a job of another shape adds its kernels without losing the others."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-# One rank's life: load the store's file, run a compiled layer forward and backward, save what is new.
+# One rank's life: load the store's files, run a compiled layer forward and backward, save what is new.
 WORKER = """
 import sys, torch
 from pathlib import Path
 from hfhpc.recipes.compilecache import CompileCache
-cache = CompileCache(Path(sys.argv[1]), writer=True)
+cache = CompileCache(Path(sys.argv[1]), "torch-cpu-", writer=True)
 cache.load()
-layer = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+width = int(sys.argv[2])
+layer = torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.GELU(), torch.nn.Linear(64, width))
 forward = torch.compile(layer.forward, dynamic=True)
 for rows in (5, 9):
-    forward(torch.randn(rows, 32)).square().sum().backward()
+    forward(torch.randn(rows, width)).square().sum().backward()
 cache.report()
 print("saved", cache.save_if_new())
 """
 
 
-def _rank(path: Path, local_cache: Path) -> str:
+def _rank(folder: Path, local_cache: Path, width: int = 32) -> str:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(local_cache), PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", WORKER, str(path)], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", WORKER, str(folder), str(width)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("*.bin")}
+
+
 @pytest.fixture(scope="module")
-def two_starts(tmp_path_factory: pytest.TempPathFactory):
+def starts(tmp_path_factory: pytest.TempPathFactory):
+    """Four jobs, each on a fresh node: width 32, width 32 again, width 48, width 32 once more."""
     tmp = tmp_path_factory.mktemp("compilecache")
-    path = tmp / "store" / "model@abc" / "torch-cpu.bin"
-    first = _rank(path, tmp / "node1")
-    written = path.read_bytes()
-    again = _rank(path, tmp / "node2")
-    return path, first, written, again
+    folder = tmp / "store" / "model@abc"
+    logs, files = [], []
+    for i, width in enumerate((32, 32, 48, 32)):
+        logs.append(_rank(folder, tmp / f"node{i}", width))
+        files.append(_files(folder))
+    return folder, logs, files
 
 
-def test_first_start_compiles_and_writes_its_kernels_to_the_store(two_starts):
-    path, first, written, _ = two_starts
-    assert "compile cache: none yet" in first
-    assert "graphs compiled" in first and "saved True" in first, first
-    assert len(written) > 0 and not list(path.parent.glob("*.tmp*"))
+def test_first_start_compiles_and_writes_its_kernels_to_the_store(starts):
+    folder, logs, files = starts
+    assert "compile cache: none yet" in logs[0]
+    assert re.search(r"compile: \d+\.\d s compiling", logs[0]) and "graphs compiled" in logs[0], logs[0]
+    assert len(files[0]) == 1 and f"saved {folder}" in logs[0]
+    assert not list(folder.glob("*.tmp*"))
 
 
-def test_next_start_on_an_empty_node_loads_them_and_compiles_nothing(two_starts):
-    path, _, written, again = two_starts
-    assert f"entries from {path}" in again, again
-    assert "nothing compiled" in again and "saved False" in again, again
-    assert path.read_bytes() == written  # nothing new: the file is left as it was
+def test_next_start_on_an_empty_node_loads_them_and_compiles_nothing(starts):
+    folder, logs, files = starts
+    assert re.search(r"compile cache: [1-9]\d* entries \(.*inductor.*\) from 1 file\(s\) in " + re.escape(str(folder)), logs[1]), logs[1]
+    assert "nothing compiled" in logs[1] and "saved None" in logs[1], logs[1]
+    assert files[1] == files[0]  # nothing new: nothing written
+
+
+def test_a_job_of_another_shape_adds_its_kernels_without_losing_the_others(starts):
+    _, logs, files = starts
+    assert "graphs compiled" in logs[2]
+    assert len(files[2]) == 2 and files[0].items() <= files[2].items()  # its own file beside the first
+    assert "nothing compiled" in logs[3] and "saved None" in logs[3], logs[3]
 
 
 def test_a_damaged_file_means_compiling_again_and_replacing_it(tmp_path: Path):
-    path = tmp_path / "torch-cpu.bin"
-    path.write_bytes(b"not a cache")
-    out = _rank(path, tmp_path / "node")
-    assert "is not one this PyTorch reads" in out and "graphs compiled" in out and "saved True" in out, out
-    assert path.read_bytes() != b"not a cache"
+    damaged = tmp_path / "torch-cpu-0000.bin"
+    damaged.write_bytes(b"not a cache")
+    out = _rank(tmp_path, tmp_path / "node")
+    assert "is not one this PyTorch reads: skipped" in out and "graphs compiled" in out, out
+    assert not damaged.exists() and len(_files(tmp_path)) == 1

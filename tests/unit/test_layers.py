@@ -52,3 +52,24 @@ def test_checkpointed_and_compiled_layers_give_the_models_gradients(tiny_mistral
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # evaluation between training steps
         model(input_ids=ids)
+
+
+def test_compiled_layers_take_the_modules_floats_as_constants_not_cpu_tensors(tiny_mistral):
+    """A norm's epsilon or attention's scaling passed as a graph input is a 0-dim CPU tensor: on a GPU
+    the compiled layer then holds a CPU kernel, built by the host's C++ compiler before the first step."""
+    from hfhpc.recipes.layers import prepare_layers
+
+    inputs = []
+
+    def recording(gm, example_inputs):
+        inputs.extend(n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
+        return gm.forward
+
+    torch._dynamo.reset()  # not the layer compiled by the test before
+    model = copy.deepcopy(tiny_mistral)
+    prepare_layers(model, checkpoint=True, compile=True, backend=recording)
+    ids = torch.randint(0, 300, (1, 23))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # as in training
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    assert tensors and any(t.dim() == 2 for t in tensors)  # the weights are inputs
+    assert not [t for t in tensors if t.dim() == 0], "0-dim (float attribute) inputs in the compiled layer"

@@ -8,14 +8,17 @@ Here each rank loads the store's copy into its local cache before the first comp
 a step that compiled anything new, writes what it used back (PyTorch's portable "mega-cache":
 ``torch.compiler.save_cache_artifacts``). Files are per model commit, PyTorch build and GPU, and per
 device index (compiled code names its device); each is written whole by one rank of the first node.
+A job that compiled nothing new writes nothing.
 Nothing is shared through file locks, so any filesystem serves. A file that no longer matches the
 code is ignored by PyTorch (it compiles, and writes a new one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 from hfhpc.recipes.common import log
@@ -37,12 +40,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def cache_file(root: Path, model_id: str, commit: str | None) -> Path:
-    """This rank's file: ``root/<model>@<commit>/torch-<version>-<device>.bin``."""
+def cache_files(root: Path, model_id: str, commit: str | None) -> tuple[Path, str]:
+    """This rank's folder and file-name prefix: ``root/<model>@<commit>/torch-<version>-<device>-``."""
     import torch
 
     model = _slug(model_id.replace("/", "--")) + (f"@{commit[:12]}" if commit else "")
-    return root / model / (_slug(f"torch-{torch.__version__}-{_device_tag()}") + ".bin")
+    return root / model, _slug(f"torch-{torch.__version__}-{_device_tag()}") + "-"
 
 
 def _misses() -> int:
@@ -57,62 +60,99 @@ def _hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
-class CompileCache:
-    """One rank's view of its file in the store. ``load()`` before compiling, ``save_if_new()`` after."""
+def _keys(info) -> frozenset[str]:
+    return frozenset(f"{kind}:{key}" for kind, keys in info.artifacts.items() for key in keys)
 
-    def __init__(self, path: Path, *, writer: bool) -> None:
-        self.path = path
+
+class CompileCache:
+    """One rank's files in the store. ``load()`` before compiling, ``save_if_new()`` after a step.
+
+    Each job that compiles something new adds one file holding everything it used (what it found in
+    the cache and what it compiled); files whose entries are all in the new one are then removed. So
+    jobs of different shapes (another ``max_length``, kept layers) add to the cache, not replace it,
+    and a job that only grew what an earlier one had replaces that file.
+    """
+
+    def __init__(self, folder: Path, prefix: str, *, writer: bool) -> None:
+        self.folder, self.prefix = folder, prefix
         self.writer = writer  # only the first node's ranks write (one per device index)
         self.loaded = 0
+        self._files: dict[Path, frozenset[str]] = {}  # read or written, with their entries
         self._misses_saved = 0
 
     def load(self) -> int:
         """Put the store's kernels into the local cache; the number of entries loaded."""
         import torch
 
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            log(f"compile cache: none yet for this model, PyTorch and GPU ({self.path.name}); this job writes it")
+        files = sorted(self.folder.glob(f"{self.prefix}*.bin"))
+        if not files:
+            log(f"compile cache: none yet for this model, PyTorch and GPU ({self.prefix}*.bin); this job writes it")
             return 0
-        except OSError as e:
-            log(f"compile cache: cannot read {self.path} ({e.strerror}): compiling")
-            return 0
-        info = torch.compiler.load_cache_artifacts(data)
-        if info is None:
-            log(f"compile cache: {self.path} is not one this PyTorch reads: compiling, then replacing it")
-            return 0
-        self.loaded = sum(len(v) for v in vars(info).values() if isinstance(v, list))
-        log(f"compile cache: {self.loaded} entries from {self.path} ({len(data) / 2**20:.1f} MiB)")
+        kinds: dict[str, int] = {}
+        size = 0
+        for path in files:
+            try:
+                data = path.read_bytes()
+            except OSError as e:  # another job's cleanup, or an unreadable file: compile instead
+                log(f"compile cache: cannot read {path} ({e.strerror}): skipped")
+                continue
+            info = torch.compiler.load_cache_artifacts(data)
+            if info is None:
+                log(f"compile cache: {path} is not one this PyTorch reads: skipped (a new file replaces it)")
+                self._files[path] = frozenset()
+                continue
+            self._files[path] = _keys(info)
+            size += len(data)
+            for kind, keys in info.artifacts.items():
+                kinds[kind] = kinds.get(kind, 0) + len(keys)
+        self.loaded = sum(kinds.values())
+        what = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        log(f"compile cache: {self.loaded} entries ({what}) from {len(files)} file(s) in {self.folder} ({size / 2**20:.1f} MiB)")
         return self.loaded
 
-    def save_if_new(self) -> bool:
-        """Write this process's kernels to the store when it compiled something the file lacked."""
+    def save_if_new(self) -> Path | None:
+        """Write this process's kernels to the store when it compiled something new; the file written."""
         import torch
 
         misses = _misses()
         if misses == self._misses_saved:
-            return False
+            return None
         new, hits = misses - self._misses_saved, _hits()
         self._misses_saved = misses
         if not self.writer:
-            return False
+            return None
         result = torch.compiler.save_cache_artifacts()
         if result is None:
-            return False
-        data = result[0]
+            return None
+        data, keys = result[0], _keys(result[1])
+        path = self.folder / f"{self.prefix}{hashlib.sha256(''.join(sorted(keys)).encode()).hexdigest()[:16]}.bin"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.path, data)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
         except OSError as e:
-            log(f"compile cache: cannot write {self.path} ({e.strerror}): the next job compiles again")
-            return False
+            log(f"compile cache: cannot write {path} ({e.strerror}): the next job compiles again")
+            return None
+        for old, old_keys in list(self._files.items()):
+            if old != path and old_keys <= keys:  # everything in it is in the new file
+                old.unlink(missing_ok=True)
+                del self._files[old]
+        self._files[path] = keys
         log(f"compile cache: {new} graphs compiled, {hits} from the cache: saved {len(data) / 2**20:.1f} MiB "
-            f"to {self.path} for the next start")
-        return True
+            f"to {path} for the next start")
+        return path
 
-    def report(self) -> None:
-        """One line after the first step: whether the kernels came from the cache."""
+    def report(self, step_s: float | None = None) -> None:
+        """One line after the first step: how long it took, how much of it was compiling, and whether
+        the kernels came from the cache."""
+        from torch._dynamo.utils import compilation_time_metrics as times
+
+        def total(name: str) -> float:
+            return sum(times.get(name, ()))
+
+        step = f"first step {step_s:.1f} s, of which " if step_s is not None else ""
+        log(f"compile: {step}{total('_compile.compile_inner'):.1f} s compiling (tracing "
+            f"{total('bytecode_tracing'):.1f} s, backend {total('OutputGraph.call_user_compiler'):.1f} s, "
+            f"backward {total('compile_fx.<locals>.bw_compiler'):.1f} s)")
         misses, hits = _misses(), _hits()
         if misses == 0 and hits:
             log(f"compile cache: all {hits} graphs from the cache, nothing compiled")
@@ -126,11 +166,16 @@ class CompileCache:
         class SaveCompiled(TrainerCallback):
             def __init__(self) -> None:
                 self.steps = 0
+                self.t0 = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if self.t0 is None:
+                    self.t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
                 self.steps += 1
                 if self.steps == STEPS_SAVED_AFTER:
-                    cache.report()
+                    cache.report(time.perf_counter() - self.t0 if self.t0 is not None else None)
                     cache.save_if_new()
 
             def on_train_end(self, args, state, control, **kw):
@@ -142,4 +187,4 @@ class CompileCache:
 def for_job(root: Path, model_id: str, commit: str | None) -> CompileCache:
     """This rank's cache. Every rank loads; ranks of the first node write (global rank == local rank)."""
     writer = int(os.environ.get("RANK", "0")) == int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    return CompileCache(cache_file(root, model_id, commit), writer=writer)
+    return CompileCache(*cache_files(root, model_id, commit), writer=writer)

@@ -43,8 +43,22 @@ def _checkpointing_class(cls: type) -> type:
     return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
-def prepare_layers(model: torch.nn.Module, *, checkpoint: bool, keep: int = 0, compile: bool = False) -> dict[str, int]:
+def compile_settings() -> None:
+    """Settings for compiling a model's layers, set once per process before the first compiled call.
+
+    Float attributes of the modules (a norm's epsilon, attention's scaling and dropout) are
+    constants, not graph inputs: as inputs, torch passes them as 0-dim CPU tensors, and the compiled
+    graph then holds a CPU kernel, built with the host's C++ compiler on every node whose local
+    compile cache lacks it (tens of seconds before the first step, and not in the store's cache).
+    """
+    torch._dynamo.config.specialize_float = True
+
+
+def prepare_layers(model: torch.nn.Module, *, checkpoint: bool, keep: int = 0, compile: bool = False,
+                   backend: str | object = "inductor") -> dict[str, int]:
     """Checkpoint all decoder layers but ``keep`` of them (when ``checkpoint``); compile each one's forward."""
+    if compile:
+        compile_settings()
     layers = decoder_layers(model)
     n = len(layers)
     keep = max(0, min(keep, n)) if checkpoint else n
@@ -53,5 +67,5 @@ def prepare_layers(model: torch.nn.Module, *, checkpoint: bool, keep: int = 0, c
         layer.__class__ = _checkpointing_class(type(layer))
         layer.hfhpc_recompute = i not in kept
         if compile:
-            layer.forward = torch.compile(layer.forward, dynamic=True)
+            layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
     return {"layers": n, "checkpointed": n - len(kept), "compiled": n if compile else 0}

@@ -109,6 +109,10 @@ def main(job: JobFile) -> int:
     compile_model = bool(kwargs.get("torch_compile", gpu and t.lora is None and (spec.launch.strategy != "fsdp" or own_layers)))
     compile_layers = own_layers and compile_model
     kwargs["torch_compile"] = compile_model and not own_layers
+    if compile_model:
+        from hfhpc.recipes.layers import compile_settings
+
+        compile_settings()
     if kwargs["torch_compile"]:
         # accelerate launch passes dynamic=False to the ranks: every new packed length would be compiled
         # again. Unset, torch compiles the changing dimensions dynamically after seeing them change.
