@@ -7,10 +7,13 @@ and compiles again — a minute or more for a 7B decoder layer, most of the time
 Here each rank loads the store's copy into its local cache before the first compiled call, and after
 a step that compiled anything new, writes what it used back (PyTorch's portable "mega-cache":
 ``torch.compiler.save_cache_artifacts``). Files are per model commit, PyTorch build and GPU, and per
-device index (compiled code names its device); each is written whole by one rank of the first node.
-A job that compiled nothing new writes nothing.
-Nothing is shared through file locks, so any filesystem serves. A file that no longer matches the
-code is ignored by PyTorch (it compiles, and writes a new one).
+device index (compiled code names its device); each is written whole by one rank of the first node,
+and a job that compiled nothing new writes nothing. Nothing is shared through file locks, so any
+filesystem serves. A file that no longer matches the code is ignored by PyTorch (it compiles, and
+writes a new one).
+
+The files hold code (generated Python and GPU binaries) that every job of the model runs: trust
+them as the store is trusted, like a virtualenv kept on the same filesystem.
 """
 
 from __future__ import annotations
