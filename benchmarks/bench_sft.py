@@ -255,6 +255,7 @@ def _phases(run_dir: Path) -> dict:
     for log in sorted((run_dir / "logs").glob("*.out")):
         text = log.read_text(errors="replace")
         for key, pattern in (("load_s", r"loaded in ([0-9.]+) s"), ("ready_s", r"ready to train ([0-9.]+) s after start"),
+                             ("job_ready_s", r"s after start \(([0-9.]+) s after the job's start"),
                              ("compile_cache_entries", r"compile cache: (\d+) entries"),
                              ("first_step_s", r"compile: first step ([0-9.]+) s"),
                              ("compile_s", r"of which ([0-9.]+) s compiling")):

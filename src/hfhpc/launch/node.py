@@ -342,6 +342,7 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
     cmd = ranks_command(job, topo, port, store)
     launcher = topo.world_size > 1
     env = ranks_environ(job, topo, store, environ)
+    env["HFHPC_NODE_STARTED"] = f"{started:.3f}"  # the ranks log their start-up against it
     cwd = job.spec.base_dir() if job.spec.recipe == "script" else job.run_dir
     log(f"{topo.world_size} rank(s), head {topo.head}:{port}, assets from {store}")
     log("start: " + " ".join(cmd))

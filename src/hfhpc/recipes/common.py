@@ -20,7 +20,28 @@ EXIT_INTERRUPTED = 3
 # Trainer log keys copied into metrics.jsonl (with every numeric eval_* key).
 LOGGED = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-STARTED = time.time()  # about when this rank started: recipes import this module first
+
+
+def _process_start() -> float:
+    """When this process started (Linux: from /proc, so the interpreter's start and imports count);
+    elsewhere, now."""
+    try:  # both in seconds since boot: the process's start, and now
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+STARTED = _process_start()  # this rank's start
+
+
+def job_started() -> float | None:
+    """When the node agent started this job on this node (``HFHPC_NODE_STARTED``), if known."""
+    try:
+        return float(os.environ["HFHPC_NODE_STARTED"])
+    except (KeyError, ValueError):
+        return None
 
 
 def rank() -> int:
@@ -173,7 +194,10 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
-            log(f"ready to train {time.time() - STARTED:.1f} s after start")
+            now = time.time()
+            node = job_started()
+            since_job = f" ({now - node:.1f} s after the job's start on this node)" if node else ""
+            log(f"ready to train {now - STARTED:.1f} s after start{since_job}")
             self.last_step = state.global_step
             stop.agree()  # collective: every rank creates the group at the same point
 
