@@ -142,13 +142,14 @@ def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[
             f"--master-addr={topo.head}", f"--master-port={port}",
             *module, *target,
         ]
-    from hfhpc.launch.accelerate import accelerate_config, layer_class_to_wrap, write_config
+    from hfhpc.launch.accelerate import accelerate_config, is_transformers_model, layer_class_to_wrap, write_config
 
-    model_dir = _model_dir(job, store)
-    layer = layer_class_to_wrap(model_dir) if (model_dir and spec.launch.strategy == "fsdp") else None
+    model_dir = _model_dir(job, store) if spec.launch.strategy == "fsdp" else None
     cfg = accelerate_config(
         spec, num_machines=topo.nodes, num_processes=topo.world_size, machine_rank=topo.node_rank,
-        main_process_ip=topo.head, main_process_port=port, layer_cls=layer,
+        main_process_ip=topo.head, main_process_port=port,
+        layer_cls=layer_class_to_wrap(model_dir) if model_dir else None,
+        transformers_model=bool(model_dir) and is_transformers_model(model_dir),
     )
     cfg_path = write_config(cfg, job.run_dir / "logs" / f"accelerate-node{topo.node_rank}.yaml")
     return [py, "-m", "accelerate.commands.launch", "--config_file", str(cfg_path), *module, *target]
