@@ -29,9 +29,24 @@ print("saved", cache.save_if_new())
 """
 
 
-def _rank(folder: Path, local_cache: Path, width: int = 32) -> str:
+# A job that saves twice: after its first step, and after a graph it compiled later (another shape).
+TWO_SAVES = """
+import sys, torch
+from pathlib import Path
+from hfhpc.recipes.compilecache import CompileCache
+cache = CompileCache(Path(sys.argv[1]), "torch-cpu-", writer=True)
+cache.load()
+for width in (32, 48):
+    layer = torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.GELU(), torch.nn.Linear(64, width))
+    torch.compile(layer.forward, dynamic=False)(torch.randn(5, width)).square().sum().backward()
+    print("saved", cache.save_if_new())
+cache.report()
+"""
+
+
+def _rank(folder: Path, local_cache: Path, width: int = 32, worker: str = WORKER) -> str:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(local_cache), PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", WORKER, str(folder), str(width)], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", worker, str(folder), str(width)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -80,3 +95,12 @@ def test_a_damaged_file_means_compiling_again_and_replacing_it(tmp_path: Path):
     out = _rank(tmp_path, tmp_path / "node")
     assert "is not one this PyTorch reads: skipped" in out and "graphs compiled" in out, out
     assert not damaged.exists() and len(_files(tmp_path)) == 1
+
+
+def test_a_job_that_saves_twice_leaves_a_file_that_loads_whole(tmp_path: Path):
+    # PyTorch appends each save's entries to the process's artifacts as another group per kind and
+    # loads one group per kind: unmerged, the second file loses the first step's kernels.
+    first = _rank(tmp_path, tmp_path / "node0", worker=TWO_SAVES)
+    assert first.count(f"saved {tmp_path}") == 2 and len(_files(tmp_path)) == 1, first
+    again = _rank(tmp_path, tmp_path / "node1", worker=TWO_SAVES)
+    assert "nothing compiled" in again and "saved None" in again and "graphs compiled" not in again, again

@@ -67,6 +67,29 @@ def _keys(info) -> frozenset[str]:
     return frozenset(f"{kind}:{key}" for kind, keys in info.artifacts.items() for key in keys)
 
 
+def _whole(data: bytes) -> tuple[bytes, frozenset[str]] | None:
+    """The process's artifacts as one group per kind, and their keys; None where this PyTorch lacks
+    the (private) serializer this relies on.
+
+    ``save_cache_artifacts`` returns everything since the process started, as one (kind, entries)
+    group per kind per call; ``load_cache_artifacts`` reads the groups into a dict, so a file written
+    by a second save loads only that save's entries of each kind, and the first step's kernels would
+    be lost. Merged, the file loads whole.
+    """
+    try:
+        from torch.compiler._cache import _deserialize_single_cache, _serialize_single_cache
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+    except ImportError:
+        return None
+    merged: dict[str, dict[str, object]] = {}
+    for kind, entries in AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache):
+        for entry in entries:
+            merged.setdefault(kind, {}).setdefault(entry.key, entry)
+    out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+    out.extend((kind, list(entries.values())) for kind, entries in merged.items())
+    return out.to_bytes(), frozenset(f"{kind}:{key}" for kind, entries in merged.items() for key in entries)
+
+
 class CompileCache:
     """One rank's files in the store. ``load()`` before compiling, ``save_if_new()`` after a step.
 
@@ -127,7 +150,9 @@ class CompileCache:
         result = torch.compiler.save_cache_artifacts()
         if result is None:
             return None
-        data, keys = result[0], _keys(result[1])
+        whole = _whole(result[0])
+        # Without the merge, only this file's newest groups would load: keep every older file then.
+        data, keys, replaces = (*whole, True) if whole else (result[0], _keys(result[1]), False)
         path = self.folder / f"{self.prefix}{hashlib.sha256(''.join(sorted(keys)).encode()).hexdigest()[:16]}.bin"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -136,7 +161,7 @@ class CompileCache:
             log(f"compile cache: cannot write {path} ({e.strerror}): the next job compiles again")
             return None
         for old, old_keys in list(self._files.items()):
-            if old != path and old_keys <= keys:  # everything in it is in the new file
+            if replaces and old != path and old_keys <= keys:  # everything in it is in the new file
                 old.unlink(missing_ok=True)
                 del self._files[old]
         self._files[path] = keys
