@@ -104,3 +104,14 @@ def test_a_job_that_saves_twice_leaves_a_file_that_loads_whole(tmp_path: Path):
     assert first.count(f"saved {tmp_path}") == 2 and len(_files(tmp_path)) == 1, first
     again = _rank(tmp_path, tmp_path / "node1", worker=TWO_SAVES)
     assert "nothing compiled" in again and "saved None" in again and "graphs compiled" not in again, again
+
+
+def test_kernels_from_the_nodes_own_cache_reach_the_store(tmp_path: Path):
+    # A node whose local compile cache already has the kernels (an earlier job there, before this
+    # store had any): the job compiles nothing, and still leaves them in the store for other nodes.
+    _rank(tmp_path / "elsewhere", tmp_path / "node0")
+    folder = tmp_path / "store"
+    warm = _rank(folder, tmp_path / "node0")
+    assert "nothing compiled" in warm and f"saved {folder}" in warm, warm
+    fresh = _rank(folder, tmp_path / "node1")
+    assert "nothing compiled" in fresh and "saved None" in fresh, fresh

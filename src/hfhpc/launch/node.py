@@ -174,11 +174,20 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
         # Trainer and accelerate otherwise look for GPUs; with torchrun ranks they use gloo on CPU.
         env["ACCELERATE_USE_CPU"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    elif "CUDA_VISIBLE_DEVICES" not in env:
-        # Outside SLURM nothing limits the GPUs: a one-GPU job that sees eight would get
-        # Trainer's nn.DataParallel. Show the job exactly the GPUs it asked for.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(spec.resources.gpus_per_node))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = visible_gpus(env.get("CUDA_VISIBLE_DEVICES"), spec.resources.gpus_per_node)
     return env
+
+
+def visible_gpus(visible: str | None, wanted: int) -> str:
+    """The GPUs the ranks see: the first ``wanted`` of those this process sees (all of the machine's
+    outside SLURM). A one-GPU job that sees eight would get Trainer's ``nn.DataParallel``; under
+    SLURM the allocation already is what the job asked for."""
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else [str(i) for i in range(wanted)]
+    if len(ids) < wanted:
+        raise SystemExit(f"hfhpc: the job asks for {wanted} GPUs per node and this node shows {len(ids)} "
+                         f"(CUDA_VISIBLE_DEVICES={visible}): lower resources.gpus_per_node or run where more are visible")
+    return ",".join(ids[:wanted])
 
 
 # Stop signals: the ranks finish their step, checkpoint and exit 3. SLURM's time-limit warning

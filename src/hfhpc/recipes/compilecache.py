@@ -5,10 +5,11 @@ node-local folder, ``/tmp`` by default: the next job lands on another node, or o
 and compiles again — a minute or more for a 7B decoder layer, most of the time before its first step.
 
 Here each rank loads the store's copy into its local cache before the first compiled call, and after
-a step that compiled anything new, writes what it used back (PyTorch's portable "mega-cache":
+a step whose kernels the store does not hold yet (compiled now, or found in the node's own cache),
+writes what it used back (PyTorch's portable "mega-cache":
 ``torch.compiler.save_cache_artifacts``). Files are per model commit, PyTorch build and GPU, and per
 device index (compiled code names its device); each is written whole by one rank of the first node,
-and a job that compiled nothing new writes nothing. Nothing is shared through file locks, so any
+and a job that found everything in the store writes nothing. Nothing is shared through file locks, so any
 filesystem serves. A file that no longer matches the code is ignored by PyTorch (it compiles, and
 writes a new one).
 
@@ -104,7 +105,7 @@ class CompileCache:
         self.writer = writer  # only the first node's ranks write (one per device index)
         self.loaded = 0
         self._files: dict[Path, frozenset[str]] = {}  # read or written, with their entries
-        self._misses_saved = 0
+        self._counts_saved = (0, 0)  # graphs compiled, graphs found in a cache, at the last save
 
     def load(self) -> int:
         """Put the store's kernels into the local cache; the number of entries loaded."""
@@ -140,11 +141,11 @@ class CompileCache:
         """Write this process's kernels to the store when it compiled something new; the file written."""
         import torch
 
-        misses = _misses()
-        if misses == self._misses_saved:
+        counts = (_misses(), _hits())
+        if counts == self._counts_saved:  # nothing compiled or looked up since the last save
             return None
-        new, hits = misses - self._misses_saved, _hits()
-        self._misses_saved = misses
+        new = counts[0] - self._counts_saved[0]
+        self._counts_saved = counts
         if not self.writer:
             return None
         result = torch.compiler.save_cache_artifacts()
@@ -153,6 +154,8 @@ class CompileCache:
         whole = _whole(result[0])
         # Without the merge, only this file's newest groups would load: keep every older file then.
         data, keys, replaces = (*whole, True) if whole else (result[0], _keys(result[1]), False)
+        if keys <= frozenset().union(*self._files.values()):
+            return None  # the store's files hold all of it (what came from this node's own cache too)
         path = self.folder / f"{self.prefix}{hashlib.sha256(''.join(sorted(keys)).encode()).hexdigest()[:16]}.bin"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -165,7 +168,7 @@ class CompileCache:
                 old.unlink(missing_ok=True)
                 del self._files[old]
         self._files[path] = keys
-        log(f"compile cache: {new} graphs compiled, {hits} from the cache: saved {len(data) / 2**20:.1f} MiB "
+        log(f"compile cache: {new} graphs compiled, {counts[1]} from the cache: saved {len(data) / 2**20:.1f} MiB "
             f"to {path} for the next start")
         return path
 
