@@ -233,6 +233,23 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
     return [Progress()]
 
 
+def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal):
+    """Train from the newest complete checkpoint, or from the start. The Trainer's result, or None
+    when a stop signal ended training early (with a checkpoint written: the same command resumes)."""
+    from hfhpc.recipes.checkpoint import one_line_errors
+
+    resume = last_checkpoint(run_dir)
+    if resume:
+        log(f"resuming from {resume}")
+    with one_line_errors():
+        result = trainer.train(resume_from_checkpoint=resume)
+    # A signal that came after the last step (during the final save) does not stop the job.
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        log(f"stopped at step {trainer.state.global_step} with a checkpoint: run the same command again to resume")
+        return None
+    return result
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete checkpoint-N (see :mod:`hfhpc.recipes.checkpoint`); newer incomplete or
     corrupt ones are named in a warning and skipped."""

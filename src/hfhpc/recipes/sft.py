@@ -24,8 +24,8 @@ from hfhpc.recipes.common import (
     StopOnSignal,
     cuda_available,
     is_main,
-    last_checkpoint,
     log,
+    train_from_checkpoint,
     trainer_callbacks,
     training_kwargs,
     write_summary,
@@ -190,15 +190,9 @@ def main(job: JobFile) -> int:
             plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)
 
     # -- train ---------------------------------------------------------------------------------
-    resume = last_checkpoint(job.run_dir)
-    if resume:
-        log(f"resuming from {resume}")
     t0 = time.perf_counter()
-    with checkpoint.one_line_errors():
-        result = trainer.train(resume_from_checkpoint=resume)
-    # A signal that came after the last step (during the final save) does not stop the job.
-    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
-        log(f"stopped at step {trainer.state.global_step} with a checkpoint: run the same command again to resume")
+    result = train_from_checkpoint(trainer, job.run_dir, stop)
+    if result is None:
         return EXIT_INTERRUPTED
 
     # -- save ----------------------------------------------------------------------------------
