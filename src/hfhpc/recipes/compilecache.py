@@ -9,9 +9,9 @@ a step whose kernels the store does not hold yet (compiled now, or found in the 
 writes what it used back (PyTorch's portable "mega-cache":
 ``torch.compiler.save_cache_artifacts``). Files are per model commit, PyTorch build and GPU, and per
 device index (compiled code names its device); each is written whole by one rank of the first node,
-and a job that found everything in the store writes nothing. Nothing is shared through file locks, so any
-filesystem serves. A file that no longer matches the code is ignored by PyTorch (it compiles, and
-writes a new one).
+and a job that found everything in the store writes nothing. Nothing is shared through file locks,
+so any filesystem serves. A file that no longer matches the code is ignored by PyTorch (it
+compiles, and writes a new one).
 
 The files hold code (generated Python and GPU binaries) that every job of the model runs: trust
 them as the store is trusted, like a virtualenv kept on the same filesystem.
@@ -138,7 +138,7 @@ class CompileCache:
         return self.loaded
 
     def save_if_new(self) -> Path | None:
-        """Write this process's kernels to the store when it compiled something new; the file written."""
+        """Write this process's kernels to the store unless its files hold them all; the file written."""
         import torch
 
         counts = (_misses(), _hits())
