@@ -23,7 +23,7 @@ from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store.cache import snapshot_dir
 from hfhpc.store.layout import read_ref
 from hfhpc.store.lock import LockedAsset, load_lock
-from hfhpc.store.prepare import dataset_cache_dir, metric_module_dir
+from hfhpc.store.prepare import metric_module_dir
 from hfhpc.store.stage import requests_from_spec
 from hfhpc.store.verify import Problem, VerifyCache, stage_command, verify_asset
 

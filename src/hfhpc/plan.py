@@ -882,9 +882,7 @@ def dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) 
     key = cache_key(dataset_id=dref.id, commit=files.dataset_commit, config=dref.config, split=dref.split,
                     tokenizer_commit=files.model_commit, template=template, assistant_only=assistant_only,
                     max_samples=dref.max_samples)
-    try:
-        import pyarrow  # noqa: F401 - the datasets library's Arrow reader; absent on a bare login venv
-    except ImportError:
+    if importlib.util.find_spec("pyarrow") is None:  # the datasets library's Arrow reader; absent on a bare login venv
         return None, "unknown: counting tokens needs pyarrow (install the `train` extra on the login node)"
     for root in (Path(store) / "hfhpc" / "prepared", spec.run_dir() / "prepared"):
         if (root / key / "dataset_info.json").is_file():

@@ -7,7 +7,6 @@ the FSDP plugin built from it: both are checked here, as accelerate itself build
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -130,7 +130,7 @@ def main(job: JobFile) -> int:
 
     # -- train -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    result = train_from_checkpoint(trainer, job.run_dir, stop)
+    result, resumed_from = train_from_checkpoint(trainer, job.run_dir, stop)
     if result is None:
         return EXIT_INTERRUPTED
     train_seconds = time.perf_counter() - t0
@@ -157,7 +157,7 @@ def main(job: JobFile) -> int:
         "epochs": trainer.state.epoch,
         "labels": names,
         "model_dir": str(out),
-        "resumed_from": resume,
+        "resumed_from": resumed_from,
         "world_size": args.world_size,
     })
     log("done: model in " + str(out) + "".join(f", {k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))

@@ -233,9 +233,10 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
     return [Progress()]
 
 
-def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal):
-    """Train from the newest complete checkpoint, or from the start. The Trainer's result, or None
-    when a stop signal ended training early (with a checkpoint written: the same command resumes)."""
+def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal) -> tuple[Any, str | None]:
+    """Train from the newest complete checkpoint, or from the start. Returns the Trainer's result
+    (None when a stop signal ended training early, with a checkpoint written: the same command
+    resumes) and the checkpoint it resumed from."""
     from hfhpc.recipes.checkpoint import one_line_errors
 
     resume = last_checkpoint(run_dir)
@@ -246,8 +247,8 @@ def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal):
     # A signal that came after the last step (during the final save) does not stop the job.
     if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
         log(f"stopped at step {trainer.state.global_step} with a checkpoint: run the same command again to resume")
-        return None
-    return result
+        return None, resume
+    return result, resume
 
 
 def last_checkpoint(run_dir: Path) -> str | None:

@@ -191,7 +191,7 @@ def main(job: JobFile) -> int:
 
     # -- train ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    result = train_from_checkpoint(trainer, job.run_dir, stop)
+    result, resumed_from = train_from_checkpoint(trainer, job.run_dir, stop)
     if result is None:
         return EXIT_INTERRUPTED
 
@@ -219,7 +219,7 @@ def main(job: JobFile) -> int:
         "train_seconds": round(time.perf_counter() - t0, 2),
         "eval": eval_metrics,
         "model_dir": str(out),
-        "resumed_from": resume,
+        "resumed_from": resumed_from,
         "world_size": args.world_size,
         "assistant_only_loss": assistant_only,
     })

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfhpc import env as hfenv
-from hfhpc.errors import HfhpcError
 from hfhpc.spec import JobSpec
 from hfhpc.store import fetch
 from hfhpc.store.cache import blob_path, read_tree
 from hfhpc.store.fetch import AssetRequest, Progress, StagedAsset
-from hfhpc.store.lock import LockedAsset, LockedFile, Lockfile, load_lock
+from hfhpc.store.lock import LockedAsset, LockedFile, load_lock
 from hfhpc.store.verify import VerifyCache, verify_file
 
 
