@@ -64,8 +64,9 @@ def _hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
-def _keys(info) -> frozenset[str]:
-    return frozenset(f"{kind}:{key}" for kind, keys in info.artifacts.items() for key in keys)
+def _keys(groups) -> frozenset[str]:
+    """``kind:key`` of every entry, from a mapping of kind to its entries' keys."""
+    return frozenset(f"{kind}:{key}" for kind, keys in groups.items() for key in keys)
 
 
 def _whole(data: bytes) -> tuple[bytes, frozenset[str]] | None:
@@ -88,16 +89,16 @@ def _whole(data: bytes) -> tuple[bytes, frozenset[str]] | None:
             merged.setdefault(kind, {}).setdefault(entry.key, entry)
     out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
     out.extend((kind, list(entries.values())) for kind, entries in merged.items())
-    return out.to_bytes(), frozenset(f"{kind}:{key}" for kind, entries in merged.items() for key in entries)
+    return out.to_bytes(), _keys(merged)
 
 
 class CompileCache:
     """One rank's files in the store. ``load()`` before compiling, ``save_if_new()`` after a step.
 
-    Each job that compiles something new adds one file holding everything it used (what it found in
-    the cache and what it compiled); files whose entries are all in the new one are then removed. So
-    jobs of different shapes (another ``max_length``, kept layers) add to the cache, not replace it,
-    and a job that only grew what an earlier one had replaces that file.
+    Each job whose kernels the store's files lack adds one file holding everything it used (what it
+    found in a cache and what it compiled); files whose entries are all in the new one are then
+    removed. So jobs of different shapes (another ``max_length``, kept layers) add to the cache, not
+    replace it, and a job that only grew what an earlier one had replaces that file.
     """
 
     def __init__(self, folder: Path, prefix: str, *, writer: bool) -> None:
@@ -128,7 +129,7 @@ class CompileCache:
                 log(f"compile cache: {path} is not one this PyTorch reads: skipped (a new file replaces it)")
                 self._files[path] = frozenset()
                 continue
-            self._files[path] = _keys(info)
+            self._files[path] = _keys(info.artifacts)
             size += len(data)
             for kind, keys in info.artifacts.items():
                 kinds[kind] = kinds.get(kind, 0) + len(keys)
@@ -153,7 +154,7 @@ class CompileCache:
             return None
         whole = _whole(result[0])
         # Without the merge, only this file's newest groups would load: keep every older file then.
-        data, keys, replaces = (*whole, True) if whole else (result[0], _keys(result[1]), False)
+        data, keys, replaces = (*whole, True) if whole else (result[0], _keys(result[1].artifacts), False)
         if keys <= frozenset().union(*self._files.values()):
             return None  # the store's files hold all of it (what came from this node's own cache too)
         path = self.folder / f"{self.prefix}{hashlib.sha256(''.join(sorted(keys)).encode()).hexdigest()[:16]}.bin"
