@@ -156,3 +156,35 @@ class JobFailedError(HfhpcError):
     def __init__(self, message: str, fix: str | None = None, exit_code: int = EXIT_FAILED):
         super().__init__(message, fix)
         self.exit_code = exit_code
+
+
+class NonFiniteLossError(HfhpcError):
+    """Training produced a NaN or infinite loss (or gradient norm): stopped before saving such weights."""
+
+    def __init__(self, step: int, what: str = "loss"):
+        self.step, self.what = step, what
+        super().__init__(
+            f"the {what} became NaN or infinite at step {step}: training stopped, nothing from this step on was saved",
+            "lower train.learning_rate (or set train.max_grad_norm), then start over with `hfhpc run SPEC --fresh` "
+            "or resume from the last checkpoint with `hfhpc run SPEC`",
+        )
+
+
+class RunLockedError(HfhpcError):
+    """Another process is using the run folder."""
+
+    def __init__(self, run_dir: str, owner: str):
+        self.run_dir, self.owner = run_dir, owner
+        super().__init__(f"{run_dir} is in use by {owner}",
+                         "wait for that run to finish, or give the spec another output_dir")
+
+
+class RunDiffersError(UsageError):
+    """The spec or lockfile no longer matches the job the run folder holds."""
+
+    def __init__(self, run_dir: str, keys: list[str], command: str):
+        self.run_dir, self.keys = run_dir, keys
+        super().__init__(
+            f"{run_dir} holds a run of a different job ({', '.join(keys)} changed since its job.json)",
+            f"`{command} --fresh` starts over in a new folder, or restore the spec and lockfile to resume this run",
+        )

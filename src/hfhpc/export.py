@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfhpc.errors import HfhpcError
-from hfhpc.recipes.checkpoint import MARKER, last_complete, problem, step_of
+from hfhpc.run.checkpoints import MARKER, last_complete, problem, step_of
+from hfhpc.run.paths import RunDir
 from hfhpc.store.atomic import fsync_dir
 
 FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"
@@ -55,18 +56,18 @@ def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
     """The checkpoint to export: ``which`` (a step, a folder name or a path), else the newest complete one."""
     run_dir = Path(run_dir)
     if which is None:
-        found = last_complete(run_dir)
+        found = last_complete(run_dir, verify=True)
         if found is None:
             raise ExportError(f"{run_dir} has no complete checkpoint", "train first, or name a folder with --checkpoint")
         return found.path
     path = Path(which)
     if which.isdigit():
-        path = run_dir / f"checkpoint-{which}"
+        path = RunDir(run_dir).checkpoint(int(which))
     elif not path.is_absolute() and not path.exists():
         path = run_dir / which
     if not path.is_dir():
         raise ExportError(f"no checkpoint folder {path}", f"list {run_dir} for the checkpoint-N folders it has")
-    why = problem(path) if step_of(path) is not None else None
+    why = problem(path, verify=True) if step_of(path) is not None else None
     if why:
         raise ExportError(f"{path} is not a complete checkpoint: {why}", "export an older, complete checkpoint instead")
     return path
@@ -93,7 +94,7 @@ def _is_model_file(name: str) -> bool:
 
 def _base_model_dir(run_dir: Path) -> Path | None:
     """The pinned base model's snapshot in the store, from the run's job.json."""
-    from hfhpc.launch.jobfile import load_job
+    from hfhpc.run.jobfile import load_job
     from hfhpc.store.layout import snapshot_dir
 
     try:
@@ -145,7 +146,7 @@ def export_checkpoint(run_dir: Path, *, checkpoint: str | None = None, output: P
     run_dir = Path(run_dir).absolute()
     ckpt = find_checkpoint(run_dir, checkpoint)
     fmt = source_format(ckpt)
-    out = Path(output).absolute() if output else run_dir / "export" / ckpt.name
+    out = Path(output).absolute() if output else RunDir(run_dir).export / ckpt.name
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists", "pass --overwrite, or choose another folder with -o")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1082,11 +1082,13 @@ def schedule(p: PlanInputs, data: DatasetTokens | None, tp: Throughput, *, epoch
     total_s = startup_s + train_s + saves * save_s
 
     def allocations(limit_s: float) -> int:
-        # Every allocation pays the start-up and stops at SLURM's warning signal to checkpoint.
-        usable = limit_s - startup_s - max(signal_delay_s, save_s)
-        if usable <= 0:
-            return 10**6
-        return max(1, math.ceil((train_s + saves * save_s) / usable))
+        # Every allocation pays the start-up and stops at SLURM's warning signal to checkpoint: the
+        # first is a requeued one that starts from nothing (hfhpc.run.progress, as status and report).
+        from hfhpc.run.progress import allocations_left
+
+        more = allocations_left(train_s + saves * save_s, time_limit_s=limit_s, used_s=startup_s,
+                                signal_delay_s=max(signal_delay_s, save_s), restart_s=startup_s).more
+        return 10**6 if more is None else 1 + more
 
     needed = total_s * TIME_MARGIN
     limit_s = next((h * 3600 for h in TIME_LIMITS_H if needed <= h * 3600), TIME_LIMITS_H[-1] * 3600)
@@ -1117,7 +1119,7 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     if spec.recipe != "sft":
         raise UsageError(f"plan estimates fine-tuning (recipe: sft); this spec's recipe is {spec.recipe!r}",
                          "size inference jobs by the model's weights (2 bytes per parameter in bf16)")
-    from hfhpc.launch.sbatch import signal_delay_s
+    from hfhpc.run.checkpoints import signal_delay_s
 
     files = job_files(spec, store)
     if model_config is not None:

@@ -15,22 +15,22 @@ from the run's model config, s = ``train.max_length``, and the peak of ``resourc
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import math
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hfhpc.errors import HfhpcError
+from hfhpc.run.paths import RunDir
+from hfhpc.run.progress import DEFAULT_RESTART_S, allocations_left, read_metrics, read_progress
 
-METRICS_FILE = "metrics.jsonl"
-REPORT_FILE = "report.html"
-DEFAULT_RESTART_S = 300.0  # launch, model load and resume of a requeued allocation (assumed)
+if TYPE_CHECKING:
+    from hfhpc.run.jobfile import JobFile
+    from hfhpc.spec import JobSpec
 
 
 # -- reading a run -------------------------------------------------------------------------------
@@ -41,16 +41,16 @@ class RunData:
     rows: list[dict]
     summary: dict | None
     eval: dict | None
-    job: dict | None
+    job: JobFile | None
     sbatch: str | None
 
     @property
-    def spec(self) -> dict:
-        return (self.job or {}).get("spec") or {}
+    def spec(self) -> JobSpec | None:
+        return self.job.spec if self.job else None
 
     @property
     def name(self) -> str:
-        return str((self.summary or {}).get("name") or self.spec.get("name") or self.run_dir.name)
+        return str((self.summary or {}).get("name") or (self.spec.name if self.spec else None) or self.run_dir.name)
 
     @property
     def finished(self) -> bool:
@@ -65,37 +65,26 @@ def _json_file(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Every line of ``metrics.jsonl`` that is a JSON object; a line cut short by a writer is skipped."""
-    rows = []
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    for line in text.splitlines():
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and isinstance(value.get("step"), (int, float)):
-            rows.append(value)
-    return rows
-
-
 def load_run(run_dir: Path) -> RunData:
-    run_dir = Path(run_dir).absolute()
-    if not run_dir.is_dir():
-        raise HfhpcError(f"{run_dir} is not a folder", "give a run folder (a spec's output_dir)")
-    rows = read_metrics(run_dir / METRICS_FILE)
-    summary = _json_file(run_dir / "summary.json")
+    from hfhpc.run.jobfile import load_job
+
+    paths = RunDir(Path(run_dir).absolute())
+    if not paths.root.is_dir():
+        raise HfhpcError(f"{paths.root} is not a folder", "give a run folder (a spec's output_dir)")
+    rows = read_metrics(paths.root)
+    summary = _json_file(paths.summary)
     if not rows and summary is None:
-        raise HfhpcError(f"{run_dir} has neither {METRICS_FILE} nor summary.json",
+        raise HfhpcError(f"{paths.root} has neither {paths.METRICS} nor {paths.SUMMARY}",
                          "give the run folder of a job that has started training (`hfhpc status` lists them)")
     try:
-        sbatch: str | None = (run_dir / "job.sbatch").read_text()
+        sbatch: str | None = paths.sbatch.read_text()
     except OSError:
         sbatch = None
-    return RunData(run_dir, rows, summary, _json_file(run_dir / "eval.json"), _json_file(run_dir / "job.json"), sbatch)
+    try:
+        job: JobFile | None = load_job(paths.root)
+    except HfhpcError:
+        job = None  # a run folder copied without its job file still has plots
+    return RunData(paths.root, rows, summary, _json_file(paths.eval), job, sbatch)
 
 
 def _num(value: Any) -> float | None:
@@ -139,14 +128,13 @@ def model_config_path(run: RunData) -> tuple[Path | None, str]:
     """The config.json of the run's model: the staged snapshot job.json names, else ``model/``."""
     from hfhpc.store.layout import snapshot_dir
 
-    job, spec = run.job or {}, run.spec
-    model_id = (spec.get("model") or {}).get("id")
-    for asset in job.get("assets") or []:
-        if asset.get("kind") == "model" and asset.get("id") == model_id and job.get("store"):
-            path = snapshot_dir(Path(job["store"]), "model", model_id, asset["commit"]) / "config.json"
-            if path.is_file():
-                return path, f"config.json of {model_id}@{asset['commit'][:8]}"
-    final = run.run_dir / "model" / "config.json"
+    job = run.job
+    if job is not None and job.spec.model is not None and job.model_commit:
+        model_id = job.spec.model.id
+        path = snapshot_dir(job.store, "model", model_id, job.model_commit) / "config.json"
+        if path.is_file():
+            return path, f"config.json of {model_id}@{job.model_commit[:8]}"
+    final = RunDir(run.run_dir).model / "config.json"
     if final.is_file():
         return final, "config.json of the run's final model"
     return None, "the model's config.json is not reachable from here"
@@ -163,19 +151,20 @@ def mfu_basis(run: RunData) -> tuple[MfuBasis | None, str]:
         shape = ModelShape.from_config(read_model_config(path), str(path))
     except HfhpcError as e:
         return None, f"MFU not computed: {e.message}"
-    train, res = run.spec.get("train") or {}, run.spec.get("resources") or {}
-    seq = int(train.get("max_length") or 1024)
-    lora = train.get("lora") is not None
-    world = int((run.summary or {}).get("world_size") or 0) or (
-        int(res.get("nodes") or 1) * int(res.get("procs_per_node") or res.get("gpus_per_node") or 1))
-    kind = GPUS.get(gpu_kind_of(str(res.get("gpu_type") or "")) or "h100")
+    if run.spec is None:
+        return None, f"MFU not computed: no readable {RunDir.JOB}"
+    train, res = run.spec.train, run.spec.resources
+    seq = int(train.max_length or 1024)
+    lora = train.lora is not None
+    world = int((run.summary or {}).get("world_size") or 0) or res.nodes * res.procs
+    kind = GPUS.get(gpu_kind_of(res.gpu_type or "") or "h100")
     assert kind is not None
     flops = shape.flops_per_token(seq, trainable_weights=not lora)
     n = f"{shape.params / 1e9:.2f}B" if shape.params >= 1e8 else f"{shape.params:,}"
     text = (f"MFU = tokens/s per GPU × ({'4' if lora else '6'}·N + 12·L·h·s) / {kind.bf16_tflops:.0f} TFLOP/s "
             f"({kind.label} bf16 dense); N = {n} from the {where}, L = {shape.layers}, h = {shape.hidden}, s = {seq}, "
             f"{world} GPU{'s' if world > 1 else ''}")
-    if not int(res.get("gpus_per_node") or 0):
+    if not res.gpus_per_node:
         text += "; this run used CPUs: shown against the GPU peak for scale only"
     return MfuBasis(flops, kind.bf16_tflops * 1e12, world, text), text
 
@@ -227,7 +216,8 @@ def _empty(ax, message: str) -> None:
 
 
 def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
-    """loss.png, learning_rate.png, throughput.png, mfu.png (and grad_norm.png when logged)."""
+    """The :data:`~hfhpc.run.paths.PLOTS`: loss, learning rate, throughput, MFU (and the gradient norm
+    when logged), one PNG each."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, restarts = run.rows, restart_steps(run.rows)
     plots: dict[str, Path] = {}
@@ -241,7 +231,7 @@ def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
         ax.plot(ex, ey, color=COLORS["eval"], marker="s", markersize=6, linestyle="--", linewidth=1.2, label="eval")
     if not (xs or ex):
         _empty(ax, "no loss logged yet")
-    plots["loss"] = _finish(fig, ax, out_dir / "loss.png", restarts)
+    plots["loss"] = _finish(fig, ax, RunDir.plot(out_dir, "loss"), restarts)
 
     fig, ax = _figure("Learning rate", "learning rate")
     xs, ys = series(rows, "learning_rate")
@@ -250,7 +240,7 @@ def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     else:
         _empty(ax, "no learning rate logged")
-    plots["learning_rate"] = _finish(fig, ax, out_dir / "learning_rate.png", restarts)
+    plots["learning_rate"] = _finish(fig, ax, RunDir.plot(out_dir, "learning_rate"), restarts)
 
     fig, ax = _figure("Throughput (all GPUs)", "tokens / s")
     xs, ys = series(rows, "tokens_per_s")
@@ -261,7 +251,7 @@ def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
         ax.set_ylim(bottom=0)
     else:
         _empty(ax, "no tokens/s logged (it needs num_tokens from TRL)")
-    plots["throughput"] = _finish(fig, ax, out_dir / "throughput.png", restarts)
+    plots["throughput"] = _finish(fig, ax, RunDir.plot(out_dir, "throughput"), restarts)
 
     basis, why = mfu_basis(run)
     fig, ax = _figure("Model FLOPs utilisation per GPU", "MFU (%)")
@@ -271,13 +261,13 @@ def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
         ax.set_ylim(bottom=0)
     else:
         _empty(ax, why if basis is None else "no tokens/s logged")
-    plots["mfu"] = _finish(fig, ax, out_dir / "mfu.png", restarts, note=why)
+    plots["mfu"] = _finish(fig, ax, RunDir.plot(out_dir, "mfu"), restarts, note=why)
 
     gx, gy = series(rows, "grad_norm")
     if gx:
         fig, ax = _figure("Gradient norm (before clipping)", "grad norm")
         ax.plot(gx, gy, color=COLORS["grad"], linewidth=1.2)
-        plots["grad_norm"] = _finish(fig, ax, out_dir / "grad_norm.png", restarts)
+        plots["grad_norm"] = _finish(fig, ax, RunDir.plot(out_dir, "grad_norm"), restarts)
     return plots
 
 
@@ -318,56 +308,36 @@ def eta_report(run_dir: Path, time_limit_s: float, *, elapsed_s: float | None = 
 
     ``elapsed_s`` is the time used in the current allocation (SLURM's RunTime; default: the last
     logged ``elapsed_s``, which starts when training starts). The job stops ``signal_delay_s`` before
-    each limit to checkpoint (default: what its sbatch script asks for), and every further
-    allocation spends ``restart_s`` loading before it trains again.
+    each limit to checkpoint (default: what its job file records), and every further allocation
+    spends ``restart_s`` loading before it trains again: :func:`hfhpc.run.progress.allocations_left`,
+    the same forecast as ``hfhpc status``'s.
     """
-    from hfhpc.launch.jobs import read_progress
+    from hfhpc.run.jobfile import warning_s_of
 
     progress = read_progress(Path(run_dir))
     if progress is None:
         return EtaReport(0, None, None, None, elapsed_s, None, None, None, None)
     if signal_delay_s is None:
-        signal_delay_s = _signal_delay(Path(run_dir), time_limit_s)
+        signal_delay_s = warning_s_of(Path(run_dir))
     used = elapsed_s if elapsed_s is not None else progress.elapsed_s
     remaining = progress.eta_s
-    time_left = max(0.0, time_limit_s - (used or 0.0) - signal_delay_s) if time_limit_s else None
-    if remaining is None or time_left is None:
-        return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
-                         None, None, None)
-    if remaining <= time_left:
-        return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
-                         True, 0, None)
-    per_allocation = time_limit_s - signal_delay_s - restart_s
-    if per_allocation <= 0:
+    base = (progress.step, progress.max_steps, progress.seconds_per_step, remaining, used)
+    if remaining is None or not time_limit_s:
+        left = max(0.0, time_limit_s - (used or 0.0) - signal_delay_s) if time_limit_s else None
+        return EtaReport(*base, left, None, None, None)
+    found = allocations_left(remaining, time_limit_s=time_limit_s, used_s=used or 0.0,
+                             signal_delay_s=signal_delay_s, restart_s=restart_s)
+    if found.more == 0:
+        return EtaReport(*base, found.time_left_s, True, 0, None)
+    if found.more is None:
         warning = (f"The time limit ({time_limit_s:.0f} s) leaves no time to train after a requeue: "
                    "raise resources.time")
-        return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
-                         False, None, warning)
-    requeues = math.ceil((remaining - time_left) / per_allocation)
-    warning = (f"The run will not finish in this allocation: about {requeues} more allocation"
-               f"{'s' if requeues > 1 else ''} (requeue{'s' if requeues > 1 else ''}) of {time_limit_s / 3600:.1f} h; "
+        return EtaReport(*base, found.time_left_s, False, None, warning)
+    n = found.more
+    warning = (f"The run will not finish in this allocation: about {n} more allocation"
+               f"{'s' if n > 1 else ''} (requeue{'s' if n > 1 else ''}) of {time_limit_s / 3600:.1f} h; "
                "the job checkpoints and requeues itself before each limit, and a longer resources.time needs fewer")
-    return EtaReport(progress.step, progress.max_steps, progress.seconds_per_step, remaining, used, time_left,
-                     False, requeues, warning)
-
-
-def _signal_delay(run_dir: Path, time_limit_s: float) -> float:
-    """The SIGUSR1 delay of the run's sbatch script (its --signal line, else the spec in job.json),
-    else SLURM's default of 0."""
-    with contextlib.suppress(OSError):
-        found = re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", (run_dir / "job.sbatch").read_text(), re.M)
-        if found:
-            return float(found.group(1))
-    job = _json_file(run_dir / "job.json")
-    if not job or not isinstance(job.get("spec"), dict):
-        return 0.0
-    from hfhpc.launch.sbatch import signal_delay_s
-    from hfhpc.spec import parse_spec
-
-    try:
-        return float(signal_delay_s(parse_spec(job["spec"])))
-    except HfhpcError:
-        return 0.0
+    return EtaReport(*base, found.time_left_s, False, n, warning)
 
 
 # -- HTML ----------------------------------------------------------------------------------------------
@@ -450,11 +420,11 @@ def render_html(run: RunData, plots: dict[str, Path], *, eta: EtaReport | None =
     import yaml
 
     basis, why = mfu_basis(run)
-    spec = run.spec
-    model = (spec.get("model") or {}).get("id", "?")
-    dataset = (spec.get("dataset") or {}).get("id")
-    created = (run.job or {}).get("created", "")
-    sub = " · ".join(html.escape(x) for x in [spec.get("recipe", ""), model, dataset or "", str(run.run_dir), created] if x)
+    spec, job = run.spec, run.job
+    model = spec.model.id if spec and spec.model else "?"
+    dataset = spec.dataset.id if spec and spec.dataset else None
+    created = job.created if job else ""
+    sub = " · ".join(html.escape(x) for x in [spec.recipe if spec else "", model, dataset or "", str(run.run_dir), created] if x)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(run.name)} · hfhpc report</title><style>{CSS}</style></head><body><main>",
@@ -477,15 +447,15 @@ def render_html(run: RunData, plots: dict[str, Path], *, eta: EtaReport | None =
         parts.append("<h2>Summary</h2>" + _table(flat))
     if run.eval:
         parts.append("<h2>Evaluation (eval.json)</h2>" + _table(run.eval))
-    if spec:
-        source = (run.job or {}).get("spec_path")
-        note = f"<p class='muted'>as resolved in job.json{' from ' + html.escape(source) if source else ''}</p>"
-        parts.append("<h2>Spec</h2>" + note + f"<pre>{html.escape(yaml.safe_dump(spec, sort_keys=False))}</pre>")
-        assets = (run.job or {}).get("assets") or []
-        if assets:
-            parts.append(_table({f"{a.get('kind')} {a.get('id')}": f"{a.get('revision')} → {a.get('commit')}" for a in assets}))
+    if job is not None:
+        source = job.spec_path
+        note = f"<p class='muted'>as resolved in {RunDir.JOB}{' from ' + html.escape(source) if source else ''}</p>"
+        dumped = yaml.safe_dump(job.spec.model_dump(mode="json"), sort_keys=False)
+        parts.append("<h2>Spec</h2>" + note + f"<pre>{html.escape(dumped)}</pre>")
+        if job.assets:
+            parts.append(_table({f"{a.kind} {a.id}": f"{a.revision} → {a.commit}" for a in job.assets}))
     if run.sbatch:
-        parts.append(f"<h2>job.sbatch</h2><pre>{html.escape(run.sbatch)}</pre>")
+        parts.append(f"<h2>{RunDir.SBATCH}</h2><pre>{html.escape(run.sbatch)}</pre>")
     parts.append("<p class='muted'>written by hfhpc report</p></main></body></html>")
     return "\n".join(parts)
 
@@ -505,14 +475,8 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Report:
     out = Path(out_dir) if out_dir is not None else run.run_dir
     plots = render_plots(run, out)
     eta = None
-    limit = (run.spec.get("resources") or {}).get("time")
-    if not run.finished and limit:
-        from hfhpc.spec import parse_slurm_time
-
-        try:
-            eta = eta_report(run.run_dir, parse_slurm_time(str(limit)))
-        except ValueError:
-            eta = None
-    page = out / REPORT_FILE
+    if not run.finished and run.spec is not None:
+        eta = eta_report(run.run_dir, run.spec.resources.time_s)
+    page = RunDir(out).report
     atomic_write_text(page, render_html(run, plots, eta=eta))
     return Report(page, plots, eta)

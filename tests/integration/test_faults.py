@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from hfhpc.demo.build import CHAT_DATASET_ID, MODEL_ID
-from hfhpc.recipes import checkpoint as ck
+from hfhpc.run import checkpoints as ck
 from tests.conftest import hfhpc, offline_python
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,8 @@ from pathlib import Path
 
 import trl
 
-from hfhpc.recipes import checkpoint, run
+from hfhpc.recipes import run
+from hfhpc.run import checkpoints
 
 run_dir = Path(sys.argv[1])
 rank = int(os.environ.get("RANK", "0"))
@@ -83,14 +84,14 @@ trl.SFTTrainer.training_step = training_step
 
 if fault == "kill-in-save":
     # SIGKILL when the staged checkpoint of step FAULT_STEP is fully written, just before its marker.
-    original_marker = checkpoint.write_marker
+    original_marker = checkpoints.write_marker
 
     def write_marker(folder, step, **fields):
         if step == at:
             os.kill(os.getpid(), signal.SIGKILL)
         return original_marker(folder, step, **fields)
 
-    checkpoint.write_marker = write_marker
+    checkpoints.write_marker = write_marker
 
 sys.exit(run.main([str(run_dir)]))
 '''

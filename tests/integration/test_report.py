@@ -200,9 +200,10 @@ def test_eta_of_a_requeued_run_that_needs_more_allocations(tmp_path: Path):
     rows += [{"step": 300 + s, "max_steps": 1000, "loss": 2.5, "learning_rate": 1e-4, "tokens_per_s": 500.0,
               "elapsed_s": 6.0 * s, "step_s": 6.0} for s in (50, 100)]
     run = make_run(tmp_path, metrics=_metrics(rows), spec=_spec("long", time="0-01:00:00", gpus=1))
-    # The batch script's own warning time counts (here the GPU default); without a script, the spec's.
-    sbatch = run / "job.sbatch"
-    sbatch.write_text(sbatch.read_text().replace("USR1@60", "USR1@300"))
+    # The warning time the job file records counts; a job file of an older version has none: the spec's.
+    job_file = run / "job.json"
+    job = json.loads(job_file.read_text())
+    job_file.write_text(json.dumps({**job, "signal_delay_s": 300}))
     eta = eta_report(run, 3600)
     # 600 steps × 6 s = 3,600 s left; this allocation used 600 s and stops 300 s before its limit
     # (the sbatch default for GPU jobs): 2,700 s left in it; then 3,600 - 300 - 300 (restart) = 3,000 s
@@ -215,7 +216,9 @@ def test_eta_of_a_requeued_run_that_needs_more_allocations(tmp_path: Path):
     assert eta_report(run, 3600 * 4).requeues == 0 and eta_report(run, 3600 * 4).warning is None
     # A 10-minute limit trains 0 s per allocation after start-up and the warning margin.
     assert "leaves no time to train" in eta_report(run, 600, signal_delay_s=300).warning
-    sbatch.unlink()
+    job_file.write_text(json.dumps({**job, "signal_delay_s": 600}))
+    assert eta_report(run, 3600).time_left_s == 2400
+    job_file.write_text(json.dumps(job))
     assert eta_report(run, 3600).time_left_s == 2700  # from the spec: 300 s on GPUs
 
 

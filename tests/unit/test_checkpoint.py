@@ -1,5 +1,5 @@
-"""Checkpoint completeness, retention and the Trainer wrapper (hfhpc.recipes.checkpoint), and the
-format detection of ``hfhpc export``."""
+"""Checkpoint completeness, verification and retention (hfhpc.run.checkpoints), the Trainer wrapper
+(hfhpc.recipes.checkpoint), and the format detection of ``hfhpc export``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hfhpc.recipes import checkpoint as ck
+from hfhpc.recipes import checkpoint as trainer_ck
+from hfhpc.run import checkpoints as ck
 
 
 def _make(run_dir: Path, step: int, *, files: dict[str, bytes] | None = None, marker: bool = True, **fields) -> Path:
@@ -133,7 +134,7 @@ def test_signal_delay_hint_is_sized_to_the_measured_step_and_save(tmp_path: Path
 
 
 def test_signal_delay_hint_needs_no_heavy_import():
-    code = "import sys, hfhpc.recipes.checkpoint; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = "import sys, hfhpc.run.checkpoints; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -152,20 +153,20 @@ def test_stopped_on_signal_matches_this_launch_only(tmp_path: Path):
 
 
 def test_a_full_disk_is_recognised_with_or_without_an_errno(tmp_path: Path):
-    assert ck._disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert trainer_ck._disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
     wrapped = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
-    assert ck._disk_full(wrapped, tmp_path)
-    assert not ck._disk_full(RuntimeError("file write failed"), tmp_path)  # this disk has room
+    assert trainer_ck._disk_full(wrapped, tmp_path)
+    assert not trainer_ck._disk_full(RuntimeError("file write failed"), tmp_path)  # this disk has room
 
 
 def test_disk_full_error_is_one_line_naming_the_intact_checkpoint(tmp_path: Path):
-    e = ck.CheckpointDiskFullError(str(tmp_path), str(tmp_path / "checkpoint-4"))
+    e = trainer_ck.CheckpointDiskFullError(str(tmp_path), str(tmp_path / "checkpoint-4"))
     text = e.render()
     assert "\n" not in text
     assert text.startswith(f"no space left on the device holding {tmp_path} while writing a checkpoint; "
                            "the previous checkpoint checkpoint-4 is intact")
-    with pytest.raises(SystemExit) as exit_info, ck.one_line_errors():
+    with pytest.raises(SystemExit) as exit_info, trainer_ck.one_line_errors():
         raise e
     assert str(exit_info.value.code) == f"hfhpc: error: {text}"
 
@@ -194,7 +195,7 @@ def _tiny_trainer(run_dir: Path, **args):
 
 def test_the_wrapped_trainer_commits_each_checkpoint_atomically_and_rotates(tmp_path: Path):
     pytest.importorskip("transformers")
-    trainer = ck.install(_tiny_trainer(tmp_path))
+    trainer = trainer_ck.install(_tiny_trainer(tmp_path))
     seen = []
     real_commit = ck.commit
 
@@ -219,7 +220,7 @@ def test_the_best_checkpoint_is_recorded_under_its_final_name(tmp_path: Path):
     pytest.importorskip("transformers")
     trainer = _tiny_trainer(tmp_path, eval_strategy="steps", eval_steps=2, metric_for_best_model="loss",
                             load_best_model_at_end=True)
-    ck.install(trainer).train()
+    trainer_ck.install(trainer).train()
     best = Path(trainer.state.best_model_checkpoint)
     assert best.parent == tmp_path and ck.problem(best) is None
     recorded = json.loads((best / "trainer_state.json").read_text())["best_model_checkpoint"]
@@ -228,7 +229,7 @@ def test_the_best_checkpoint_is_recorded_under_its_final_name(tmp_path: Path):
 
 def test_a_failed_save_leaves_the_previous_checkpoint_and_no_staging_folder(tmp_path: Path):
     pytest.importorskip("transformers")
-    trainer = ck.install(_tiny_trainer(tmp_path))
+    trainer = trainer_ck.install(_tiny_trainer(tmp_path))
     real = trainer._save_rng_state
 
     def fail_at_step_4(output_dir):
@@ -237,7 +238,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_staging_folder(tmp_
         real(output_dir)
 
     trainer._save_rng_state = fail_at_step_4
-    with pytest.raises(ck.CheckpointDiskFullError) as info:
+    with pytest.raises(trainer_ck.CheckpointDiskFullError) as info:
         trainer.train()
     assert info.value.previous == str(tmp_path / "checkpoint-2")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "checkpoint"))) == ["checkpoint-2"]
@@ -266,3 +267,50 @@ def test_export_picks_the_newest_complete_checkpoint_and_knows_its_format(tmp_pa
         assert source_format(path) == fmt
     with pytest.raises(ExportError, match="holds no model weights"):
         source_format(_make(tmp_path, 9, files={"trainer_state.json": b"{}"}))
+
+
+# -- trust: sha256 in the marker, verified before a resume ---------------------------------------------
+
+def test_the_marker_records_each_files_sha256(tmp_path: Path):
+    import hashlib
+
+    path = _make(tmp_path, 4, files={"a.bin": b"12345", "sub/b.bin": b"xy"})
+    marker = json.loads((path / ck.MARKER).read_text())
+    assert marker["version"] == 2
+    assert marker["sha256"] == {"a.bin": hashlib.sha256(b"12345").hexdigest(), "sub/b.bin": hashlib.sha256(b"xy").hexdigest()}
+
+
+def test_a_flipped_block_of_the_same_size_is_caught_by_verification_and_skipped(tmp_path: Path):
+    older = _make(tmp_path, 4, files={"model.safetensors": os.urandom(20000), "optimizer.pt": os.urandom(20000)})
+    newer = _make(tmp_path, 8, files={"model.safetensors": os.urandom(20000), "optimizer.pt": os.urandom(20000)})
+    with open(newer / "optimizer.pt", "r+b") as f:  # 4 KiB flipped in place: same size, other bytes
+        f.seek(8192)
+        block = f.read(4096)
+        f.seek(8192)
+        f.write(bytes(b ^ 0xFF for b in block))
+    assert ck.problem(newer) is None  # sizes alone cannot tell
+    assert ck.problem(newer, verify=True) == "optimizer.pt does not match the sha256 written with it (changed on disk since the save)"
+    warnings: list[str] = []
+    found = ck.last_complete(tmp_path, warn=warnings.append, verify=True)
+    assert found.path == older
+    assert warnings == ["warning: skipping checkpoint-8: optimizer.pt does not match the sha256 written with it "
+                        "(changed on disk since the save); resuming from checkpoint-4 instead"]
+    assert ck.last_complete(tmp_path, verify=True, skip=[older]) is None
+
+
+def test_a_marker_written_before_hashes_is_checked_by_size(tmp_path: Path):
+    path = _make(tmp_path, 4)
+    marker = json.loads((path / ck.MARKER).read_text())
+    del marker["sha256"]
+    marker["version"] = 1
+    (path / ck.MARKER).write_text(json.dumps(marker))
+    assert ck.problem(path, verify=True) is None
+
+
+def test_a_marker_naming_a_file_outside_its_checkpoint_is_refused(tmp_path: Path):
+    path = _make(tmp_path, 4)
+    (tmp_path / "secret").write_bytes(b"s" * 6)
+    marker = json.loads((path / ck.MARKER).read_text())
+    marker["files"]["../secret"] = 6
+    (path / ck.MARKER).write_text(json.dumps(marker))
+    assert ck.problem(path) == f"{ck.MARKER} names '../secret', outside the checkpoint"

@@ -16,8 +16,9 @@ import pytest
 
 from hfhpc.errors import HfhpcError, SlurmError, SpecError, UsageError
 from hfhpc.launch import jobs, sbatch, slurm
-from hfhpc.launch.jobfile import JobFile
-from hfhpc.launch.jobs import JobRecord, JobStatus, Progress
+from hfhpc.launch.jobs import JobRecord, JobStatus
+from hfhpc.run.jobfile import JobFile
+from hfhpc.run.progress import Progress
 from hfhpc.spec import parse_spec
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -115,7 +116,7 @@ def test_default_signal_delay_fits_short_jobs() -> None:
 
 
 def test_a_run_with_a_checkpoint_gets_the_warning_its_marker_measured(tmp_path: Path) -> None:
-    from hfhpc.recipes import checkpoint
+    from hfhpc.run import checkpoints as checkpoint
 
     spec = parse_spec(ZEPHYR)  # 3 h on GPUs: the default would be 300 s
     folder = tmp_path / "checkpoint-50"
@@ -292,33 +293,6 @@ def test_slurm_clients_never_get_a_token(monkeypatch: pytest.MonkeyPatch) -> Non
 def _metrics(step: int, **extra) -> dict:
     return {"step": step, "epoch": step / 1000, "loss": 2.0 - step / 1000, "learning_rate": 2e-5,
             "tokens_per_s": 12345.6, "elapsed_s": step * 2.0, "max_steps": 1000, **extra}
-
-
-def test_last_json_line_skips_a_partial_line(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    assert jobs.last_json_line(path) is None
-    path.write_text("")
-    assert jobs.last_json_line(path) is None
-    lines = [json.dumps(_metrics(s)) for s in range(1, 3001)]  # > one read block
-    path.write_text("\n".join(lines) + "\n")
-    assert jobs.last_json_line(path)["step"] == 3000
-    with open(path, "a") as f:
-        f.write('{"step": 3001, "loss": 1.')  # a writer mid-line
-    assert jobs.last_json_line(path)["step"] == 3000
-    path.write_text('{"step": 1}\n' + "x" * 20000)  # a long broken tail spanning blocks
-    assert jobs.last_json_line(path) == {"step": 1}
-
-
-def test_progress_and_eta(tmp_path: Path) -> None:
-    (tmp_path / "metrics.jsonl").write_text(json.dumps(_metrics(250)) + "\n")
-    p = jobs.read_progress(tmp_path)
-    assert (p.step, p.max_steps, p.loss, p.tokens_per_s) == (250, 1000, 1.75, 12345.6)
-    assert p.eta_s == 750 * 2.0  # (max_steps - step) × elapsed/step
-    # After a requeue elapsed_s restarts while step does not: step_s (this allocation) wins.
-    assert Progress(500, 1000, None, None, None, None, 10.0, 0.5).eta_s == 250
-    assert Progress(10, -1, None, None, None, None, 10.0, None).eta_s is None  # epochs, no max_steps
-    (tmp_path / "metrics.jsonl").write_text('{"eval_loss": 1.0}\n')
-    assert jobs.read_progress(tmp_path) is None
 
 
 def test_allocations_needed_when_eta_exceeds_the_time_left() -> None:

@@ -6,7 +6,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hfhpc.launch.jobs import JobStatus, Progress
+    from hfhpc.launch.jobs import JobStatus
+    from hfhpc.run.progress import Progress
 
 DEFAULT_ROWS = 20
 
@@ -90,7 +91,9 @@ def detail_lines(st: JobStatus) -> list[str]:
 def _progress_lines(st: JobStatus) -> list[str]:
     p = st.progress
     if p is None:
-        return ["  progress: none logged yet (metrics.jsonl)"]
+        from hfhpc.run.paths import RunDir
+
+        return [f"  progress: none logged yet ({RunDir.METRICS})"]
     parts = [f"step {_step(p)}"]
     if p.max_steps and p.max_steps > 0:
         parts[0] += f" ({100 * p.step / p.max_steps:.0f}%)"

@@ -10,23 +10,34 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="job spec (YAML); its lockfile pins the revisions the job uses")
     p.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     p.add_argument("--parsable", action="store_true", help="print only the job id (for scripts)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in a new run folder (RUN_DIR-2, -3, …) instead of resuming or refusing")
 
 
 def run(args: argparse.Namespace) -> int:
+    from hfhpc.cli.run_cmd import already_complete
     from hfhpc.launch.executor import SlurmExecutor
+    from hfhpc.run.jobfile import COMPLETE
+    from hfhpc.run.lock import RunLock
     from hfhpc.spec import load_spec
 
     executor = SlurmExecutor()
-    job = executor.prepare(load_spec(args.spec), args.store_path)
+    job = executor.resolve(load_spec(args.spec), args.store_path, fresh=args.fresh)
     if args.dry_run:
         from hfhpc.launch.sbatch import render_sbatch
 
+        executor.check(job)
         sys.stdout.write(render_sbatch(job))
         return 0
     from hfhpc.cli.status_cmd import duration
     from hfhpc.launch.jobs import log_path
 
-    record = executor.start(job)
+    # Held while the folder is checked and the job submitted: not while a local run trains in it.
+    with RunLock(job.run_dir):
+        if executor.check(job) == COMPLETE:
+            print(already_complete(job.run_dir, "submit", args.spec))
+            return 0
+        record = executor.start(job)
     if args.parsable:
         print(record.job_id)
         return 0

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hfhpc.run.paths import RunDir
+
 SFT, CLASSIFY, INFER, EVALUATE = "demo-sft", "demo-classify", "demo-infer", "demo-evaluate"
 
 
@@ -43,44 +45,44 @@ def _duration(seconds: float) -> str:
 def results(runs: Path) -> list[tuple[str, str, str]]:
     """``(run, what, value)`` for each result of the demo runs found under ``runs``."""
     rows: list[tuple[str, str, str]] = []
-    sft = runs / SFT
-    if (sft / "model").is_dir():
-        rows.append(("SFT", "model", _show(sft / "model")))
+    sft = RunDir(runs / SFT)
+    if sft.model.is_dir():
+        rows.append(("SFT", "model", _show(sft.model)))
         train = ""
-        losses = [r["loss"] for r in _jsonl(sft / "metrics.jsonl") if "loss" in r] if (sft / "metrics.jsonl").is_file() else []
+        losses = [r["loss"] for r in _jsonl(sft.metrics) if "loss" in r] if sft.metrics.is_file() else []
         if losses:
-            train = f"train loss {losses[0]:.2f} -> {losses[-1]:.2f} in {_json(sft / 'summary.json').get('steps')} steps"
-        if (sft / "eval.json").is_file():
-            ev = _json(sft / "eval.json")
+            train = f"train loss {losses[0]:.2f} -> {losses[-1]:.2f} in {_json(sft.summary).get('steps')} steps"
+        if sft.eval.is_file():
+            ev = _json(sft.eval)
             scores = [f"{label} {ev[key]:.2f}" for key, label in
                       (("eval_loss", "loss"), ("eval_mean_token_accuracy", "token accuracy")) if key in ev]
             rows.append(("", "eval", ", ".join(scores) + (f" ({train})" if train else "")))
         elif train:
             rows.append(("", "train", train))
-    if (sft / "report.html").is_file():
-        rows.append(("SFT" if not rows else "", "report", _show(sft / "report.html")))
+    if sft.report.is_file():
+        rows.append(("SFT" if not rows else "", "report", _show(sft.report)))
 
-    classify = runs / CLASSIFY
-    if (classify / "model").is_dir():
-        rows.append(("classify", "model", _show(classify / "model")))
-        if (classify / "eval.json").is_file():
-            ev = _json(classify / "eval.json")
+    classify = RunDir(runs / CLASSIFY)
+    if classify.model.is_dir():
+        rows.append(("classify", "model", _show(classify.model)))
+        if classify.eval.is_file():
+            ev = _json(classify.eval)
             rows.append(("", "eval", f"accuracy {ev['accuracy']:.3f} on {ev['rows']} held-out reviews "
-                                     f"({_show(classify / 'eval.json')})"))
+                                     f"({_show(classify.eval)})"))
 
-    infer = runs / INFER
-    if (infer / "predictions.jsonl").is_file():
-        n = len(_jsonl(infer / "predictions.jsonl"))
-        rows.append(("infer", "predictions", f"{_show(infer / 'predictions.jsonl')} "
+    infer = RunDir(runs / INFER)
+    if infer.predictions.is_file():
+        n = len(_jsonl(infer.predictions))
+        rows.append(("infer", "predictions", f"{_show(infer.predictions)} "
                                              f"({n} rows in input order; an untrained model's, so noise)"))
 
-    evaluate = runs / EVALUATE
-    if (evaluate / "eval.json").is_file():
-        ev = _json(evaluate / "eval.json")
+    evaluate = RunDir(runs / EVALUATE)
+    if evaluate.eval.is_file():
+        ev = _json(evaluate.eval)
         rows.append(("evaluate", "eval", f"accuracy {ev['accuracy']:.3f} on {ev['rows']} reviews, about chance: "
-                                         f"MiniLM's head is untrained ({_show(evaluate / 'eval.json')})"))
-        if (evaluate / "predictions.jsonl").is_file():
-            rows.append(("", "predictions", _show(evaluate / "predictions.jsonl")))
+                                         f"MiniLM's head is untrained ({_show(evaluate.eval)})"))
+        if evaluate.predictions.is_file():
+            rows.append(("", "predictions", _show(evaluate.predictions)))
     return rows
 
 

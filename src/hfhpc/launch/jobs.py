@@ -10,7 +10,6 @@ loss and throughput the recipe logs).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -22,17 +21,16 @@ from pathlib import Path
 from hfhpc import env as hfenv
 from hfhpc.errors import HfhpcError, SlurmError, UsageError
 from hfhpc.launch import slurm
-from hfhpc.launch.jobfile import JOB_FILE, JobFile, prepare_run_dir
-from hfhpc.launch.sbatch import LOG_DIR, SCRIPT_NAME, render_sbatch
+from hfhpc.launch.sbatch import render_sbatch
+from hfhpc.run.jobfile import JobFile, prepare_run_dir
+from hfhpc.run.paths import RunDir
+from hfhpc.run.progress import Progress, forecast, read_progress
 from hfhpc.spec import parse_slurm_time
 from hfhpc.store.atomic import atomic_write_text
 
 JOBS_FILE = "jobs.jsonl"
-METRICS_FILE = "metrics.jsonl"
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                            "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"})
-_TAIL_BLOCK = 8192
-_TAIL_MAX = 1 << 20  # a metrics line is ~300 bytes: 1 MiB of garbage means there is no good line
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,7 @@ def submit(job: JobFile, *, env: Mapping[str, str] | None = None) -> JobRecord:
     script = render_sbatch(job)  # a spec that cannot be rendered fails before anything is written
     _refuse_if_active(job.run_dir, env)
     prepare_run_dir(job)
-    path = job.run_dir / SCRIPT_NAME
+    path = job.paths.sbatch
     atomic_write_text(path, script)
     path.chmod(0o755)
     job_id = slurm.sbatch(path, cwd=job.run_dir, env=env)
@@ -131,95 +129,6 @@ def _refuse_if_active(run_dir: Path, env: Mapping[str, str] | None) -> None:
     if state is not None and state in ACTIVE_STATES:
         raise HfhpcError(f"job {job_id} of {run_dir} is still {state}",
                          f"cancel it with `hfhpc cancel {job_id}`, or give the spec another output_dir")
-
-
-# -- progress ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Progress:
-    """The last line of ``metrics.jsonl``."""
-
-    step: int
-    max_steps: int | None
-    epoch: float | None
-    loss: float | None
-    learning_rate: float | None
-    tokens_per_s: float | None
-    elapsed_s: float | None
-    step_s: float | None  # seconds per step in this allocation
-
-    @property
-    def seconds_per_step(self) -> float | None:
-        # step_s is measured within the current allocation; elapsed_s restarts at 0 after a
-        # requeue while step does not, so elapsed/step is only a fallback.
-        if self.step_s:
-            return self.step_s
-        if self.elapsed_s and self.step > 0:
-            return self.elapsed_s / self.step
-        return None
-
-    @property
-    def eta_s(self) -> float | None:
-        """Seconds of training left: (max_steps - step) × seconds per step."""
-        per_step = self.seconds_per_step
-        if not self.max_steps or self.max_steps <= 0 or per_step is None:
-            return None
-        return max(0, self.max_steps - self.step) * per_step
-
-
-def last_json_line(path: Path) -> dict | None:
-    """The last line of a JSON-lines file that parses as an object, read from the end.
-
-    A writer may be in the middle of a line (no newline yet, or half an object): that line is
-    skipped and the one before it returned.
-    """
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return None
-    with f:
-        end = f.seek(0, os.SEEK_END)
-        pos, buf = end, b""
-        while pos > 0 and end - pos < _TAIL_MAX:
-            step = min(_TAIL_BLOCK, pos)
-            pos -= step
-            f.seek(pos)
-            buf = f.read(step) + buf
-            lines = buf.split(b"\n")
-            # Unless the file's start is reached, the first piece may be the tail of a longer line.
-            candidates = lines if pos == 0 else lines[1:]
-            for line in reversed(candidates):
-                found = _json_object(line)
-                if found is not None:
-                    return found
-    return None
-
-
-def _json_object(line: bytes) -> dict | None:
-    if not line.strip():
-        return None
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def read_progress(run_dir: Path) -> Progress | None:
-    data = last_json_line(Path(run_dir) / METRICS_FILE)
-    if data is None or _number(data.get("step")) is None:
-        return None
-    max_steps = _number(data.get("max_steps"))
-    return Progress(
-        step=int(data["step"]), max_steps=int(max_steps) if max_steps is not None else None,
-        epoch=_number(data.get("epoch")), loss=_number(data.get("loss")),
-        learning_rate=_number(data.get("learning_rate")), tokens_per_s=_number(data.get("tokens_per_s")),
-        elapsed_s=_number(data.get("elapsed_s")), step_s=_number(data.get("step_s")),
-    )
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -256,11 +165,13 @@ class JobStatus:
 
     @property
     def allocations_needed(self) -> int | None:
-        """More allocations (requeues) needed after this one to reach max_steps, if any."""
-        eta, left, limit = self.eta_s, self.remaining_s, self.time_limit_s
-        if eta is None or left is None or not limit or eta <= left:
+        """More allocations (requeues) needed after this one to reach max_steps, if any
+        (:func:`hfhpc.run.progress.forecast`, the same as ``hfhpc report``'s)."""
+        if self.eta_s is None or self.remaining_s is None:
             return None
-        return math.ceil((eta - left) / limit)
+        used = self.elapsed_s if self.state != "PENDING" else 0
+        found = forecast(self.run_dir, self.progress, time_limit_s=self.time_limit_s, used_s=used)
+        return found.more if found is not None and found.more else None
 
     @property
     def log_path(self) -> Path | None:
@@ -269,9 +180,10 @@ class JobStatus:
 
 def log_path(run_dir: Path, job_id: str | None, name: str) -> Path | None:
     """The job's log, ``logs/<name>-<id>.out``; without an id, the newest log of the run folder."""
-    logs = Path(run_dir) / LOG_DIR
+    paths = RunDir(run_dir)
+    logs = paths.logs
     if job_id is not None:
-        exact = logs / f"{name}-{job_id}.out"
+        exact = paths.slurm_log(name, job_id)
         if exact.exists():
             return exact
         matches = sorted(logs.glob(f"*-{job_id}.out"))
@@ -317,7 +229,7 @@ def _latest_job_id(run_dir: Path, records: list[JobRecord]) -> str | None:
     name = _name_of(run_dir)
     # Batch logs are <job name>-<id>.out (#SBATCH --output); `hfhpc run` writes others there.
     pattern = re.compile(rf"{re.escape(name)}-(\d+)\.out") if name else None
-    for log in (Path(run_dir) / LOG_DIR).glob("*.out"):
+    for log in RunDir(run_dir).logs.glob("*.out"):
         m = pattern.fullmatch(log.name) if pattern else None
         if m:
             ids.add(m.group(1))
@@ -328,7 +240,7 @@ def _name_of(run_dir: Path | None) -> str | None:
     if run_dir is None:
         return None
     try:
-        return json.loads((run_dir / JOB_FILE).read_text())["spec"]["name"]
+        return json.loads(RunDir(run_dir).job_file.read_text())["spec"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -340,8 +252,8 @@ def resolve_ref(ref: str) -> tuple[str | None, Path | None, JobRecord | None]:
         record = next((r for r in reversed(records) if r.job_id == ref), None)
         return ref, Path(record.run_dir) if record else None, record
     run_dir = Path(ref).expanduser().absolute()
-    if not (run_dir / JOB_FILE).is_file():
-        raise UsageError(f"{ref!r} is neither a job id nor a run folder (no {JOB_FILE} there)",
+    if not RunDir(run_dir).job_file.is_file():
+        raise UsageError(f"{ref!r} is neither a job id nor a run folder (no {RunDir(run_dir).job_file.name} there)",
                          "run `hfhpc status` to list submitted jobs")
     job_id = _latest_job_id(run_dir, records)
     record = next((r for r in reversed(records) if r.job_id == job_id), None)
@@ -355,7 +267,7 @@ def job_status(ref: str, *, env: Mapping[str, str] | None = None) -> JobStatus:
         assert run_dir is not None
         return JobStatus(None, _name_of(run_dir) or run_dir.name, run_dir, "LOCAL", progress=read_progress(run_dir))
     fields, work_dir = _slurm_fields(job_id, env)
-    if run_dir is None and work_dir and (Path(work_dir) / JOB_FILE).is_file():
+    if run_dir is None and work_dir and RunDir(work_dir).job_file.is_file():
         run_dir = Path(work_dir)
     if record is None and run_dir is None and fields["state"] == "UNKNOWN":
         raise HfhpcError(f"job {job_id} is unknown to SLURM and was not submitted by hfhpc here",

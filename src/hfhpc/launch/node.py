@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfhpc import env as hfenv
-from hfhpc.launch.jobfile import JobFile, load_job
+from hfhpc.run.jobfile import JobFile, load_job
 from hfhpc.store.atomic import atomic_write_text
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -88,7 +88,7 @@ def rendezvous_port(job: JobFile, topo: Topology, *, timeout_s: float = 600) -> 
         return job.spec.launch.port
     if topo.job_id is None:
         return _free_port()
-    announce = job.run_dir / "logs" / f".port-{topo.job_id}-{topo.restart}"
+    announce = job.paths.port_file(topo.job_id, topo.restart)
     if topo.node_rank == 0:
         port = PORT_BASE + int("".join(c for c in topo.job_id if c.isdigit()) or "0") % PORT_SPAN
         while not _port_free(port):
@@ -151,7 +151,7 @@ def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[
         layer_cls=layer_class_to_wrap(model_dir) if model_dir else None,
         transformers_model=bool(model_dir) and is_transformers_model(model_dir),
     )
-    cfg_path = write_config(cfg, job.run_dir / "logs" / f"accelerate-node{topo.node_rank}.yaml")
+    cfg_path = write_config(cfg, job.paths.accelerate_config(topo.node_rank))
     return [py, "-m", "accelerate.commands.launch", "--config_file", str(cfg_path), *module, *target]
 
 
@@ -370,7 +370,7 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
     else:
         code = _wait(proc, fwd)
     if code not in (0, 3) and job.spec.recipe != "script":
-        from hfhpc.recipes.checkpoint import stopped_on_signal
+        from hfhpc.run.checkpoints import stopped_on_signal
 
         stop = stopped_on_signal(job.run_dir, job_id=topo.job_id, restart=topo.restart,
                                  since=None if topo.job_id else started)

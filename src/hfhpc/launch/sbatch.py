@@ -16,18 +16,10 @@ from pathlib import Path
 from hfhpc import __version__
 from hfhpc import env as hfenv
 from hfhpc.errors import SpecError
-from hfhpc.launch.jobfile import JobFile
+from hfhpc.run.checkpoints import signal_delay_s
+from hfhpc.run.jobfile import JobFile
+from hfhpc.run.paths import RunDir
 from hfhpc.spec import JobSpec
-
-SCRIPT_NAME = "job.sbatch"
-LOG_DIR = "logs"
-# sbatch runs with the run dir as its working folder, so this resolves inside it.
-LOG_PATTERN = f"{LOG_DIR}/%x-%j.out"
-
-# Seconds between SLURM's warning signal and the time limit when the spec sets none: a GPU job
-# must save a sharded checkpoint of a large model to shared storage, a CPU job little.
-DEFAULT_SIGNAL_DELAY_GPU_S = 300
-DEFAULT_SIGNAL_DELAY_CPU_S = 60
 
 # Values of #SBATCH options we build (account, partition, qos, GPU type): no spaces, quotes or
 # newlines, since SLURM takes the rest of the line as is. Commas allow partition lists.
@@ -65,7 +57,7 @@ def _comment_safe(text: str) -> str:
 def _header(job: JobFile) -> list[str]:
     spec = job.spec
     run_dir = shlex.quote(str(job.run_dir))
-    resubmit = f"cd {run_dir} && sbatch {SCRIPT_NAME}"
+    resubmit = f"cd {run_dir} && sbatch {job.paths.sbatch.name}"
     lines = [
         "#!/bin/bash",
         f"# hfhpc job {spec.name!r}, recipe {spec.recipe!r}, written by hfhpc {__version__} on {job.created}",
@@ -101,28 +93,9 @@ def _check_extra(job: JobFile, index: int, line: str) -> str:
     return line
 
 
-def signal_delay_s(spec: JobSpec, run_dir: Path | None = None) -> int:
-    """Seconds before the time limit at which the batch shell gets SIGUSR1 (checkpoint, requeue).
-
-    ``launch.signal_delay_s`` when set; else, for a run that already wrote a checkpoint, what its
-    marker says a stop needs (longest step + save, doubled, + 30 s); else 300 s on GPUs, 60 s on CPUs.
-    The measured and default values never exceed half the time limit, so a short job still gets
-    its warning late.
-    """
-    if spec.launch.signal_delay_s is not None:
-        return spec.launch.signal_delay_s
-    measured = None
-    if run_dir is not None:
-        from hfhpc.recipes.checkpoint import signal_delay_hint_s
-
-        measured = signal_delay_hint_s(run_dir)
-    default = DEFAULT_SIGNAL_DELAY_GPU_S if spec.resources.gpus_per_node else DEFAULT_SIGNAL_DELAY_CPU_S
-    return max(10, min(measured or default, spec.resources.time_s // 2))
-
-
 def _directives(job: JobFile) -> list[str]:
     res = job.spec.resources
-    delay = signal_delay_s(job.spec, job.run_dir)
+    delay = job.signal_delay_s if job.signal_delay_s is not None else signal_delay_s(job.spec, job.run_dir)
     if delay >= res.time_s:
         raise SpecError(job.spec_path or "<spec>", "launch.signal_delay_s",
                         f"{delay} s is not shorter than resources.time ({res.time})",
@@ -146,8 +119,8 @@ def _directives(job: JobFile) -> list[str]:
         *(f"#SBATCH {o}" for o in opts),
         "# Relative to the run dir, where sbatch is run: SLURM reads #SBATCH lines without a shell,",
         "# so a path with spaces or quotes could not be written here.",
-        f"#SBATCH --output={LOG_PATTERN}",
-        f"#SBATCH --error={LOG_PATTERN}",
+        f"#SBATCH --output={RunDir.SLURM_LOG_PATTERN}",
+        f"#SBATCH --error={RunDir.SLURM_LOG_PATTERN}",
         f"# SIGUSR1 to this shell {delay} s before the time limit: the job saves a checkpoint, stops,",
         "# and is requeued; the next allocation resumes from it, appending to the same log.",
         f"#SBATCH --signal=B:USR1@{delay}",
@@ -273,7 +246,7 @@ def _launch(job: JobFile, python: str) -> list[str]:
         "# several nodes srun may report another status (--kill-on-bad-exit ends the other nodes when",
         "# the first exits 3): the checkpoint's marker says whether this allocation stopped cleanly.",
         'if [ "$HFHPC_WARNED" -eq 1 ] && { [ "$HFHPC_STATUS" -eq 3 ] ||',
-        f'    {python} -m hfhpc.recipes.checkpoint stopped {run_dir} --job-id "$SLURM_JOB_ID" --restart "${{SLURM_RESTART_COUNT:-0}}"; }}; then',
+        f'    {python} -m hfhpc.run.checkpoints stopped {run_dir} --job-id "$SLURM_JOB_ID" --restart "${{SLURM_RESTART_COUNT:-0}}"; }}; then',
         '  echo "hfhpc: checkpoint written before the time limit: requeueing job $SLURM_JOB_ID"',
         '  scontrol requeue "$SLURM_JOB_ID" || echo "hfhpc: requeue refused: resubmit job.sbatch to resume"',
         "  HFHPC_STATUS=3",

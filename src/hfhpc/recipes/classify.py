@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from hfhpc import assets
-from hfhpc.launch.jobfile import JobFile
+from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes import checkpoint, metrics
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
@@ -143,12 +143,12 @@ def main(job: JobFile) -> int:
         final = last if last and last.get("step") == trainer.state.global_step else trainer.evaluate()
     scores = {k.removeprefix("eval_"): v for k, v in final.items()
               if k.startswith("eval_") and k.removeprefix("eval_") not in NOT_SCORES}
-    out = job.run_dir / "model"
+    out = job.paths.model
     trainer.save_model(str(out))
     if is_main():
         tokenizer.save_pretrained(str(out))
         if eval_ds is not None:
-            atomic_write_json(job.run_dir / "eval.json", {**scores, "rows": len(eval_ds)})
+            atomic_write_json(job.paths.eval, {**scores, "rows": len(eval_ds)})
     write_summary(job, {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hfhpc.launch.jobfile import JobFile
+from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json
 
 EXIT_INTERRUPTED = 3
@@ -62,7 +62,7 @@ def log(msg: str) -> None:
 
 
 def write_summary(job: JobFile, data: dict[str, Any]) -> Path:
-    path = job.run_dir / "summary.json"
+    path = job.paths.summary
     if is_main():
         atomic_write_json(path, {"name": job.spec.name, "recipe": job.spec.recipe, **data})
     return path
@@ -183,7 +183,7 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
     """Callbacks that write metrics.jsonl and honour ``stop`` (built lazily: they need transformers)."""
     from transformers import TrainerCallback
 
-    metrics_path = job.run_dir / "metrics.jsonl"
+    metrics_path = job.paths.metrics
 
     class Progress(TrainerCallback):
         def __init__(self) -> None:
@@ -234,16 +234,27 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
 
 
 def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal) -> tuple[Any, str | None]:
-    """Train from the newest complete checkpoint, or from the start. Returns the Trainer's result
-    (None when a stop signal ended training early, with a checkpoint written: the same command
-    resumes) and the checkpoint it resumed from."""
-    from hfhpc.recipes.checkpoint import one_line_errors
+    """Train from the newest complete checkpoint whose files match their recorded hashes, or from
+    the start. A checkpoint that fails to load anyway is named in a warning and the next older one
+    is tried. Returns the Trainer's result (None when a stop signal ended training early, with a
+    checkpoint written: the same command resumes) and the checkpoint it resumed from."""
+    from hfhpc.recipes.checkpoint import CheckpointLoadError, one_line_errors
 
-    resume = last_checkpoint(run_dir)
-    if resume:
-        log(f"resuming from {resume}")
-    with one_line_errors():
-        result = trainer.train(resume_from_checkpoint=resume)
+    unusable: list[Path] = []
+    while True:
+        resume = last_checkpoint(run_dir, skip=unusable)
+        if resume:
+            log(f"resuming from {resume}")
+        try:
+            with one_line_errors():
+                result = trainer.train(resume_from_checkpoint=resume)
+            break
+        except CheckpointLoadError as e:
+            log(f"warning: skipping {Path(e.path).name}: {e.detail}; falling back to an older checkpoint")
+            unusable.append(Path(e.path))
+    if result is not None and trainer.state.global_step == getattr(trainer, "_initial_global_step", None) and resume:
+        log(f"nothing left to train: {Path(resume).name} is the last step")
+        result = result._replace(training_loss=None)
     # A signal that came after the last step (during the final save) does not stop the job.
     if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
         log(f"stopped at step {trainer.state.global_step} with a checkpoint: run the same command again to resume")
@@ -251,10 +262,10 @@ def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal) -> tuple[A
     return result, resume
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint-N (see :mod:`hfhpc.recipes.checkpoint`); newer incomplete or
-    corrupt ones are named in a warning and skipped."""
-    from hfhpc.recipes.checkpoint import last_complete
+def last_checkpoint(run_dir: Path, skip: list[Path] | tuple[Path, ...] = ()) -> str | None:
+    """The newest complete checkpoint-N whose files match their sha256 (see
+    :mod:`hfhpc.run.checkpoints`); newer incomplete or corrupt ones are named in a warning and skipped."""
+    from hfhpc.run.checkpoints import last_complete
 
-    found = last_complete(Path(run_dir), warn=log)
+    found = last_complete(Path(run_dir), warn=log, verify=True, skip=skip)
     return str(found.path) if found else None

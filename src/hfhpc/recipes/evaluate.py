@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from hfhpc import assets
-from hfhpc.launch.jobfile import JobFile
+from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes import metrics
 from hfhpc.recipes.common import is_main, log, rank, world_size, write_summary
 from hfhpc.recipes.infer import (
-    PREDICTIONS,
     build_pipeline,
     call_kwargs,
     init_distributed,
@@ -141,7 +140,7 @@ def main(job: JobFile) -> int:
         results = score(predictions, references)
         # The scored rows, in the infer recipe's format: to see what was missed.
         lines = "".join(json.dumps(rec, default=jsonable) + "\n" for rec in records)
-        atomic_write_text(job.run_dir / PREDICTIONS, lines)
+        atomic_write_text(job.paths.predictions, lines)
         source = {"model": spec.model.id, "model_commit": job.model_commit, "dataset": dref.id, "split": dref.split,
                   "world_size": world}
 
@@ -149,7 +148,7 @@ def main(job: JobFile) -> int:
     if not is_main():
         return 0
     rows = len(records)
-    atomic_write_json(job.run_dir / "eval.json", {**results, "rows": rows})
+    atomic_write_json(job.paths.eval, {**results, "rows": rows})
     write_summary(job, {"rows": rows, "metrics": results, "seconds": round(time.perf_counter() - t0, 3), **source})
     log("done: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
     return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hfhpc import assets
-from hfhpc.launch.jobfile import JobFile
+from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
@@ -37,7 +37,6 @@ from hfhpc.recipes.common import (
 )
 from hfhpc.store.atomic import fsync_dir, tmp_name
 
-PREDICTIONS = "predictions.jsonl"
 TEXT_COLUMNS = ("text", "prompt", "sentence", "question")
 # Whole-text classifiers: an input longer than the model's window is truncated rather than fatal.
 TRUNCATING_TASKS = ("text-classification", "sentiment-analysis")
@@ -177,7 +176,7 @@ def load_rows(job: JobFile):
 # -- this recipe's own helpers --------------------------------------------------------------------------
 
 def rank_file(job: JobFile, r: int) -> Path:
-    return job.run_dir / f"predictions.rank{r}.jsonl"
+    return job.paths.rank_predictions(r)
 
 
 def keep_complete_prefix(path: Path, first_index: int, rows: int) -> int:
@@ -219,7 +218,7 @@ def main(job: JobFile) -> int:
     spec, dref = job.spec, job.spec.dataset
     r, world = rank(), world_size()
     distributed = init_distributed(job)
-    final = job.run_dir / PREDICTIONS
+    final = job.paths.predictions
 
     # -- setup -------------------------------------------------------------------------------------
     ds = load_rows(job)

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from hfhpc.launch.jobfile import load_job
+from hfhpc.run.jobfile import load_job
 
 RECIPES = {"sft": "hfhpc.recipes.sft", "infer": "hfhpc.recipes.infer", "evaluate": "hfhpc.recipes.evaluate", "classify": "hfhpc.recipes.classify"}
 

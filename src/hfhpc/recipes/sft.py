@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from hfhpc import assets
-from hfhpc.launch.jobfile import JobFile
+from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes import chatdata, checkpoint
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
@@ -202,7 +202,7 @@ def main(job: JobFile) -> int:
     # Scores only: the Trainer's timings (eval_runtime, eval_*_per_second) are not results.
     eval_metrics = {k: v for k, v in eval_metrics.items()
                     if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
-    out = job.run_dir / "model"
+    out = job.paths.model
     if trainer.is_fsdp_enabled:
         # Checkpoints stay sharded (fast, resumable); the final model is one plain HF model.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -212,7 +212,7 @@ def main(job: JobFile) -> int:
     if is_main():
         tokenizer.save_pretrained(str(out))
         if eval_metrics:
-            atomic_write_json(job.run_dir / "eval.json", eval_metrics)
+            atomic_write_json(job.paths.eval, eval_metrics)
     write_summary(job, {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
