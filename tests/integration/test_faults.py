@@ -487,3 +487,141 @@ def test_export_merges_fsdp_sharded_weights(staged, references, tmp_path: Path):
     # The config comes from the run's pinned base model in the store.
     assert json.loads((result.output / "config.json").read_text())["model_type"] == "mistral"
     assert not [p for p in run_dir.joinpath("export").iterdir() if p.name.startswith(".")]
+
+
+# -- 8. trust: bytes changed on disk, a loss that turns NaN, the end of training ------------------------
+
+def _flip(path: Path, offset: int, length: int = 4096) -> None:
+    """Invert ``length`` bytes in place: the size stays, the content does not."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        block = f.read(length)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def test_a_block_flipped_in_a_checkpoint_is_caught_and_the_run_falls_back(staged, references):
+    reference = references(1)
+    spec = _variant(staged, "flipped", **PLANS[1]["spec"])
+    run_dir = _run_dir(spec)
+    first = _drive(staged, spec, FAULT="signal", FAULT_STEP="7", FAULT_RANK="0")
+    assert first.returncode == 3, _out(first)[-4000:]
+    optimizer = run_dir / "checkpoint-7" / "optimizer.pt"
+    size = optimizer.stat().st_size
+    _flip(optimizer, size // 2)  # what a bad disk or a stray writer does: same size, other bytes
+    assert optimizer.stat().st_size == size and ck.problem(run_dir / "checkpoint-7") is None
+
+    trained_before = len(_trace(run_dir, 0))
+    second = _drive(staged, spec)
+    assert second.returncode == 0, _out(second)[-4000:]
+    assert ("hfhpc: warning: skipping checkpoint-7: optimizer.pt does not match the sha256 written with it "
+            "(changed on disk since the save); moved aside to checkpoint-7.corrupt; resuming from checkpoint-4 instead"
+            in second.stdout), second.stdout[-3000:]
+    assert f"resuming from {run_dir / 'checkpoint-4'}" in second.stdout
+    # Steps 5-10 again, on the documents of the uninterrupted run: the same final model, bit for bit.
+    assert _trace(run_dir, 0)[trained_before:] == [t for t in _trace(reference, 0) if t["step"] > 4]
+    _assert_same_weights(reference / "model", run_dir / "model")
+    _assert_clean(run_dir)
+    assert (run_dir / "checkpoint-7.corrupt" / "optimizer.pt").stat().st_size == size  # kept to be looked at
+
+
+def test_a_checkpoint_that_does_not_load_is_set_aside_for_the_previous_one(staged, references):
+    reference = references(1)
+    spec = _variant(staged, "unloadable", **PLANS[1]["spec"])
+    run_dir = _run_dir(spec)
+    first = _drive(staged, spec, FAULT="signal", FAULT_STEP="7", FAULT_RANK="0")
+    assert first.returncode == 3, _out(first)[-4000:]
+    # Written wrong rather than changed later: the marker's hashes match bytes that torch cannot read.
+    bad = run_dir / "checkpoint-7"
+    (bad / "optimizer.pt").write_bytes(b"not a torch file" * 64)
+    (bad / ck.MARKER).unlink()
+    ck.write_marker(bad, 7)
+
+    second = _drive(staged, spec)
+    assert second.returncode == 0, _out(second)[-4000:]
+    assert "hfhpc: warning: skipping checkpoint-7: it does not load (" in second.stdout, second.stdout[-3000:]
+    assert f"resuming from {run_dir / 'checkpoint-4'}" in second.stdout
+    _assert_same_weights(reference / "model", run_dir / "model")
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_with_one_line_and_saves_nothing_from_it(staged):
+    # A learning rate of 1e30: the first update sends the weights to ~1e30, the next forward overflows.
+    spec = _variant(staged, "nan-loss", steps=6, save=1,
+                    extra="")
+    spec.write_text(spec.read_text().replace("learning_rate: 3.0e-3", "learning_rate: 1.0e+30"))
+    run_dir = _run_dir(spec)
+    out = hfhpc("--store", str(staged["store"]), "run", str(spec), timeout=600)
+    text = _out(out)
+    assert out.returncode == 1, text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("hfhpc: error:")]
+    assert len(errors) == 1 and "became NaN or infinite at step" in errors[0], text[-4000:]
+    bad_step = int(errors[0].split("at step ")[1].split(":")[0])
+    assert "Traceback" not in text
+    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+    # Every checkpoint kept was written before the loss went bad.
+    assert all(step < bad_step for step, _ in ck.checkpoint_dirs(run_dir)), ck.checkpoint_dirs(run_dir)
+
+
+def test_resuming_from_the_checkpoint_of_the_last_step_trains_no_step_past_the_end(staged):
+    # 7 steps (5 per epoch): the last checkpoint lies inside the second epoch, where the Trainer
+    # would start the epoch again and train step 8 before it looks at max_steps.
+    spec = _variant(staged, "at-the-end", steps=7, save=7)
+    run_dir = _run_dir(spec)
+    first = _drive(staged, spec)
+    assert first.returncode == 0, _out(first)[-4000:]
+    weights = _weights(run_dir / "model")
+    # Killed after its last checkpoint, before the final model and summary were written:
+    shutil.rmtree(run_dir / "model")
+    (run_dir / "summary.json").unlink()
+    again = _drive(staged, spec)
+    assert again.returncode == 0, _out(again)[-4000:]
+    assert "nothing left to train: checkpoint-7 is the last step" in again.stdout
+    assert max(_losses(run_dir)) == 7 and max(t["step"] for t in _trace(run_dir, 0)) == 7
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 7 and summary["train_loss"] is None
+    import torch
+
+    again_weights = _weights(run_dir / "model")
+    assert all(torch.equal(weights[k], again_weights[k]) for k in weights)
+
+
+def test_hfhpc_run_of_a_running_complete_or_changed_run_never_trains_it_again(staged, tmp_path: Path):
+    spec = _variant(staged, "rerun", steps=6, save=3)
+    run_dir = _run_dir(spec)
+    log = tmp_path / "first.log"
+    first = _start(staged, spec, log)
+    deadline = time.monotonic() + 120
+    while not (run_dir / ".hfhpc-run.lock" / "owner.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+    # A second `hfhpc run` of the same spec a moment later: refused, naming the holder.
+    second = hfhpc("--store", str(staged["store"]), "run", str(spec))
+    assert second.returncode == 1, _out(second)
+    assert second.stderr.strip() == (f"hfhpc: error: {run_dir} is in use by {socket.gethostname()} pid {first.pid}; "
+                                     "wait for that run to finish, or give the spec another output_dir")
+    code, out = _finish(first, log)
+    assert code == 0, out[-4000:]
+    assert sorted(_losses(run_dir)) == list(range(1, 7))
+
+    # Complete: left untouched, one line, exit 0.
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = hfhpc("--store", str(staged["store"]), "run", str(spec))
+    assert again.returncode == 0, _out(again)
+    assert again.stdout == (f"hfhpc: {run_dir} is already complete; `hfhpc run {spec} --fresh` starts over "
+                            "in a new folder\n")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+    # Changed: refused with exit 2, naming the keys.
+    spec.write_text(spec.read_text().replace("max_steps: 6", "max_steps: 8"))
+    changed = hfhpc("--store", str(staged["store"]), "run", str(spec))
+    assert changed.returncode == 2, _out(changed)
+    assert changed.stderr.startswith(f"hfhpc: error: {run_dir} holds a run of a different job (train.max_steps changed")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+    # --fresh: a new folder beside it, named where the run says it goes.
+    fresh = hfhpc("--store", str(staged["store"]), "run", str(spec), "--fresh", timeout=600)
+    assert fresh.returncode == 0, _out(fresh)[-4000:]
+    new_dir = run_dir.with_name("rerun-2")
+    assert f"hfhpc: run folder {new_dir}" in fresh.stdout
+    assert sorted(_losses(new_dir)) == list(range(1, 9))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before

@@ -198,8 +198,10 @@ def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path: Pa
     try:
         _wait_until("the first run", lambda: (run_dir / "probe").is_dir())
         status = _cli(slurm_cluster, "status", job_id).stdout
-        # 995 steps at 10 s each against a 2-minute limit: many allocations.
-        assert "RUNNING" in status and "ETA:      2:45:50" in status and "more allocations of 0:02:00" in status, status
+        # 995 steps at 10 s each against a 2-minute limit: after the warning (90 s) and a restart, no
+        # time is left to train in a requeued allocation.
+        assert "RUNNING" in status and "ETA:      2:45:50" in status, status
+        assert "the time limit (0:02:00) leaves no time to train after a requeue" in status, status
 
         def requeued() -> bool:
             info = slurm_cluster.run("scontrol", "show", "job", "-o", job_id).stdout

@@ -290,12 +290,16 @@ def test_a_flipped_block_of_the_same_size_is_caught_by_verification_and_skipped(
         f.write(bytes(b ^ 0xFF for b in block))
     assert ck.problem(newer) is None  # sizes alone cannot tell
     assert ck.problem(newer, verify=True) == "optimizer.pt does not match the sha256 written with it (changed on disk since the save)"
+    assert ck.last_complete(tmp_path, verify=True).path == older
     warnings: list[str] = []
-    found = ck.last_complete(tmp_path, warn=warnings.append, verify=True)
+    found = ck.resume_point(tmp_path, warn=warnings.append)
     assert found.path == older
     assert warnings == ["warning: skipping checkpoint-8: optimizer.pt does not match the sha256 written with it "
-                        "(changed on disk since the save); resuming from checkpoint-4 instead"]
-    assert ck.last_complete(tmp_path, verify=True, skip=[older]) is None
+                        "(changed on disk since the save); moved aside to checkpoint-8.corrupt; resuming from "
+                        "checkpoint-4 instead"]
+    # Set aside: no longer a checkpoint to anything (retention, the other ranks, export), kept to be looked at.
+    assert [p.name for _, p in ck.checkpoint_dirs(tmp_path)] == ["checkpoint-4"]
+    assert (tmp_path / "checkpoint-8.corrupt" / "optimizer.pt").is_file()
 
 
 def test_a_marker_written_before_hashes_is_checked_by_size(tmp_path: Path):

@@ -322,6 +322,15 @@ def test_status_rendering_warns_with_the_number_of_allocations() -> None:
     assert duration(93784) == "1-02:03:04" and duration(None) == "-"
 
 
+def test_status_warns_when_a_requeued_allocation_has_no_time_to_train() -> None:
+    from hfhpc.cli.status_cmd import detail_lines
+
+    p = Progress(5, 1000, None, 1.0, None, None, 50.0, 10.0)  # 9,950 s to go
+    st = JobStatus("5", "j", None, "RUNNING", elapsed_s=60, time_limit_s=120, progress=p)
+    assert st.forecast.more is None and st.allocations_needed is None  # 120 s less a 300 s restart
+    assert "the time limit (0:02:00) leaves no time to train after a requeue: raise resources.time" in "\n".join(detail_lines(st))
+
+
 # -- remembered jobs ------------------------------------------------------------------------------
 
 def _record(job_id: str, run_dir: str = "/r", name: str = "j") -> JobRecord:

@@ -109,6 +109,9 @@ def _progress_lines(st: JobStatus) -> list[str]:
     if st.eta_s is not None:
         lines.append(f"  ETA:      {duration(st.eta_s)}")
     more = st.allocations_needed
+    if st.forecast is not None and st.forecast.more is None:
+        lines.append(f"  warning:  the time limit ({duration(st.time_limit_s)}) leaves no time to train after a requeue: "
+                     "raise resources.time")
     if more:
         left = (f"the time limit ({duration(st.time_limit_s)})" if st.state == "PENDING"
                 else f"the {duration(st.remaining_s)} left in this allocation")

@@ -24,7 +24,7 @@ from hfhpc.launch import slurm
 from hfhpc.launch.sbatch import render_sbatch
 from hfhpc.run.jobfile import JobFile, prepare_run_dir
 from hfhpc.run.paths import RunDir
-from hfhpc.run.progress import Progress, forecast, read_progress
+from hfhpc.run.progress import Allocations, Progress, forecast, read_progress
 from hfhpc.spec import parse_slurm_time
 from hfhpc.store.atomic import atomic_write_text
 
@@ -164,13 +164,17 @@ class JobStatus:
         return self.progress.eta_s if self.progress and self.active else None
 
     @property
-    def allocations_needed(self) -> int | None:
-        """More allocations (requeues) needed after this one to reach max_steps, if any
-        (:func:`hfhpc.run.progress.forecast`, the same as ``hfhpc report``'s)."""
+    def forecast(self) -> Allocations | None:
+        """Allocations left for an active job (:func:`hfhpc.run.progress.forecast`, as ``hfhpc report``'s)."""
         if self.eta_s is None or self.remaining_s is None:
             return None
         used = self.elapsed_s if self.state != "PENDING" else 0
-        found = forecast(self.run_dir, self.progress, time_limit_s=self.time_limit_s, used_s=used)
+        return forecast(self.run_dir, self.progress, time_limit_s=self.time_limit_s, used_s=used)
+
+    @property
+    def allocations_needed(self) -> int | None:
+        """More allocations (requeues) needed after this one to reach max_steps, if any."""
+        found = self.forecast
         return found.more if found is not None and found.more else None
 
     @property

@@ -239,10 +239,11 @@ def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal) -> tuple[A
     is tried. Returns the Trainer's result (None when a stop signal ended training early, with a
     checkpoint written: the same command resumes) and the checkpoint it resumed from."""
     from hfhpc.recipes.checkpoint import CheckpointLoadError, one_line_errors
+    from hfhpc.run.checkpoints import set_aside
 
-    unusable: list[Path] = []
+    accelerator = trainer.accelerator
     while True:
-        resume = last_checkpoint(run_dir, skip=unusable)
+        resume = last_checkpoint(run_dir, accelerator)
         if resume:
             log(f"resuming from {resume}")
         try:
@@ -250,8 +251,11 @@ def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal) -> tuple[A
                 result = trainer.train(resume_from_checkpoint=resume)
             break
         except CheckpointLoadError as e:
-            log(f"warning: skipping {Path(e.path).name}: {e.detail}; falling back to an older checkpoint")
-            unusable.append(Path(e.path))
+            # Every rank loads the same files, so every rank gets here: the main one sets it aside.
+            if accelerator.is_main_process:
+                moved = set_aside(Path(e.path))
+                log(f"warning: skipping {Path(e.path).name}: it does not load ({e.detail}); moved aside to {moved.name}")
+            accelerator.wait_for_everyone()
     if result is not None and trainer.state.global_step == getattr(trainer, "_initial_global_step", None) and resume:
         log(f"nothing left to train: {Path(resume).name} is the last step")
         result = result._replace(training_loss=None)
@@ -262,10 +266,16 @@ def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal) -> tuple[A
     return result, resume
 
 
-def last_checkpoint(run_dir: Path, skip: list[Path] | tuple[Path, ...] = ()) -> str | None:
+def last_checkpoint(run_dir: Path, accelerator=None) -> str | None:
     """The newest complete checkpoint-N whose files match their sha256 (see
-    :mod:`hfhpc.run.checkpoints`); newer incomplete or corrupt ones are named in a warning and skipped."""
-    from hfhpc.run.checkpoints import last_complete
+    :mod:`hfhpc.run.checkpoints`); newer incomplete ones are named in a warning and skipped, corrupt
+    ones also set aside. The main process reads the checkpoint; the others wait and take the same."""
+    from hfhpc.run.checkpoints import last_complete, resume_point
 
-    found = last_complete(Path(run_dir), warn=log, verify=True, skip=skip)
+    main = accelerator is None or accelerator.is_main_process
+    found = resume_point(Path(run_dir), warn=log) if main else None
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        if not main:
+            found = last_complete(Path(run_dir))
     return str(found.path) if found else None

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 MARKER = "hfhpc-complete.json"
 MARKER_VERSION = 2  # 2: "sha256" per file; 1: sizes only
+CORRUPT_SUFFIX = ".corrupt"  # checkpoint-N.corrupt: failed its hashes or its load; kept to be looked at
 STAGING_SUFFIX = ".tmp"  # .checkpoint-N.tmp/checkpoint-N while it is written
 TRASH_INFIX = ".deleting-"  # .checkpoint-N.deleting-<random> while it is removed
 HASH_THREADS = 8  # hashlib releases the GIL on large reads: one thread per file, up to this many
@@ -181,19 +182,16 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return out
 
 
-def last_complete(run_dir: Path, warn: Warn | None = None, *, verify: bool = False,
-                  skip: Iterable[Path] = ()) -> Checkpoint | None:
+def last_complete(run_dir: Path, warn: Warn | None = None, *, verify: bool = False) -> Checkpoint | None:
     """The newest complete checkpoint; every newer folder that is not one is named through ``warn``.
+    ``verify`` also hashes the candidate's files against its marker."""
+    return _newest(run_dir, warn, lambda path: problem(path, verify=verify))
 
-    ``verify`` hashes the candidate's files against its marker (what a resume trusts); ``skip``
-    names checkpoints already found unusable (one that failed to load).
-    """
+
+def _newest(run_dir: Path, warn: Warn | None, why_not: Callable[[Path], str | None]) -> Checkpoint | None:
     skipped = []
-    excluded = {Path(p) for p in skip}
     for step, path in reversed(checkpoint_dirs(run_dir)):
-        if path in excluded:
-            continue
-        why = problem(path, verify=verify)
+        why = why_not(path)
         if why is None:
             if warn:
                 for name, reason in skipped:
@@ -204,6 +202,36 @@ def last_complete(run_dir: Path, warn: Warn | None = None, *, verify: bool = Fal
         for name, reason in skipped:
             warn(f"warning: skipping {name}: {reason}; no complete checkpoint: starting from the beginning")
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that must not be trusted to ``checkpoint-N.corrupt`` (kept to be looked at;
+    no longer a checkpoint to anything here, retention included)."""
+    path = Path(path)
+    target, n = path.with_name(f"{path.name}{CORRUPT_SUFFIX}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}-{n}")
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return target
+
+
+def resume_point(run_dir: Path, warn: Warn | None = None) -> Checkpoint | None:
+    """The checkpoint a resume trusts: the newest complete one whose files still have the sha256
+    recorded when it was written. One whose bytes changed since is set aside (:func:`set_aside`);
+    it and newer incomplete folders are named through ``warn``.
+
+    One process of a job calls this (it reads the whole checkpoint); the others then find the same
+    checkpoint with :func:`last_complete`, the set-aside ones being gone.
+    """
+    def why_not(path: Path) -> str | None:
+        why = problem(path)
+        if why is None and (why := problem(path, verify=True)) is not None:
+            why += f"; moved aside to {set_aside(path).name}"
+        return why
+
+    return _newest(run_dir, warn, why_not)
 
 
 def signal_delay_hint_s(run_dir: Path) -> int | None:
