@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 from hfhpc import assets
-from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes import checkpoint, metrics
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
@@ -25,6 +24,7 @@ from hfhpc.recipes.common import (
     write_summary,
 )
 from hfhpc.recipes.infer import inputs_of, text_column
+from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json
 
 # Keys of `train:` that only the SFT recipe reads; none is a TrainingArguments field.

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from hfhpc import assets
-from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes import metrics
 from hfhpc.recipes.common import is_main, log, rank, world_size, write_summary
 from hfhpc.recipes.infer import (
@@ -36,6 +35,7 @@ from hfhpc.recipes.infer import (
     shard_start,
     text_column,
 )
+from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json, atomic_write_text
 
 

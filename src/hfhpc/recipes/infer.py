@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from hfhpc import assets
-from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
@@ -35,6 +34,7 @@ from hfhpc.recipes.common import (
     world_size,
     write_summary,
 )
+from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import fsync_dir, tmp_name
 
 TEXT_COLUMNS = ("text", "prompt", "sentence", "question")

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from hfhpc import assets
-from hfhpc.run.jobfile import JobFile
 from hfhpc.recipes import chatdata, checkpoint
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
@@ -30,6 +29,7 @@ from hfhpc.recipes.common import (
     training_kwargs,
     write_summary,
 )
+from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json
 
 
