@@ -51,6 +51,7 @@ SLURM_GPUS_ON_NODE = "SLURM_GPUS_ON_NODE"
 SLURMD_NODENAME = "SLURMD_NODENAME"
 SLURM_LAUNCH_NODE_IPADDR = "SLURM_LAUNCH_NODE_IPADDR"
 SLURM_CONF = "SLURM_CONF"  # which cluster the SLURM clients talk to
+SBATCH_PARTITION = "SBATCH_PARTITION"  # sbatch's input variable: it overrides #SBATCH --partition
 
 # torch.distributed's rendezvous host, which a script may set itself.
 MASTER_ADDR = "MASTER_ADDR"

@@ -177,3 +177,14 @@ def scontrol_show_job(job_id: str, *, env: Mapping[str, str] | None = None) -> d
     ``Restarts``, ``Reason``, …); None once the controller has forgotten the job."""
     out = run_slurm(["scontrol", "show", "job", "-o", str(job_id)], env=env, ok_unknown_job=True)
     return parse_scontrol(out) if out else None
+
+
+def parse_cluster_name(text: str) -> str | None:
+    """``ClusterName`` from ``scontrol show config`` (``ClusterName             = narval``)."""
+    m = re.search(r"^ClusterName\s*=\s*(\S+)", text, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def cluster_name(*, env: Mapping[str, str] | None = None) -> str | None:
+    """The name of the cluster the clients talk to: job ids are only unique within one."""
+    return parse_cluster_name(run_slurm(["scontrol", "show", "config"], env=env) or "")
