@@ -197,11 +197,11 @@ class SlurmExecutor(BatchScheduler):
         from hfhpc import env as hfenv
 
         environ = os.environ if self.env is None else self.env
-        value = environ.get(hfenv.SBATCH_PARTITION) or job.spec.resources.partition
+        value = job.spec.resources.partition
         for line in job.spec.resources.extra_sbatch:
-            for prefix in ("--partition=", "-p="):
-                if line.startswith(prefix):
-                    value = line[len(prefix):]
+            if line.startswith("--partition="):
+                value = line.removeprefix("--partition=")
+        value = environ.get(hfenv.SBATCH_PARTITION) or value
         return [p for p in value.split(",") if p] if value else None
 
     def query(self, job_ids: Iterable[str]) -> dict[str, SchedulerState]:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from hfhpc.errors import HfhpcError
 from hfhpc.launch.slurm import parse_duration
 
-# One line per partition and node configuration: nodes that differ in any of these fields get
-# lines of their own. "|" never occurs in a partition name, a number or a gres string.
+# One line per partition, node state and node configuration. Without --exact, sinfo merges nodes of
+# one partition and state that differ in CPUs or memory into one line showing the smallest value
+# and "+" ("250+", `man sinfo`): a partition of 32- and 48-CPU nodes would seem to have none of 48.
+# "|" never occurs in a partition name, a number or a gres string.
 SINFO_FORMAT = "%P|%a|%l|%D|%c|%m|%G"
-SINFO_ARGS = ("sinfo", "--noheader", f"--format={SINFO_FORMAT}")
+SINFO_ARGS = ("sinfo", "--noheader", "--exact", f"--format={SINFO_FORMAT}")
 
 _LEADING_INT = re.compile(r"^(\d+)")
 
@@ -32,6 +34,7 @@ class NodeGroup:
     cpus: int
     mem_mb: int
     gpus: Mapping[str | None, int]  # GPU type (None: untyped) → GPUs per node
+    exact: bool = True  # False: sinfo printed a "+" (at least this much), so no verdict on size
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ def parse_sinfo(text: str) -> dict[str, Partition]:
         entry = found.setdefault(name, {"default": False, "up": False, "limit": parse_duration(limit), "groups": []})
         entry["default"] |= default
         entry["up"] |= avail.strip() == "up"
-        entry["groups"].append(NodeGroup(count=_count(count), cpus=_count(cpus), mem_mb=_count(mem), gpus=parse_gres(gres)))
+        entry["groups"].append(NodeGroup(count=_count(count), cpus=_count(cpus), mem_mb=_count(mem), gpus=parse_gres(gres),
+                                         exact="+" not in cpus + mem))
     return {name: Partition(name, e["default"], e["up"], e["limit"], tuple(e["groups"])) for name, e in found.items()}
 
 
@@ -117,7 +121,7 @@ def problems(request: Request, partition: Partition) -> list[str]:
     found: list[str] = []
     if partition.time_limit_s is not None and request.time_s > partition.time_limit_s:
         found.append(f"time limit {_hms(request.time_s)} asked, the partition allows {_hms(partition.time_limit_s)}")
-    fitting = [g for g in partition.groups if _node_problems(request, g) == []]
+    fitting = [g for g in partition.groups if not g.exact or _node_problems(request, g) == []]
     if sum(g.count for g in fitting) >= request.nodes:
         return found
     if not fitting:

@@ -50,7 +50,7 @@ _KNOWN: dict[str, tuple[str, str | None, bool]] = {
                        "--constraint in resources.extra_sbatch (`sinfo -o '%P %f %G'`)", True),
     "Reservation": ("it waits for its advanced reservation to start", None, False),
     "Licenses": ("it waits for a license", None, False),
-    "JobHeldUser": ("you held it", "`scontrol release ID` lets it start", True),
+    "JobHeldUser": ("it is held by its owner (scontrol hold)", "`scontrol release ID` lets it start", True),
     "JobHeldAdmin": ("an administrator held it", "ask the cluster's support", True),
     "launch_failed_requeued_held": ("its launch failed and SLURM held it", "read its log, then `scontrol release ID`", True),
     "InvalidAccount": ("its account is invalid", "set resources.account to one of `sacctmgr show assoc user=$USER`", True),
