@@ -275,7 +275,7 @@ def test_missing_slurm_commands_say_where_to_run(tmp_path: Path, monkeypatch: py
         slurm.sbatch(tmp_path / "job.sbatch", cwd=tmp_path)
     assert e.value.command == "sbatch"
     assert "cluster login node" in e.value.render() and "hfhpc run" in e.value.render()
-    for call in (lambda: slurm.squeue_state("1"), lambda: slurm.sacct_info(["1"]), lambda: slurm.scancel("1"),
+    for call in (lambda: slurm.cluster_name(), lambda: slurm.sacct_info(["1"]), lambda: slurm.scancel("1"),
                  lambda: slurm.scontrol_show_job("1")):
         with pytest.raises(SlurmError, match="not found on PATH"):
             call()

@@ -114,14 +114,6 @@ def sbatch(script_path: Path, cwd: Path, *, env: Mapping[str, str] | None = None
     return job_id
 
 
-def squeue_state(job_id: str, *, env: Mapping[str, str] | None = None) -> str | None:
-    """The state word of a queued or running job (``PENDING``, ``RUNNING``, …); None once the
-    queue has forgotten it."""
-    out = run_slurm(["squeue", "--noheader", "--jobs", str(job_id), "--format=%T"], env=env, ok_unknown_job=True)
-    words = (out or "").split()
-    return words[0] if words else None
-
-
 def parse_sacct(text: str) -> dict[str, SacctRecord]:
     """Records of ``sacct --parsable2 --noheader --allocations -o`` :data:`SACCT_FIELDS`."""
     records: dict[str, SacctRecord] = {}
