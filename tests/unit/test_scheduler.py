@@ -408,3 +408,26 @@ def test_status_table_hides_other_clusters_jobs_and_says_so(tmp_path: Path, monk
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out[1:-1]] == ["2"]
     assert out[-1] == "(1 remembered job(s) of other clusters not shown)"
+
+
+def test_a_job_submitted_from_inside_a_job_reads_its_own_variables() -> None:
+    from hfhpc.launch import slurm
+
+    # sbatch copies the submitting environment into the new job: the old job's HFHPC_* come along.
+    old = JobEnvironment.from_environ({**SLURM_JOB, "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "cpu1"}).rank_variables()
+    inherited = {**old, **SLURM_JOB}
+    assert JobEnvironment.from_environ(inherited, handed_down=False).job_id == "4242"  # what the node agent reads
+    assert not any(name in slurm._command_env(inherited) for name in old)  # never handed to sbatch
+
+
+def test_the_ranks_get_this_jobs_variables_not_inherited_ones(tmp_path: Path) -> None:
+    from hfhpc.launch import node
+
+    job = _job(tmp_path, {"gpus_per_node": 0, "nodes": 2})
+    stale = JobEnvironment.from_environ({"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "cpu1"}).rank_variables()
+    jobenv = JobEnvironment.from_environ({**stale, **SLURM_JOB}, handed_down=False)
+    topo = node.topology(job, jobenv, local=False)
+    env = node.ranks_environ(job, topo, tmp_path / "store", {**stale, **SLURM_JOB}, jobenv)
+    assert (env["HFHPC_JOB_ID"], env["HFHPC_NODELIST"], env["HFHPC_NODE_RANK"]) == ("4242", "gpu07,gpu08", "1")
+    local = node.ranks_environ(job, node.topology(job, jobenv, local=True), tmp_path / "store", {**stale}, None)
+    assert "HFHPC_JOB_ID" not in local and "HFHPC_NODELIST" not in local

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hfhpc import env as hfenv
 from hfhpc.launch.jobfile import JobFile, load_job
-from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment
+from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment, without_handed_down
 from hfhpc.store.atomic import atomic_write_text
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -157,7 +157,7 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
     """The ranks' environment: sealed and offline, with the job environment as ``HFHPC_*``
     variables (the scheduler's own variables are read once, by the agent)."""
     spec = job.spec
-    env = hfenv.offline_environ(store, base=base, allow_hosts=spec.site.allow_hosts)
+    env = hfenv.offline_environ(store, base=without_handed_down(base), allow_hosts=spec.site.allow_hosts)
     if jobenv is not None and topo.job_id is not None:
         env.update(jobenv.rank_variables())
     env[hfenv.HFHPC_RUN_DIR] = str(job.run_dir)
@@ -339,7 +339,7 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
     started = time.time()
     environ = dict(os.environ if environ is None else environ)
     job = load_job(run_dir)
-    jobenv = JobEnvironment.from_environ(environ, strict=not local)
+    jobenv = JobEnvironment.from_environ(environ, strict=not local, handed_down=False)
     topo = topology(job, jobenv, local=local)
     prefix = f"hfhpc[node {topo.node_rank}/{topo.nodes} {socket.gethostname()}]"
 

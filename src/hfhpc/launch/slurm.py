@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hfhpc import env as hfenv
 from hfhpc.errors import SlurmError
+from hfhpc.scheduler.environment import without_handed_down
 
 TIMEOUT_S = 60
 TERMINAL_STATES = frozenset({
@@ -63,8 +64,9 @@ def _time_or_none(text: str) -> str | None:
 
 def _command_env(env: Mapping[str, str] | None) -> dict[str, str]:
     # The SLURM clients copy their environment into the job (sbatch's --export=ALL) and the
-    # controller stores it: a token must never reach them.
-    base = os.environ if env is None else env
+    # controller stores it: a token must never reach them, nor the job variables of the job
+    # this command may run in (a job that submits the next one).
+    base = without_handed_down(os.environ if env is None else env)
     return {k: v for k, v in base.items() if k not in hfenv.SECRET_VARS}
 
 

@@ -75,19 +75,28 @@ class JobEnvironment:
         return {k: v for k, v in values.items() if v is not None}
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str], *, strict: bool = False) -> JobEnvironment:
+    def from_environ(cls, environ: Mapping[str, str], *, strict: bool = False,
+                     handed_down: bool = True) -> JobEnvironment:
         """The job of ``environ``: what a node agent handed down (``HFHPC_*``), else what the first
         scheduler that recognizes the environment says, else "no job".
 
-        A malformed node list raises ``ValueError`` when ``strict`` (the node agent: a wrong head
-        node would hang the rendezvous) and is ignored otherwise (the seal must never break a
-        process's start-up).
+        The node agent itself passes ``handed_down=False``: it reads the scheduler, never variables
+        an earlier job may have left in the environment it was submitted from. A malformed node list
+        raises ``ValueError`` when ``strict`` (the agent: a wrong head node would hang the
+        rendezvous) and is ignored otherwise (the seal must never break a process's start-up).
         """
-        for reader in (_from_hfhpc, *READERS.values()):
+        readers = (_from_hfhpc, *READERS.values()) if handed_down else tuple(READERS.values())
+        for reader in readers:
             found = reader(environ, strict)
             if found is not None:
                 return found
         return cls()
+
+
+def without_handed_down(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less the variables a node agent hands down: a job submitted from inside another
+    job (sbatch copies the environment) or a local run there must not inherit that job's."""
+    return {k: v for k, v in environ.items() if k not in HANDED_DOWN}
 
 
 def variables_read(environ: Mapping[str, str]) -> tuple[str | None, ...]:
@@ -159,11 +168,15 @@ _SLURM_MARKERS = (hfenv.SLURM_JOB_ID, hfenv.SLURM_JOB_NODELIST, hfenv.SLURM_NODE
 Reader = Callable[[Mapping[str, str], bool], "JobEnvironment | None"]
 # One reader per scheduler, tried in order after the variables a node agent handed down.
 READERS: dict[str, Reader] = {"slurm": _from_slurm}
+# What rank_variables() writes.
+HANDED_DOWN = (
+    hfenv.HFHPC_SCHEDULER, hfenv.HFHPC_JOB_ID, hfenv.HFHPC_NODE_RANK, hfenv.HFHPC_NODELIST, hfenv.HFHPC_NUM_NODES,
+    hfenv.HFHPC_HEAD_NODE, hfenv.HFHPC_RESTART_COUNT, hfenv.HFHPC_TMPDIR, hfenv.HFHPC_CPUS_PER_TASK,
+    hfenv.HFHPC_GPUS_ON_NODE, hfenv.HFHPC_NODE_NAME, hfenv.HFHPC_LAUNCH_HOST,
+)
 # Every variable the readers look at.
 VARIABLES = (
-    hfenv.HFHPC_SCHEDULER, hfenv.HFHPC_JOB_ID, hfenv.HFHPC_NODE_RANK, hfenv.HFHPC_NODELIST, hfenv.HFHPC_NUM_NODES,
-    hfenv.HFHPC_RESTART_COUNT, hfenv.HFHPC_TMPDIR, hfenv.HFHPC_CPUS_PER_TASK, hfenv.HFHPC_GPUS_ON_NODE,
-    hfenv.HFHPC_NODE_NAME, hfenv.HFHPC_LAUNCH_HOST,
+    *HANDED_DOWN,
     hfenv.SLURM_JOB_ID, hfenv.SLURM_JOB_NODELIST, hfenv.SLURM_NODELIST, hfenv.SLURM_STEP_NODELIST,
     hfenv.SLURM_JOB_NUM_NODES, hfenv.SLURM_NNODES, hfenv.SLURM_NODEID, hfenv.SLURM_RESTART_COUNT, hfenv.SLURM_TMPDIR,
     hfenv.SLURM_CPUS_PER_TASK, hfenv.SLURM_GPUS_ON_NODE, hfenv.SLURMD_NODENAME, hfenv.SLURM_LAUNCH_NODE_IPADDR,
