@@ -6,7 +6,8 @@ node 0 of 1; a batch scheduler writes a script whose job step runs it once per n
 
 :class:`Executor` is the whole interface the CLI uses (``run``, ``submit``, ``status``, ``logs``,
 ``cancel``): ``script``, ``start`` (run or submit), ``query`` (the scheduler's view of jobs),
-``cancel``, ``log_path`` and ``environment`` (the job's variables, read once).
+``cancel``, ``cluster`` and ``log_path``. Inside a job, the scheduler's variables are read once, by
+:class:`hfhpc.scheduler.environment.JobEnvironment`.
 :class:`BatchScheduler` owns the submit flow (render, check the request against the partition,
 refuse a second live job of the run folder, write, submit, remember); a scheduler supplies only the
 script text, the submit, query and cancel commands and its capacity check. :class:`SlurmExecutor`
@@ -26,7 +27,6 @@ from typing import TYPE_CHECKING
 
 from hfhpc.errors import HfhpcError, SlurmError, UsageError
 from hfhpc.launch.jobfile import JobFile, prepare_run_dir, resolve_job
-from hfhpc.scheduler.environment import JobEnvironment
 from hfhpc.spec import JobSpec
 from hfhpc.store.atomic import atomic_write_text
 
@@ -88,10 +88,6 @@ class Executor(ABC):
         """The job's log; without an id, the newest log of the run folder."""
         candidates = [p for p in (Path(run_dir) / LOG_DIR).glob("*.out") if p.is_file()]
         return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-    def environment(self, environ: Mapping[str, str] | None = None) -> JobEnvironment:
-        """The job this process runs in, as its scheduler describes it."""
-        return JobEnvironment.from_environ(os.environ if environ is None else environ)
 
 
 class LocalExecutor(Executor):
