@@ -28,8 +28,12 @@ class RunLock:
         self._lock = DirLock(RunDir(run_dir).lock, timeout_s=0.0, stale_s=STALE_S)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._created: list[Path] = []
 
     def acquire(self) -> RunLock:
+        # The folders the lock creates: removed again on release if nothing else was put there
+        # (a submission refused before it wrote anything leaves no run folder behind).
+        self._created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         try:
             self._lock.acquire()
         except StoreLockedError as e:
@@ -49,6 +53,11 @@ class RunLock:
             self._beat.join()
             self._beat = None
         self._lock.release()
+        for folder in self._created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the run wrote into it
 
     def __enter__(self) -> RunLock:
         return self.acquire()

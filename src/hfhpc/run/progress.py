@@ -117,6 +117,9 @@ def read_progress(run_dir: Path) -> Progress | None:
     data = last_json_line(RunDir(run_dir).metrics)
     if data is None or _number(data.get("step")) is None:
         return None
+    missing = tuple(k for k in ("loss", "tokens_per_s") if _number(data.get(k)) is None)
+    if missing:
+        data = {**data, **_last_logged(run_dir, missing)}
     max_steps = _number(data.get("max_steps"))
     return Progress(
         step=int(data["step"]), max_steps=int(max_steps) if max_steps is not None else None,
@@ -124,6 +127,16 @@ def read_progress(run_dir: Path) -> Progress | None:
         learning_rate=_number(data.get("learning_rate")), tokens_per_s=_number(data.get("tokens_per_s")),
         elapsed_s=_number(data.get("elapsed_s")), step_s=_number(data.get("step_s")),
     )
+
+
+def _last_logged(run_dir: Path, keys: tuple[str, ...]) -> dict:
+    """The newest value of each of ``keys`` in ``metrics.jsonl``. The last line of a finished run is
+    the Trainer's summary or an evaluation, which log neither the training loss nor a throughput, so
+    reading the whole file is needed only then."""
+    found: dict = {}
+    for row in read_metrics(run_dir):
+        found.update({k: row[k] for k in keys if _number(row.get(k)) is not None})
+    return found
 
 
 # -- allocations --------------------------------------------------------------------------------
