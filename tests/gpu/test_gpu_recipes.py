@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,21 +120,28 @@ def test_sft_on_several_gpus(staged, strategy: str, gpus: int):
     assert losses[-1] < 0.7 * losses[0], losses
     _loads(run_dir)
     if "fsdp" in strategy:
-        # The same job asked for more steps resumes from the sharded checkpoint.
+        # A job asking for more steps, given the sharded checkpoint, resumes from it (the finished run
+        # itself is left alone: a changed spec is refused there).
         root, store = staged
         spec = root / f"{name}.yaml"
-        spec.write_text(spec.read_text().replace("max_steps: 30", "max_steps: 40"))
-        again = _cli("--store", str(store), "run", str(spec))
+        more = root / f"{name}-more.yaml"
+        more.write_text(spec.read_text().replace(f"name: {name}", f"name: {name}-more").replace("max_steps: 30", "max_steps: 40"))
+        more.with_suffix(".lock").write_text(spec.with_suffix(".lock").read_text())
+        done = _cli("--store", str(store), "run", str(spec))
+        assert done.returncode == 0 and "already complete" in done.stdout, done.stdout + done.stderr
+        more_dir = root / "runs" / f"{name}-more"
+        shutil.copytree(run_dir / "checkpoint-30", more_dir / "checkpoint-30")
+        again = _cli("--store", str(store), "run", str(more))
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
         assert "resuming from" in again.stdout + again.stderr and "checkpoint-30" in again.stdout + again.stderr
-        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
+        assert json.loads((more_dir / "summary.json").read_text())["steps"] == 40
     if strategy == "fsdp":
         # A new job of the same model on a "node" whose local compile cache is empty: the compiled
         # layers come from the store, nothing is compiled before the first step.
         root, store = staged
         fresh = root / f"{name}-fresh.yaml"
         fresh.write_text((root / f"{name}.yaml").read_text().replace(f"name: {name}", f"name: {name}-fresh")
-                         .replace("max_steps: 40", "max_steps: 2"))
+                         .replace("max_steps: 30", "max_steps: 2"))
         fresh.with_suffix(".lock").write_text((root / "base.lock").read_text())
         out = _cli("--store", str(store), "run", str(fresh), env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(root / f"{name}-node")))
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

@@ -154,10 +154,10 @@ def test_infer_resumes_after_the_last_complete_line(staged: dict[str, Path], one
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_rows"] == 5 and summary["predicted_rows"] == INFER_ROWS - 5
 
-    # Run again: everything is there already, nothing is redone.
+    # Run again: the run is complete, nothing is redone.
     out = _run(spec, staged["store"])
     _ok(out)
-    assert "already holds all" in out.stdout
+    assert out.stdout == f"hfhpc: {run_dir} is already complete; `hfhpc run {spec} --fresh` starts over in a new folder\n"
     assert _lines(run_dir / "predictions.jsonl") == rows
 
 
