@@ -161,6 +161,24 @@ def test_infer_resumes_after_the_last_complete_line(staged: dict[str, Path], one
     assert _lines(run_dir / "predictions.jsonl") == rows
 
 
+def test_the_engine_writes_what_the_pipeline_writes_and_logs_progress(staged: dict[str, Path], one_rank_predictions) -> None:
+    # Greedy: the pipeline (batches of 4, left padding) and the engine give the same text for every row.
+    spec = _variant(staged["infer"], "infer-pipeline", infer={**yaml.safe_load(staged["infer"].read_text())["infer"],
+                                                              "engine": "pipeline"},
+                    resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
+    _ok(_run(spec, staged["store"]))
+    assert _lines(_run_dir(spec) / "predictions.jsonl") == one_rank_predictions
+    assert json.loads((_run_dir(spec) / "summary.json").read_text())["engine"] == "pipeline"
+
+    run_dir = _run_dir(staged["infer"].with_name("infer-1rank.yaml"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine"] == "generate" and summary["new_tokens"] > 0 and summary["first_row_s"] > 0
+    # What `hfhpc status` reads: rows done of rows as step/max_steps, new tokens/s, seconds per row.
+    last = _lines(run_dir / "metrics.jsonl")[-1]
+    assert last["step"] == last["max_steps"] == INFER_ROWS and last["eta_s"] == 0
+    assert last["new_tokens"] == summary["new_tokens"] and last["tokens_per_s"] > 0 and last["step_s"] > 0
+
+
 def test_a_rank_file_keeps_only_its_exact_complete_prefix(tmp_path: Path) -> None:
     from hfhpc.recipes.infer import keep_complete_prefix
 
@@ -177,13 +195,19 @@ def test_a_rank_file_keeps_only_its_exact_complete_prefix(tmp_path: Path) -> Non
     assert keep_complete_prefix(tmp_path / "missing.jsonl", 0, 6) == 0
 
 
-def test_sigterm_stops_infer_with_exit_3_and_a_rerun_completes(staged: dict[str, Path]) -> None:
-    # Batches of one long generation each: the run lasts long enough to be interrupted mid-way.
+# One long generation at a time (a pipeline batch of one; an engine of one row at once): the run
+# lasts long enough to be interrupted mid-way.
+ONE_AT_A_TIME = {"pipeline": {"engine": "pipeline", "batch_size": 1}, "engine": {"max_concurrent": 1}}
+
+
+@pytest.mark.parametrize("path", ONE_AT_A_TIME)
+def test_sigterm_stops_infer_with_exit_3_and_a_rerun_completes(staged: dict[str, Path], path: str) -> None:
     rows = 48
     spec = _variant(
-        staged["infer"], "infer-sigterm",
+        staged["infer"], f"infer-sigterm-{path}",
         dataset={**yaml.safe_load(staged["infer"].read_text())["dataset"], "max_samples": rows},
-        infer={"task": "text-generation", "batch_size": 1, "max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False},
+        infer={"task": "text-generation", "max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False,
+               **ONE_AT_A_TIME[path]},
         resources={"gpus_per_node": 0, "cpus_per_gpu": 1},
     )
     part = _run_dir(spec) / "predictions.rank0.jsonl"
