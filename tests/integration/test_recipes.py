@@ -169,6 +169,8 @@ def test_the_engine_writes_what_the_pipeline_writes_and_logs_progress(staged: di
     _ok(_run(spec, staged["store"]))
     assert _lines(_run_dir(spec) / "predictions.jsonl") == one_rank_predictions
     assert json.loads((_run_dir(spec) / "summary.json").read_text())["engine"] == "pipeline"
+    piped = _lines(_run_dir(spec) / "metrics.jsonl")[-1]  # rows counted; the pipeline's tokens are not
+    assert piped["step"] == INFER_ROWS and piped["tokens_per_s"] is None and piped["rows_per_s"] > 0
 
     run_dir = _run_dir(staged["infer"].with_name("infer-1rank.yaml"))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -177,6 +179,20 @@ def test_the_engine_writes_what_the_pipeline_writes_and_logs_progress(staged: di
     last = _lines(run_dir / "metrics.jsonl")[-1]
     assert last["step"] == last["max_steps"] == INFER_ROWS and last["eta_s"] == 0
     assert last["new_tokens"] == summary["new_tokens"] and last["tokens_per_s"] > 0 and last["step_s"] > 0
+
+
+def test_sampled_predictions_depend_on_the_seed_not_on_the_ranks(staged: dict[str, Path]) -> None:
+    infer = {**yaml.safe_load(staged["infer"].read_text())["infer"], "do_sample": True, "temperature": 1.0}
+    one = _variant(staged["infer"], "infer-sample-1", infer=infer, resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
+    two = _variant(staged["infer"], "infer-sample-2", infer=infer,
+                   resources={"gpus_per_node": 0, "procs_per_node": 2, "cpus_per_gpu": 1})
+    other = _variant(staged["infer"], "infer-sample-seed", infer=infer, train={"seed": 1234},
+                     resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
+    for spec in (one, two, other):
+        _ok(_run(spec, staged["store"]))
+    rows = _lines(_run_dir(one) / "predictions.jsonl")
+    assert _lines(_run_dir(two) / "predictions.jsonl") == rows
+    assert [r["prediction"] for r in _lines(_run_dir(other) / "predictions.jsonl")] != [r["prediction"] for r in rows]
 
 
 def test_a_rank_file_keeps_only_its_exact_complete_prefix(tmp_path: Path) -> None:

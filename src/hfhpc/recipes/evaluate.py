@@ -104,7 +104,8 @@ def main(job: JobFile) -> int:
 
         records = []
         settings = engine_settings(job, pipe, kwargs)
-        for lo, text, prediction, _ in (engine_outputs(job, pipe, settings, shard, column, chat=chat) if settings else ()):
+        generated = engine_outputs(job, pipe, settings, shard, column, chat=chat, start=start) if settings else ()
+        for lo, text, prediction, _ in generated:
             records.append({"index": start + lo, "input": text, "prediction": prediction,
                             "reference": reference_of(shard[lo][label_column], feature)})
         for lo in range(0, len(shard), batch_size) if not settings else ():

@@ -41,8 +41,7 @@ ATTENTION = "hfhpc_slots"
 # Generation settings the engine implements; any other set to a non-default value goes to the pipeline.
 ENGINE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
                    "top_p", "min_p", "eos_token_id", "stop_strings", "pad_token_id", "bos_token_id")
-# Pipeline call arguments the engine honours (the rest of the pipeline's own arguments send a job there).
-# Settings that change nothing in single-sequence greedy or sampled decoding without a cache of ours.
+# Settings with no effect on the tokens here: output options, beam-search-only ones, the cache choice (the engine has its own).
 NO_EFFECT = ("transformers_version", "use_cache", "cache_implementation", "return_dict_in_generate", "output_scores",
              "output_logits", "output_attentions", "output_hidden_states", "length_penalty", "early_stopping",
              "decoder_start_token_id")

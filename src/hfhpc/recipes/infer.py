@@ -236,17 +236,21 @@ def build_engine(job: JobFile, pipe: Any, sampling: Any, prompts: list[Any]) -> 
 
 
 def engine_outputs(job: JobFile, pipe: Any, settings: tuple[Any, dict[str, Any]], shard: Any, column: str, *,
-                   chat: bool, first: int = 0, should_stop: Any = lambda: False, stats: dict | None = None):
-    """Generate for rows ``first``.. of ``shard`` on the engine; yield (row, input, prediction, new
-    tokens) in row order. ``stats`` receives the engine's account of where the time went."""
+                   chat: bool, start: int = 0, first: int = 0, should_stop: Any = lambda: False,
+                   stats: dict | None = None):
+    """Generate for rows ``first``.. of ``shard`` (whose row 0 is row ``start`` of the split) on the
+    engine; yield (shard row, input, prediction, new tokens) in row order. Rows are named to the
+    engine by their index in the split, so that sampled text depends on the seed alone, not on the
+    ranks or a resume. ``stats`` receives the engine's account of where the time went."""
     from hfhpc.recipes.generate import decode
 
     sampling, options = settings
     todo = shard.select(range(first, len(shard))) if first else shard
     prompts = encode_prompts(pipe.tokenizer, todo[column], options, chat=chat)
     engine = build_engine(job, pipe, sampling, prompts)
-    for finished in engine.run(enumerate(prompts), should_stop=should_stop):
-        row = first + finished.row
+    base = start + first
+    for finished in engine.run(((base + k, p) for k, p in enumerate(prompts)), should_stop=should_stop):
+        row = finished.row - start
         text = inputs_of([shard[row][column]], chat=chat)[0]
         yield row, text, decode(pipe.tokenizer, finished.tokens, options), len(finished.tokens)
     if stats is not None:
@@ -261,9 +265,10 @@ class GenerationProgress:
     """Rows done, new tokens/s and ETA, in the log and in ``metrics.jsonl`` (what ``hfhpc status``
     reads: ``step``/``max_steps`` are this rank's rows, ``step_s`` its seconds per row)."""
 
-    def __init__(self, job: JobFile, rows: int, resumed: int) -> None:
+    def __init__(self, job: JobFile, rows: int, resumed: int, *, tokens: bool) -> None:
         self.path = job.run_dir / "metrics.jsonl"
         self.rows, self.done, self.resumed = rows, resumed, resumed
+        self.count_tokens = tokens  # the pipeline's outputs are text: its new tokens are not counted
         self.tokens = 0
         self.t0 = self.last = time.perf_counter()
         self.first_row_s: float | None = None
@@ -285,7 +290,8 @@ class GenerationProgress:
         per_row = elapsed / new_rows if new_rows else None
         record = {
             "step": self.done, "max_steps": self.rows, "rows_done": self.done, "rows": self.rows,
-            "new_tokens": self.tokens, "tokens_per_s": round(self.tokens / elapsed, 1) if elapsed > 0 else None,
+            "new_tokens": self.tokens if self.count_tokens else None,
+            "tokens_per_s": round(self.tokens / elapsed, 1) if elapsed > 0 and self.count_tokens else None,
             "rows_per_s": round(new_rows / elapsed, 3) if elapsed > 0 else None,
             "eta_s": round(per_row * (self.rows - self.done), 1) if per_row is not None else None,
             "step_s": round(per_row, 5) if per_row is not None else None,
@@ -294,7 +300,9 @@ class GenerationProgress:
         if is_main():
             append_jsonl(self.path, record)
             eta = f", ETA {timedelta(seconds=int(record['eta_s']))}" if record["eta_s"] is not None else ""
-            log(f"{self.done}/{self.rows} rows, {record['tokens_per_s'] or 0:,.0f} new tokens/s{eta}")
+            rate = (f"{record['tokens_per_s']:,.0f} new tokens/s" if record["tokens_per_s"] is not None
+                    else f"{record['rows_per_s'] or 0:,.2f} rows/s")
+            log(f"{self.done}/{self.rows} rows, {rate}{eta}")
         return record
 
 
@@ -384,11 +392,11 @@ def main(job: JobFile) -> int:
         return record
 
     # -- run ---------------------------------------------------------------------------------------
-    progress = GenerationProgress(job, len(shard), done)
+    progress = GenerationProgress(job, len(shard), done, tokens=settings is not None)
     engine_stats: dict[str, Any] = {}
     with open(part, "a") as out:
         if settings:
-            for lo, text, prediction, tokens in engine_outputs(job, pipe, settings, shard, column, chat=chat, first=done,
+            for lo, text, prediction, tokens in engine_outputs(job, pipe, settings, shard, column, chat=chat, start=start, first=done,
                                                                 should_stop=lambda: stop.stopped, stats=engine_stats):
                 reference = shard[lo][label_column] if label_column else None
                 out.write(json.dumps(record_of(lo, text, prediction, None, reference), default=jsonable) + "\n")
@@ -448,8 +456,8 @@ def main(job: JobFile) -> int:
             "engine": "generate" if settings else "pipeline",
             "engine_stats": engine_stats or None,
             "first_row_s": round(progress.first_row_s, 3) if progress.first_row_s is not None else None,
-            "new_tokens": final_progress["new_tokens"] if settings else None,
-            "new_tokens_per_s": final_progress["tokens_per_s"] if settings else None,
+            "new_tokens": final_progress["new_tokens"],
+            "new_tokens_per_s": final_progress["tokens_per_s"],
             "text_column": column,
             "world_size": world,
             "predictions": str(final),
