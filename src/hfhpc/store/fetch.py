@@ -35,7 +35,6 @@ from hfhpc.errors import (
     UsageError,
 )
 from hfhpc.store.atomic import DirLock, TMP_PREFIX, disk_errors, tmp_name
-from hfhpc.store.validate import contained
 from hfhpc.store.cache import blob_path, install_blob_from, is_installed, link_snapshot, write_ref, write_tree
 from hfhpc.store.layout import (
     REPO_TYPE,
@@ -46,6 +45,7 @@ from hfhpc.store.layout import (
     revision_problem,
     state_dir,
 )
+from hfhpc.store.validate import contained
 
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 CHUNK = 4 * 1024 * 1024
