@@ -112,13 +112,13 @@ def _asset(path: Path, a: object) -> LockedAsset:
     """One asset of a lockfile, every field checked: a lockfile is shared and committed, so untrusted."""
     if not isinstance(a, dict):
         raise _bad(path, "an asset is not a JSON object")
-    repo_id = a["id"]
-    where = f"asset {repo_id!r}"
+    where = f"asset {a.get('id')!r}"
     _field(path, where, "kind", a["kind"], None if a["kind"] in REPO_TYPE else "not one of " + ", ".join(REPO_TYPE))
+    _field(path, where, "commit", a["commit"], commit_problem(a["commit"]))
+    repo_id = a["id"]
     _field(path, where, "id", repo_id, repo_id_problem(repo_id) if isinstance(repo_id, str) else "not a string")
     revision = a["revision"]
     _field(path, where, "revision", revision, revision_problem(revision) if isinstance(revision, str) else "not a string")
-    _field(path, where, "commit", a["commit"], commit_problem(a["commit"]))
     include = a.get("include", [])
     if not isinstance(include, list) or not all(isinstance(p, str) for p in include):
         raise _bad(path, f"{where}: include is not a list of patterns")
