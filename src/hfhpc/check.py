@@ -21,7 +21,7 @@ from pathlib import Path
 from hfhpc import env as hfenv
 from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store.cache import snapshot_dir
-from hfhpc.store.layout import read_ref
+from hfhpc.store.layout import dataset_arrow_dir, read_ref
 from hfhpc.store.lock import LockedAsset, load_lock
 from hfhpc.store.prepare import metric_module_dir
 from hfhpc.store.stage import requests_from_spec
@@ -75,9 +75,9 @@ def _spec_fix(spec: JobSpec, flag: str = "") -> str:
     return f"hfhpc stage {shlex.quote(path)}{flag}"
 
 
-def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan) -> None:
+def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, full: bool = False) -> None:
     lock = load_lock(spec.lock_path(), missing_ok=True)
-    cache = VerifyCache(store)
+    cache = VerifyCache(store, full=full)
     dataset_refs = {d.id: d for d in spec.all_datasets()}
     for req in requests_from_spec(spec):
         locked = lock.get(*req.key)
@@ -238,7 +238,7 @@ def _detail_field(detail: str | None, key: str) -> str | None:
 
 
 def _dataset_ready(store: Path, repo_id: str, config: str | None) -> bool:
-    base = Path(store) / "datasets" / repo_id.replace("/", "___") / (config or "default")
+    base = dataset_arrow_dir(store, repo_id, config)
     return any((p / "dataset_info.json").is_file() for p in base.glob("*/*"))
 
 
@@ -259,7 +259,9 @@ def check(
     scripts: list[Path] | None = None,
     *,
     probe: bool = True,
+    full: bool = False,
 ) -> CheckReport:
+    """``full``: re-hash every file instead of trusting the hashes remembered by (size, mtime, inode)."""
     t0 = time.perf_counter()
     report = CheckReport()
     plan = _Plan()
@@ -267,7 +269,7 @@ def check(
     allow: list[str] = []
     if spec is not None:
         allow = list(spec.site.allow_hosts)
-        _check_locked(spec, store, report, plan)
+        _check_locked(spec, store, report, plan, full=full)
         extra = sorted((spec.train.model_extra or {}).keys())
         if spec.recipe in ("sft", "classify") and extra:
             plan.train = {"recipe": spec.recipe, "keys": extra}

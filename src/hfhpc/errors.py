@@ -98,15 +98,22 @@ class ChecksumError(HfhpcError):
     def __init__(self, repo_id: str, filename: str, expected: str, actual: str):
         self.repo_id, self.filename, self.expected, self.actual = repo_id, filename, expected, actual
         super().__init__(
-            f"checksum mismatch for {repo_id}/{filename}: expected {expected[:12]}…, got {actual[:12]}…",
+            f"checksum mismatch for {repo_id}/{filename}: expected {_short(expected)}, got {_short(actual)}",
             "the file was not kept; run the stage command again",
         )
 
 
+def _short(value: str) -> str:
+    """A hash cut to 12 digits (enough to tell two apart); anything else whole, never mid-word."""
+    if len(value) > 12 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"
+    return value
+
+
 class DiskFullError(HfhpcError):
-    def __init__(self, path: str, needed: int | None = None):
+    def __init__(self, path: str, needed: int | None = None, detail: str | None = None):
         self.path, self.needed = path, needed
-        need = f" ({needed / 2**30:.2f} GiB needed)" if needed else ""
+        need = f" ({detail})" if detail else f" ({needed / 2**30:.2f} GiB needed)" if needed else ""
         super().__init__(
             f"no space left on the device holding {path}{need}",
             "free space or point --store / HFHPC_STORE at a larger filesystem",

@@ -3,7 +3,8 @@
 (a) ``predictions:`` — a ``predictions.jsonl`` (the infer recipe's output, or any file of that
     format): each line's ``prediction`` against its ``reference``.
 (b) ``model:`` + ``dataset:`` — a pipeline of the model over ``dataset.split`` (every rank takes a
-    contiguous shard; rank 0 gathers them in order), each prediction against ``label_column``.
+    contiguous shard; rank 0 gathers them in order), each prediction against ``label_column``. Text
+    generation runs on the infer recipe's generation engine (:mod:`hfhpc.recipes.generate`).
     Class labels meet as ids: the model's label names go through its ``label2id`` and the dataset's
     names through its ClassLabel. The rows go to ``predictions.jsonl`` too, to see what was missed.
 
@@ -25,6 +26,8 @@ from hfhpc.recipes.common import is_main, log, rank, world_size, write_summary
 from hfhpc.recipes.infer import (
     build_pipeline,
     call_kwargs,
+    engine_outputs,
+    engine_settings,
     init_distributed,
     inputs_of,
     is_chat,
@@ -99,7 +102,12 @@ def main(job: JobFile) -> int:
         log(f"{spec.infer.task} with {spec.model.id} on {len(ds)} rows of {dref.id}:{dref.split}, {world} rank(s)")
 
         records = []
-        for lo in range(0, len(shard), batch_size):
+        settings = engine_settings(job, pipe, kwargs)
+        generated = engine_outputs(job, pipe, settings, shard, column, chat=chat, start=start) if settings else ()
+        for lo, text, prediction, _ in generated:
+            records.append({"index": start + lo, "input": text, "prediction": prediction,
+                            "reference": reference_of(shard[lo][label_column], feature)})
+        for lo in range(0, len(shard), batch_size) if not settings else ():
             batch = shard[lo: lo + batch_size]
             inputs = inputs_of(batch[column], chat=chat)
             outputs = pipe(inputs, batch_size=batch_size, **kwargs)

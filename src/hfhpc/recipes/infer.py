@@ -1,9 +1,15 @@
 """Batch inference: a transformers pipeline over a whole dataset split, on every rank of the job.
 
 setup (this rank's contiguous shard of the split, a pipeline of the staged model and tokenizer at
-the locked commit) → run (batches appended to ``predictions.rank{r}.jsonl``, flushed after each, so
-a rerun resumes after the last complete line) → save (rank 0 joins the shards in rank order, which
-is input order, into ``predictions.jsonl``; ``summary.json``).
+the locked commit) → run (rows appended in input order to ``predictions.rank{r}.jsonl``, flushed as
+they come, so a rerun resumes after the last complete line) → save (rank 0 joins the shards in rank
+order, which is input order, into ``predictions.jsonl``; ``summary.json``).
+
+Text generation runs on the engine of :mod:`hfhpc.recipes.generate` (continuous batching over a KV
+cache sized from free GPU memory) unless ``infer.engine: pipeline`` asks for the pipeline, or the
+model or a setting is one the engine does not implement (the log says which); the pipeline runs every
+other task, in batches of ``infer.batch_size``. Progress (rows, new tokens/s, ETA) goes to
+``metrics.jsonl``.
 
 Each line is ``{"index": i, "input": …, "prediction": …}``, plus ``"score"`` for classifiers and
 ``"reference"`` when the spec names ``dataset.label_column``.
@@ -27,6 +33,7 @@ from hfhpc import assets
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
+    append_jsonl,
     cuda_available,
     is_main,
     log,
@@ -41,6 +48,9 @@ TEXT_COLUMNS = ("text", "prompt", "sentence", "question")
 # Whole-text classifiers: an input longer than the model's window is truncated rather than fatal.
 TRUNCATING_TASKS = ("text-classification", "sentiment-analysis")
 GENERATED_KEYS = ("generated_text", "summary_text", "translation_text")
+# ``infer:`` keys read by the recipe itself, never passed to the pipeline.
+ENGINE_KEYS = ("engine", "max_concurrent")
+PROGRESS_EVERY_S = 10.0
 
 
 # -- helpers shared with the evaluate recipe ---------------------------------------------------------
@@ -106,7 +116,7 @@ def call_kwargs(job: JobFile) -> dict[str, Any]:
     """Keyword arguments of every pipeline call: the spec's ``infer:`` extras, plus defaults that
     make the output a prediction (only the new text of a generation)."""
     infer = job.spec.infer
-    kwargs = dict(infer.model_extra or {})
+    kwargs = {k: v for k, v in (infer.model_extra or {}).items() if k not in ENGINE_KEYS}
     if infer.max_new_tokens is not None:
         kwargs["max_new_tokens"] = infer.max_new_tokens
     if infer.task == "text-generation":
@@ -171,6 +181,128 @@ def load_rows(job: JobFile):
     if dref.max_samples:
         ds = ds.select(range(min(dref.max_samples, len(ds))))
     return ds
+
+
+def engine_settings(job: JobFile, pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """(sampling, decoding options) when the generation engine runs this job, else None (the pipeline
+    does: another task, ``infer.engine: pipeline``, or a model or setting the engine lacks; logged)."""
+    from hfhpc.recipes import generate
+
+    infer = job.spec.infer
+    choice = (infer.model_extra or {}).get("engine", "auto")
+    if choice not in ("auto", "pipeline"):
+        raise SystemExit(f"hfhpc: infer.engine is {choice!r}: use auto (the default) or pipeline")
+    if infer.task != "text-generation" or choice == "pipeline":
+        return None
+    try:
+        return generate.generation_settings(pipe, kwargs, job.spec.train.seed)
+    except generate.NotForEngine as e:
+        log(f"generating with the pipeline, batches of {infer.batch_size}: the engine does not implement {e}")
+        return None
+
+
+def encode_prompts(tokenizer: Any, values: Any, options: dict[str, Any], *, chat: bool, chunk: int = 1024):
+    """Token ids (int32 arrays) of every prompt of ``values`` (a dataset column, or a list), prepared as
+    the pipeline prepares them."""
+    import numpy as np
+
+    from hfhpc.recipes import generate
+
+    add = bool(options.get("add_special_tokens", False))
+    out = []
+    for lo in range(0, len(values), chunk):
+        for value in inputs_of(list(values[lo: lo + chunk]), chat=chat):
+            out.append(np.asarray(generate.encode(tokenizer, value, add_special_tokens=add), dtype=np.int32))
+    return out
+
+
+def build_engine(job: JobFile, pipe: Any, sampling: Any, prompts: list[Any]) -> Any:
+    """The engine for these prompts: slot length from the longest, slot count from free memory (at most
+    ``infer.max_concurrent`` when set)."""
+    from hfhpc.recipes import generate
+
+    model = pipe.model
+    max_len = generate.max_len_for(model, sampling, (len(p) for p in prompts))
+    cap = (job.spec.infer.model_extra or {}).get("max_concurrent")
+    if cap is not None and (not isinstance(cap, int) or cap < 1):
+        raise SystemExit(f"hfhpc: infer.max_concurrent is {cap!r}: give a whole number >= 1")
+    slots = generate.plan_slots(model, max_len, len(prompts), cap)
+    if prompts and slots < 1:
+        raise SystemExit(f"hfhpc: the KV cache of one {max_len}-token row does not fit in the GPU memory left "
+                         "after loading the model: lower max_new_tokens or dataset.max_length of the prompts")
+    log(f"generation engine: {max(slots, 1)} rows at once, {max_len} positions each")
+    return generate.Engine(model, sampling, slots=max(slots, 1), max_len=max_len, tokenizer=pipe.tokenizer)
+
+
+def engine_outputs(job: JobFile, pipe: Any, settings: tuple[Any, dict[str, Any]], shard: Any, column: str, *,
+                   chat: bool, start: int = 0, first: int = 0, should_stop: Any = lambda: False,
+                   stats: dict | None = None):
+    """Generate for rows ``first``.. of ``shard`` (whose row 0 is row ``start`` of the split) on the
+    engine; yield (shard row, input, prediction, new tokens) in row order. Rows are named to the
+    engine by their index in the split, so that sampled text depends on the seed alone, not on the
+    ranks or a resume. ``stats`` receives the engine's account of where the time went."""
+    from hfhpc.recipes.generate import decode
+
+    sampling, options = settings
+    todo = shard.select(range(first, len(shard))) if first else shard
+    prompts = encode_prompts(pipe.tokenizer, todo[column], options, chat=chat)
+    engine = build_engine(job, pipe, sampling, prompts)
+    base = start + first
+    for finished in engine.run(((base + k, p) for k, p in enumerate(prompts)), should_stop=should_stop):
+        row = finished.row - start
+        text = inputs_of([shard[row][column]], chat=chat)[0]
+        yield row, text, decode(pipe.tokenizer, finished.tokens, options), len(finished.tokens)
+    if stats is not None:
+        stats.update(slots=engine.slots, max_len=engine.max_len,
+                     **{k: round(v, 3) if isinstance(v, float) else v for k, v in engine.stats.items()})
+        log(f"engine: {stats['prompt_tokens']:,} prompt tokens in {stats['prefill_forwards']} prefills "
+            f"({stats['prefill_s']:.2f} s), {stats['decode_steps']} decode steps of {stats['rows_per_step']:.0f} rows "
+            f"({stats['decode_s']:.2f} s), graphs captured in {stats['capture_s']:.2f} s")
+
+
+class GenerationProgress:
+    """Rows done, new tokens/s and ETA, in the log and in ``metrics.jsonl`` (what ``hfhpc status``
+    reads: ``step``/``max_steps`` are this rank's rows, ``step_s`` its seconds per row)."""
+
+    def __init__(self, job: JobFile, rows: int, resumed: int, *, tokens: bool) -> None:
+        self.path = job.run_dir / "metrics.jsonl"
+        self.rows, self.done, self.resumed = rows, resumed, resumed
+        self.count_tokens = tokens  # the pipeline's outputs are text: its new tokens are not counted
+        self.tokens = 0
+        self.t0 = self.last = time.perf_counter()
+        self.first_row_s: float | None = None
+
+    def add(self, rows: int, tokens: int) -> None:
+        now = time.perf_counter()
+        if self.first_row_s is None and rows:
+            self.first_row_s = now - self.t0
+        self.done += rows
+        self.tokens += tokens
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.write()
+
+    def write(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        self.last = now
+        elapsed = now - self.t0
+        new_rows = self.done - self.resumed
+        per_row = elapsed / new_rows if new_rows else None
+        record = {
+            "step": self.done, "max_steps": self.rows, "rows_done": self.done, "rows": self.rows,
+            "new_tokens": self.tokens if self.count_tokens else None,
+            "tokens_per_s": round(self.tokens / elapsed, 1) if elapsed > 0 and self.count_tokens else None,
+            "rows_per_s": round(new_rows / elapsed, 3) if elapsed > 0 else None,
+            "eta_s": round(per_row * (self.rows - self.done), 1) if per_row is not None else None,
+            "step_s": round(per_row, 5) if per_row is not None else None,
+            "elapsed_s": round(elapsed, 3), "unix_time": round(time.time(), 3),
+        }
+        if is_main():
+            append_jsonl(self.path, record)
+            eta = f", ETA {timedelta(seconds=int(record['eta_s']))}" if record["eta_s"] is not None else ""
+            rate = (f"{record['tokens_per_s']:,.0f} new tokens/s" if record["tokens_per_s"] is not None
+                    else f"{record['rows_per_s'] or 0:,.2f} rows/s")
+            log(f"{self.done}/{self.rows} rows, {rate}{eta}")
+        return record
 
 
 # -- this recipe's own helpers --------------------------------------------------------------------------
@@ -245,30 +377,49 @@ def main(job: JobFile) -> int:
     pipe = build_pipeline(job, tokenizer)
     kwargs = call_kwargs(job)
     batch_size = spec.infer.batch_size
+    t0 = time.perf_counter()
+    settings = engine_settings(job, pipe, kwargs)
     log(f"{spec.infer.task} with {spec.model.id} on {rows} rows of {dref.id}:{dref.split} (column {column!r}), "
-        f"{world} rank(s), batches of {batch_size}")
+        f"{world} rank(s), " + ("the generation engine" if settings else f"batches of {batch_size}"))
+
+    def record_of(lo: int, text: Any, prediction: Any, score: float | None, reference: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {"index": start + lo, "input": text, "prediction": prediction}
+        if score is not None:
+            record["score"] = score
+        if label_column:
+            record["reference"] = reference_of(reference, label_feature)
+        return record
 
     # -- run ---------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    progress = GenerationProgress(job, len(shard), done, tokens=settings is not None)
+    engine_stats: dict[str, Any] = {}
     with open(part, "a") as out:
-        for lo in range(done, len(shard), batch_size):
-            batch = shard[lo: lo + batch_size]
-            inputs = inputs_of(batch[column], chat=chat)
-            outputs = pipe(inputs, batch_size=batch_size, **kwargs)
-            for k, (text, output) in enumerate(zip(inputs, outputs, strict=True)):
-                prediction, score = prediction_of(output)
-                record: dict[str, Any] = {"index": start + lo + k, "input": text, "prediction": prediction}
-                if score is not None:
-                    record["score"] = score
-                if label_column:
-                    record["reference"] = reference_of(batch[label_column][k], label_feature)
-                out.write(json.dumps(record, default=jsonable) + "\n")
-            # Per batch, so that what a killed job leaves is at most one batch short.
-            out.flush()
-            if stop.stopped:
-                print(f"hfhpc: rank {r} stopped after {lo + len(inputs)} of {len(shard)} rows: "
-                      "run the same command again to resume", flush=True)
-                return EXIT_INTERRUPTED
+        if settings:
+            for lo, text, prediction, tokens in engine_outputs(job, pipe, settings, shard, column, chat=chat, start=start, first=done,
+                                                                should_stop=lambda: stop.stopped, stats=engine_stats):
+                reference = shard[lo][label_column] if label_column else None
+                out.write(json.dumps(record_of(lo, text, prediction, None, reference), default=jsonable) + "\n")
+                out.flush()  # per row: a killed job loses only the rows still generating
+                progress.add(1, tokens)
+        else:
+            for lo in range(done, len(shard), batch_size):
+                if stop.stopped:
+                    break
+                batch = shard[lo: lo + batch_size]
+                inputs = inputs_of(batch[column], chat=chat)
+                outputs = pipe(inputs, batch_size=batch_size, **kwargs)
+                for k, (text, output) in enumerate(zip(inputs, outputs, strict=True)):
+                    prediction, score = prediction_of(output)
+                    record = record_of(lo + k, text, prediction, score, batch[label_column][k] if label_column else None)
+                    out.write(json.dumps(record, default=jsonable) + "\n")
+                # Per batch, so that what a killed job leaves is at most one batch short.
+                out.flush()
+                progress.add(len(inputs), 0)
+    if stop.stopped and progress.done < len(shard):
+        print(f"hfhpc: rank {r} stopped after {progress.done} of {len(shard)} rows: "
+              "run the same command again to resume", flush=True)
+        return EXIT_INTERRUPTED
+    final_progress = progress.write()
 
     # -- save --------------------------------------------------------------------------------------
     new_rows = torch.tensor([len(shard) - done])
@@ -301,6 +452,11 @@ def main(job: JobFile) -> int:
             "seconds": round(seconds, 3),
             "rows_per_s": round(predicted / seconds, 3) if seconds > 0 else None,
             "task": spec.infer.task,
+            "engine": "generate" if settings else "pipeline",
+            "engine_stats": engine_stats or None,
+            "first_row_s": round(progress.first_row_s, 3) if progress.first_row_s is not None else None,
+            "new_tokens": final_progress["new_tokens"],
+            "new_tokens_per_s": final_progress["tokens_per_s"],
             "text_column": column,
             "world_size": world,
             "predictions": str(final),
