@@ -265,7 +265,7 @@ class GenerationProgress:
     reads: ``step``/``max_steps`` are this rank's rows, ``step_s`` its seconds per row)."""
 
     def __init__(self, job: JobFile, rows: int, resumed: int, *, tokens: bool) -> None:
-        self.path = job.run_dir / "metrics.jsonl"
+        self.path = job.paths.metrics
         self.rows, self.done, self.resumed = rows, resumed, resumed
         self.count_tokens = tokens  # the pipeline's outputs are text: its new tokens are not counted
         self.tokens = 0
