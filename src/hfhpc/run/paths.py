@@ -120,6 +120,9 @@ class RunDir:
 
     @staticmethod
     def plot(out_dir: Path, name: str) -> Path:
+        """One of the report's :data:`PLOTS`, as a PNG in ``out_dir``."""
+        if name not in PLOTS:
+            raise ValueError(f"no plot called {name!r}: one of {', '.join(PLOTS)}")
         return Path(out_dir) / f"{name}.png"
 
     # -- state -----------------------------------------------------------------------------------
