@@ -85,7 +85,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from hfhpc import slurmtime
 from hfhpc.errors import HfhpcError, UsageError
+from hfhpc.recipes.sft import RECIPE as SFT
+from hfhpc.recipes.sft import per_layer_fsdp
 
 GIB = 2**30
 Strategy = Literal["single", "ddp", "fsdp"]
@@ -1010,7 +1013,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
         shape=shape, strategy=launch.strategy, nodes=res.nodes, gpus_per_node=gpn, micro_batch=t.per_device_batch_size,
         seq_len=t.max_length, grad_accum=t.gradient_accumulation_steps,
         activation_checkpointing=launch.activation_checkpointing, mixed_precision=launch.mixed_precision,
-        kept_layers=launch.keep_activations if spec.per_layer_fsdp else 0,
+        kept_layers=launch.keep_activations if per_layer_fsdp(spec) else 0,
         # The sft recipe keeps fp32 weights for full fine-tuning; LoRA's frozen base is in the compute dtype.
         weights_dtype=weights_dtype or ("bf16" if lora is not None and launch.mixed_precision != "no" else "fp32"),  # type: ignore[arg-type]
         optim=str(extra.get("optim", DEFAULT_OPTIM)), lora_rank=int(lora.get("r", 16)) if lora is not None else None,
@@ -1047,12 +1050,6 @@ def fewest_gpus(p: PlanInputs, gpu: GpuKind, max_nodes: int = 16) -> PlanInputs 
         if fits(candidate, gpu):
             return candidate
     return None
-
-
-def slurm_time(seconds: float) -> str:
-    s = int(math.ceil(seconds))
-    days, s = divmod(s, 86400)
-    return f"{days}-{s // 3600:02}:{s % 3600 // 60:02}:{s % 60:02}"
 
 
 def schedule(p: PlanInputs, data: DatasetTokens | None, tp: Throughput, *, epochs: float, max_steps: int,
@@ -1093,8 +1090,8 @@ def schedule(p: PlanInputs, data: DatasetTokens | None, tp: Throughput, *, epoch
     if needed <= limit_s:
         limit_s = min(limit_s, math.ceil(needed / 900) * 900)  # round up to 15 minutes
     return Schedule(steps=steps, step_s=step_s, train_s=train_s, startup_s=startup_s, save_s=save_s, saves=saves,
-                    total_s=total_s, save_steps=save_steps, time_limit=slurm_time(limit_s), allocations=allocations(limit_s),
-                    spec_time_limit=slurm_time(spec_time_s), spec_allocations=allocations(spec_time_s))
+                    total_s=total_s, save_steps=save_steps, time_limit=slurmtime.format(limit_s), allocations=allocations(limit_s),
+                    spec_time_limit=slurmtime.format(spec_time_s), spec_allocations=allocations(spec_time_s))
 
 
 def _measured_matches(p: PlanInputs, gpu: GpuKind, anchors: Sequence[Anchor], memory: MemoryEstimate) -> list[str]:
@@ -1114,8 +1111,8 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
               fused_lm_head: bool | None = None) -> Plan:
     """The plan of ``spec``: model shape from its staged config.json (or ``model_config``), data
     from the store, throughput from measured anchors."""
-    if spec.recipe != "sft":
-        raise UsageError(f"plan estimates fine-tuning (recipe: sft); this spec's recipe is {spec.recipe!r}",
+    if spec.recipe != SFT.name:
+        raise UsageError(f"plan estimates fine-tuning (recipe: {SFT.name}); this spec's recipe is {spec.recipe!r}",
                          "size inference jobs by the model's weights (2 bytes per parameter in bf16)")
     from hfhpc.launch.sbatch import signal_delay_s
 
@@ -1164,7 +1161,7 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         nodes = f"{smallest.nodes} node{'s' if smallest.nodes > 1 else ''}"
         suggestion = f"does not fit {p.world} GPUs; needs {nodes} × {smallest.gpus_per_node} GPUs"
 
-    keep = most_kept_layers(p, kind) if ok and spec.per_layer_fsdp and p.activation_checkpointing else None
+    keep = most_kept_layers(p, kind) if ok and per_layer_fsdp(spec) and p.activation_checkpointing else None
 
     # Time the layout that will run: the spec's when it fits, else the fewest GPUs that fit.
     run_layout = p if ok or smallest is None else smallest

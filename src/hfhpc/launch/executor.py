@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hfhpc.launch.jobfile import JobFile, prepare_run_dir, resolve_job
+from hfhpc.preflight import check_before_start
 from hfhpc.spec import JobSpec
 
 
@@ -19,6 +20,7 @@ class Executor(ABC):
     """``prepare`` pins the job; ``start`` runs or submits it and returns an exit code or job id."""
 
     def prepare(self, spec: JobSpec, store: Path) -> JobFile:
+        check_before_start(spec)
         job = resolve_job(spec, store)
         prepare_run_dir(job)
         return job
@@ -42,6 +44,7 @@ class SlurmExecutor(Executor):
 
     def prepare(self, spec: JobSpec, store: Path) -> JobFile:
         # jobs.submit creates the run folder itself, after refusing a run that is still queued.
+        check_before_start(spec)
         return resolve_job(spec, store)
 
     def start(self, job: JobFile):

@@ -24,7 +24,7 @@ from hfhpc.errors import HfhpcError, SlurmError, UsageError
 from hfhpc.launch import slurm
 from hfhpc.launch.jobfile import JOB_FILE, JobFile, prepare_run_dir
 from hfhpc.launch.sbatch import LOG_DIR, SCRIPT_NAME, render_sbatch
-from hfhpc.spec import parse_slurm_time
+from hfhpc import slurmtime
 from hfhpc.store.atomic import atomic_write_text
 
 JOBS_FILE = "jobs.jsonl"
@@ -58,7 +58,7 @@ class JobRecord:
 
     @property
     def time_limit_s(self) -> int:
-        return parse_slurm_time(self.time_limit)
+        return slurmtime.parse(self.time_limit)
 
 
 # -- remembering ------------------------------------------------------------------------------
