@@ -6,16 +6,22 @@ no GPU to find, so that it is a one-line error now instead of a traceback after 
   ``stage`` and ``submit`` and kill the job with ``TypeError: SFTConfig.__init__() got an unexpected
   keyword argument``. The config's fields are read in a child process: importing TRL imports torch,
   which the login node's commands never do.
+  The answer is kept in the state folder per Python, class and library versions: the import takes
+  10-40 s on a busy login node, the next submit reads a file.
 - the run folder (``output_dir``): it must be a folder this user can create and write, and not a
   kernel file system such as ``/proc``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import warnings
+from importlib import metadata
 from pathlib import Path
 
+from hfhpc import env as hfenv
 from hfhpc.errors import SpecError
 from hfhpc.recipes import registry
 from hfhpc.spec import JobSpec, did_you_mean
@@ -27,6 +33,44 @@ def _where(spec: JobSpec) -> str:
     return str(spec.source) if spec.source else "the spec"
 
 
+FIELDS_CACHE = "trainer-fields.json"
+
+
+def _versions(target: str) -> str:
+    # Trainer configs derive from transformers' TrainingArguments: its version counts too.
+    out = []
+    for dist in dict.fromkeys((target.split(":")[0].split(".")[0], "transformers")):
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ",".join(out)
+
+
+def trainer_fields(target: str) -> list[str]:
+    """``registry.trainer_fields`` remembered in the state folder for this Python and these versions."""
+    from hfhpc.store.atomic import atomic_write_text
+
+    path = hfenv.state_dir() / FIELDS_CACHE
+    key = f"{sys.executable} {target} {_versions(target)}"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    fields = cached.get(key)
+    if isinstance(fields, list) and all(isinstance(f, str) for f in fields):
+        return fields
+    fields = registry.trainer_fields(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**cached, key: fields}))
+    except OSError:
+        pass  # a read-only state folder costs time, not correctness
+    return fields
+
+
 def check_trainer_keys(spec: JobSpec) -> None:
     """Refuse ``train:`` keys the recipe's trainer config lacks (one line, with a "did you mean")."""
     extra = sorted((getattr(spec.train, "model_extra", None) or {}).keys())
@@ -34,7 +78,7 @@ def check_trainer_keys(spec: JobSpec) -> None:
     if not extra or not target:
         return
     try:
-        fields = registry.trainer_fields(target)
+        fields = trainer_fields(target)
     except (RuntimeError, OSError) as e:
         # A login node without the training libraries: the compute side checks again at start.
         warnings.warn(f"train: keys {', '.join(extra)} not checked here ({e})", stacklevel=2)
