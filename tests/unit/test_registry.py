@@ -131,3 +131,12 @@ def test_script_starter_lists_the_assets_it_loads():
 
     text = render_starter("script")
     assert "\nmodels: [" in text and "\ndatasets: [" in text
+
+
+def test_recipes_raise_typed_errors_not_exit_strings():
+    import re
+
+    # A rank's error is an hfhpc.errors type, printed in one line by the rank entry point.
+    pattern = re.compile(r"SystemExit\(f?[\"']hfhpc: (?!error: \{e\.render\(\)\})")
+    for path in (SRC / "recipes").glob("*.py"):
+        assert not pattern.search(path.read_text()), path
