@@ -38,6 +38,7 @@ class Recipe:
     check: Callable[[Any], None] | None = None  # cross-field checks on the JobSpec; raise ValueError
     infer: type[BaseModel] | None = None  # the typed `infer:` section (None: `infer:` is refused)
     fsdp_version: int = 2          # FSDP implementation when the spec does not choose one
+    user_script: bool = False      # the ranks run the spec's `script:` instead of the module's `main`
     # The entry point is the declaring module's `main(job) -> int`.
 
 

@@ -30,4 +30,5 @@ RECIPE = Recipe(
     },
     # Accelerate's own default, which scripts written for the page expect.
     fsdp_version=1,
+    user_script=True,
 )
