@@ -364,6 +364,10 @@ def _either(names: list[str]) -> str:
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
+def _both(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 @cache
 def job_model(recipe: str) -> type[JobSpec]:
     """JobSpec with the ``train:`` and ``infer:`` sections of ``recipe``'s own models."""
@@ -391,7 +395,7 @@ def _foreign_keys(data: dict, path: str) -> None:
         model = getattr(recipe, section)
         if model is None:
             owners = [n for n, r in registry.recipes().items() if getattr(r, section) is not None]
-            raise SpecError(path, section, f"`{section}:` belongs to recipe {' and '.join(owners)}, not {name}",
+            raise SpecError(path, section, f"`{section}:` belongs to recipe {_both(owners)}, not {name}",
                             f"remove `{section}:`" + (" (a seed goes in `infer: {seed: …}`)" if section == "train" and recipe.infer else ""))
         if not isinstance(value, dict):
             continue
@@ -400,7 +404,7 @@ def _foreign_keys(data: dict, path: str) -> None:
                 continue
             owners = [n for n in registry.owners(section, key) if n != name]
             if owners:
-                raise SpecError(path, f"{section}.{key}", f"`{key}` belongs to recipe {' and '.join(owners)}, not {name}",
+                raise SpecError(path, f"{section}.{key}", f"`{key}` belongs to recipe {_both(owners)}, not {name}",
                                 f"remove it; {name}'s own keys: {', '.join(model.model_fields)}")
             if section == "train" and recipe.trainer_config is None:
                 raise SpecError(path, f"{section}.{key}", f"unknown key{did_you_mean(key, list(model.model_fields))}",
