@@ -69,7 +69,10 @@ def _registry() -> dict[str, tuple[Recipe, str]]:
     if _REGISTRY is None:
         found: dict[str, tuple[Recipe, str]] = {}
         for module_name in _declaring_modules():
-            recipe = getattr(importlib.import_module(module_name), "RECIPE", None)
+            module = importlib.import_module(module_name)
+            if not hasattr(module, "RECIPE"):
+                continue  # the text matched inside a string, not an assignment
+            recipe = module.RECIPE
             if not isinstance(recipe, Recipe):
                 raise TypeError(f"{module_name}.RECIPE is not a hfhpc.recipes.registry.Recipe")
             if recipe.name in found:
