@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfhpc import env as hfenv
+from hfhpc.recipes import registry
 from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store.cache import snapshot_dir
 from hfhpc.store.layout import dataset_arrow_dir, read_ref
@@ -49,7 +50,7 @@ class _Plan:
     models: list[dict] = field(default_factory=list)
     datasets: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
-    train: dict | None = None  # {"recipe", "keys"}: pass-through train keys to check against the trainer
+    train: dict | None = None  # {"config", "keys"}: pass-through train keys to check against the trainer config
     fixes: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, id) → fix command
 
     def empty(self) -> bool:
@@ -270,10 +271,11 @@ def check(
     if spec is not None:
         allow = list(spec.site.allow_hosts)
         _check_locked(spec, store, report, plan, full=full)
-        extra = sorted((spec.train.model_extra or {}).keys())
-        if spec.recipe in ("sft", "classify") and extra:
-            plan.train = {"recipe": spec.recipe, "keys": extra}
-        if spec.recipe == "script" and spec.script:
+        extra = sorted((getattr(spec.train, "model_extra", None) or {}).keys())
+        trainer_config = registry.get(spec.recipe).trainer_config
+        if trainer_config and extra:
+            plan.train = {"config": trainer_config, "keys": extra}
+        if spec.script:
             scripts.insert(0, spec.resolve_path(spec.script))
     if scripts:
         from hfhpc.errors import UsageError

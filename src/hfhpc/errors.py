@@ -135,34 +135,10 @@ class LockfileError(UsageError):
         super().__init__(f"{path}: {problem}", fix or "run `hfhpc stage` on the spec to write it again")
 
 
-class NotReadyError(HfhpcError):
-    """``check`` found missing or corrupt assets; ``problems`` lists them with their fixes."""
-
-    def __init__(self, problems: list):
-        self.problems = problems
-        n = len(problems)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''} found: the job would fail offline", None)
-
-
-class NetworkSealedError(HfhpcError):
-    def __init__(self, host: str):
-        self.host = host
-        super().__init__(
-            f"network access to {host!r} refused: this process is sealed",
-            "stage the missing asset on a login node (`hfhpc check` lists it) or allow the host in the spec",
-        )
-
-
 class SlurmError(HfhpcError):
     def __init__(self, command: str, detail: str, fix: str | None = None):
         self.command, self.detail = command, detail
         super().__init__(f"{command} failed: {detail}", fix)
-
-
-class JobFailedError(HfhpcError):
-    def __init__(self, message: str, fix: str | None = None, exit_code: int = EXIT_FAILED):
-        super().__init__(message, fix)
-        self.exit_code = exit_code
 
 
 class NonFiniteLossError(HfhpcError):

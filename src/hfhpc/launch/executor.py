@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hfhpc.errors import HfhpcError, SlurmError, UsageError
+from hfhpc.preflight import check_before_start
 from hfhpc.run.jobfile import COMPLETE, JobFile, fresh_run_dir, moved_to, prepare_run_dir, rerun_state, resolve_job
 from hfhpc.run.paths import RunDir
 from hfhpc.spec import JobSpec
@@ -64,6 +65,7 @@ class Executor(ABC):
         self.env = env  # the environment of the scheduler's commands (None: this process's)
 
     def resolve(self, spec: JobSpec, store: Path, *, fresh: bool = False) -> JobFile:
+        check_before_start(spec)
         job = resolve_job(spec, store)
         if fresh:
             job = moved_to(job, fresh_run_dir(job.run_dir))

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from hfhpc import env as hfenv
 from hfhpc.errors import HfhpcError, UsageError
+from hfhpc import slurmtime
 from hfhpc.run.jobfile import JobFile
 from hfhpc.run.paths import RunDir
 from hfhpc.run.progress import Allocations, Progress, forecast, read_progress
-from hfhpc.spec import parse_slurm_time
 
 if TYPE_CHECKING:
     from hfhpc.launch.executor import Executor, SchedulerState
@@ -61,7 +61,7 @@ class JobRecord:
 
     @property
     def time_limit_s(self) -> int:
-        return parse_slurm_time(self.time_limit)
+        return slurmtime.parse(self.time_limit)
 
 
 # -- remembering ------------------------------------------------------------------------------

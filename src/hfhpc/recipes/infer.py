@@ -29,7 +29,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from hfhpc import assets
+from hfhpc.errors import HfhpcError, SpecError
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
@@ -38,9 +41,11 @@ from hfhpc.recipes.common import (
     is_main,
     log,
     rank,
+    spec_path,
     world_size,
     write_summary,
 )
+from hfhpc.recipes.registry import Recipe
 from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import fsync_dir, tmp_name
 
@@ -53,21 +58,56 @@ ENGINE_KEYS = ("engine", "max_concurrent")
 PROGRESS_EVERY_S = 10.0
 
 
+class InferSettings(BaseModel):
+    """``infer:`` (recipes infer and evaluate): the pipeline task; any other key passes through to
+    every pipeline call (generation arguments)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    task: str = Field("text-generation", description="transformers pipeline task")
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    seed: int = Field(42, description="same on every rank: sampled generations are reproducible")
+
+
+RECIPE = Recipe(
+    name="infer",
+    summary="any transformers pipeline task over a dataset split, batched across ranks, to predictions.jsonl",
+    needs=("model", "dataset"),
+    train=None,
+    trainer_config=None,
+    infer=InferSettings,
+    starter={
+        "name": "sentiment-infer",
+        "recipe": "infer",
+        "model": "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+        "dataset": {"id": "stanfordnlp/imdb", "split": "test", "text_column": "text"},
+        "infer": {"task": "text-classification", "batch_size": 64},
+        "launch": {"strategy": "ddp"},
+        "resources": {"nodes": 1, "gpus_per_node": 1, "time": "0-00:30:00", "account": "def-someone"},
+        "output_dir": "runs/sentiment-infer",
+    },
+)
+
+
 # -- helpers shared with the evaluate recipe ---------------------------------------------------------
 
-def text_column(columns: list[str], configured: str | None, *, chat: bool) -> str:
+def text_column(columns: list[str], configured: str | None, *, chat: bool, source: str) -> str:
     """The input column: the configured one, else a guess. A chat model generating text prefers the
-    whole conversation (``messages``) to a plain prompt, so that its chat template applies."""
+    whole conversation (``messages``) to a plain prompt, so that its chat template applies.
+    ``source`` is the spec file that errors name."""
     if configured:
         if configured not in columns:
-            raise SystemExit(f"hfhpc: dataset.text_column {configured!r} is not a column; the split has {columns}")
+            raise SpecError(source, "dataset.text_column", f"the split has no column {configured!r}",
+                            f"set it to one of {columns}")
         return configured
     if chat and "messages" in columns:
         return "messages"
     for name in (*TEXT_COLUMNS, "messages"):
         if name in columns:
             return name
-    raise SystemExit(f"hfhpc: cannot tell which column holds the input among {columns}: set dataset.text_column")
+    raise SpecError(source, "dataset.text_column", f"cannot tell which column holds the input among {columns}",
+                    "set dataset.text_column")
 
 
 def _is_conversation(value: Any) -> bool:
@@ -101,7 +141,7 @@ def build_pipeline(job: JobFile, tokenizer: Any) -> Any:
     spec = job.spec
     # Every rank draws the same numbers: a head missing from the checkpoint gets the same random
     # init on all of them, and sampled generations are reproducible.
-    set_seed(spec.train.seed)
+    set_seed(spec.infer.seed)
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
@@ -360,11 +400,11 @@ def main(job: JobFile) -> int:
         return 0
     tokenizer = assets.load_tokenizer(spec.model.id, job.model_commit)
     chat = is_chat(job, tokenizer)
-    column = text_column(ds.column_names, dref.text_column, chat=chat)
+    column = text_column(ds.column_names, dref.text_column, chat=chat, source=spec_path(job))
     label_column = dref.label_column
     if label_column and label_column not in ds.column_names:
-        raise SystemExit(f"hfhpc: dataset.label_column {label_column!r} is not a column; "
-                         f"the split has {ds.column_names}")
+        raise SpecError(spec_path(job), "dataset.label_column", f"the split has no column {label_column!r}",
+                        f"set it to one of {ds.column_names}")
     label_feature = ds.features[label_column] if label_column else None
 
     # Contiguous shards: joining them in rank order gives back the input order.
@@ -439,7 +479,7 @@ def main(job: JobFile) -> int:
         joined_rows = count_lines(tmp)
         if joined_rows != rows:
             tmp.unlink()
-            raise SystemExit(f"hfhpc: the rank files hold {joined_rows} predictions, not {rows}: run again")
+            raise HfhpcError(f"the rank files hold {joined_rows} predictions, not {rows}", "run the job again")
         os.replace(tmp, final)
         fsync_dir(final.parent)
         for i in range(world):
