@@ -35,8 +35,8 @@ from hfhpc.recipes.common import (
 )
 from hfhpc.errors import SpecError
 from hfhpc.recipes.registry import Recipe
-from hfhpc.run.jobfile import JobFile
 from hfhpc.spec import TrainBase
+from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json
 
 
