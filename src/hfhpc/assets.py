@@ -88,6 +88,8 @@ def unknown_training_keys(recipe: str, keys: list[str]) -> list[str]:
 
     if recipe == "sft":
         from trl import SFTConfig as config
+    elif recipe == "dpo":
+        from trl import DPOConfig as config
     else:
         from transformers import TrainingArguments as config
     names = {f.name for f in dataclasses.fields(config)}

@@ -269,7 +269,7 @@ def check(
         allow = list(spec.site.allow_hosts)
         _check_locked(spec, store, report, plan)
         extra = sorted((spec.train.model_extra or {}).keys())
-        if spec.recipe in ("sft", "classify") and extra:
+        if spec.recipe in ("sft", "classify", "dpo") and extra:
             plan.train = {"recipe": spec.recipe, "keys": extra}
         if spec.recipe == "script" and spec.script:
             scripts.insert(0, spec.resolve_path(spec.script))

@@ -12,12 +12,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from hfhpc.errors import SpecError
 from hfhpc.store.layout import repo_id_problem, revision_problem
 
-RECIPES = ("sft", "infer", "evaluate", "classify", "script")
+RECIPES = ("sft", "infer", "evaluate", "classify", "script", "dpo")
+# Recipes whose `train:` section is their own model (a TrainBase), named "module:Class".
+RECIPE_TRAIN = {"dpo": "hfhpc.recipes.dpo:DpoTrain"}
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$|^(\d+)$")
 
 
@@ -91,14 +93,13 @@ def canonical_metric_id(name: str) -> str:
     return name if "/" in name else f"evaluate-metric/{name}"
 
 
-class TrainSpec(BaseModel):
-    """Training settings. Known keys are checked here; any other key passes through to TRL's
-    ``SFTConfig`` / transformers' ``TrainingArguments``."""
+class TrainBase(BaseModel):
+    """Training settings every training recipe shares. Known keys are checked here; any other key passes
+    through to the recipe's trainer config (TRL's ``SFTConfig``, ``DPOConfig``, transformers'
+    ``TrainingArguments``)."""
 
     model_config = ConfigDict(extra="allow")
 
-    max_length: int = Field(1024, ge=8, description="tokens per packed sequence")
-    packing: bool = Field(True, description="pack documents; they never attend to each other")
     epochs: float = Field(1.0, gt=0, description="passes over the training split")
     max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: from epochs)")
     learning_rate: float = Field(2.0e-5, gt=0, description="peak learning rate")
@@ -109,11 +110,30 @@ class TrainSpec(BaseModel):
     save_steps: int = Field(500, ge=1, description="checkpoint every N steps")
     save_total_limit: int = Field(2, ge=1, description="complete checkpoints kept")
     eval_steps: int | None = Field(None, ge=1)
+    lora: dict[str, Any] | None = Field(None, description="peft LoraConfig fields; enables LoRA")
+
+
+class TrainSpec(TrainBase):
+    """Training settings of sft (and classify). Any other key passes through to TRL's ``SFTConfig`` /
+    transformers' ``TrainingArguments``."""
+
+    max_length: int = Field(1024, ge=8, description="tokens per packed sequence")
+    packing: bool = Field(True, description="pack documents; they never attend to each other")
     assistant_only_loss: bool | None = Field(None, description="train on assistant turns only (default: when the template allows)")
     chat_template: str | None = Field(None, description="template for base models without one: a name or a Jinja string")
-    lora: dict[str, Any] | None = Field(None, description="peft LoraConfig fields; enables LoRA")
     attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="auto: variable-length FlashAttention over packed documents (PyTorch's, on GPU), else sdpa")
+
+
+def train_model_of(recipe: str | None) -> type[TrainBase]:
+    """The typed ``train:`` section of ``recipe``."""
+    target = RECIPE_TRAIN.get(recipe or "")
+    if target is None:
+        return TrainSpec
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class InferSpec(BaseModel):
@@ -193,13 +213,14 @@ class SiteSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field(description="job name (letters, digits, '-', '_', '.')")
-    recipe: Literal["sft", "infer", "evaluate", "classify", "script"] = Field(description="sft | infer | evaluate | classify | script")
+    recipe: Literal["sft", "infer", "evaluate", "classify", "script", "dpo"] = Field(description="sft | dpo | infer | evaluate | classify | script")
     model: ModelRef | None = None
     dataset: DatasetRef | None = None
     datasets: list[DatasetRef] = Field(default_factory=list, description="more datasets (script recipe)")
     models: list[ModelRef] = Field(default_factory=list, description="more models (script recipe)")
     metrics: list[MetricRef] = Field(default_factory=list)
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    # Serialized as the recipe's own model (job.json keeps every key), not as the declared base.
+    train: SerializeAsAny[TrainBase] = Field(default_factory=dict, validate_default=True)
     infer: InferSpec = Field(default_factory=InferSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     resources: Resources = Field(default_factory=Resources)
@@ -222,6 +243,15 @@ class JobSpec(_Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
             raise ValueError(f"{v!r} is not a job name: use letters, digits, '-', '_' and '.'")
         return v
+
+    @field_validator("train", mode="wrap")
+    @classmethod
+    def _train_of_recipe(cls, v: Any, handler: Any, info: Any) -> Any:
+        # The recipe (validated before `train`) picks the model of its `train:` section.
+        model = train_model_of(info.data.get("recipe"))
+        if isinstance(v, model):
+            return v
+        return model.model_validate({} if v is None else v)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -251,6 +281,7 @@ class JobSpec(_Strict):
     def _recipe_needs(self) -> JobSpec:
         need: dict[str, tuple[str, ...]] = {
             "sft": ("model", "dataset"),
+            "dpo": ("model", "dataset"),
             "infer": ("model", "dataset"),
             "classify": ("model", "dataset"),
             "evaluate": (),

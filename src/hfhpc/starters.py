@@ -66,6 +66,19 @@ STARTERS: dict[str, dict[str, Any]] = {
     },
 }
 
+
+
+def _registered_starters() -> None:
+    from hfhpc.recipes.registry import find
+
+    for name in ("dpo",):
+        recipe = find(name)
+        if recipe is not None:
+            STARTERS[name] = recipe.starter
+
+
+_registered_starters()
+
 HEADER = """\
 # hfhpc job spec ({recipe}). Unknown keys are an error that lists the valid ones.
 # Next: `hfhpc stage {file}` on a login node, `hfhpc check {file}`, then `hfhpc submit {file}`

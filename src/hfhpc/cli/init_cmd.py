@@ -11,7 +11,7 @@ from hfhpc.spec import RECIPES
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", choices=RECIPES, help="sft | infer | evaluate | classify | script")
+    p.add_argument("recipe", choices=RECIPES, help="sft | dpo | infer | evaluate | classify | script")
     p.add_argument("-o", "--output", metavar="FILE", help="write here (default: print to stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
