@@ -1003,7 +1003,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
     strategy = str(extra.get("packing_strategy", "bfd"))
     # Padding-free rows cost attention over the whole row only with a dense mask (sdpa, eager); the
     # recipe's default attention (auto, varlen) runs each document alone.
-    padding_free = bool(extra.get("padding_free", t.packing and strategy in ("bfd", "bfd_split"))) and \
+    padding_free = bool(extra.get("padding_free", getattr(t, "packing", False) and strategy in ("bfd", "bfd_split"))) and \
         getattr(t, "attention", "sdpa") not in ("auto", "varlen")
     gpn = res.gpus_per_node or res.procs
     return PlanInputs(
@@ -1030,21 +1030,21 @@ def trl_has_fused_lm_head() -> bool:
     return any(str(f).endswith("kernels/chunked_logprob.py") for f in files)
 
 
-def fits(p: PlanInputs, gpu: GpuKind) -> bool:
-    return estimate_memory(p).reserved_gib <= gpu.memory_gib
+def fits(p: PlanInputs, gpu: GpuKind, memory: Any = None) -> bool:
+    return (memory or estimate_memory)(p).reserved_gib <= gpu.memory_gib
 
 
-def fewest_gpus(p: PlanInputs, gpu: GpuKind, max_nodes: int = 16) -> PlanInputs | None:
+def fewest_gpus(p: PlanInputs, gpu: GpuKind, memory: Any = None, max_nodes: int = 16) -> PlanInputs | None:
     """The smallest layout that fits: 1..G GPUs on one node, then whole nodes (G = the spec's
     GPUs per node). Only FSDP spreads memory; for single/DDP it is one GPU or nothing."""
     per_node = max(1, p.gpus_per_node)
     if p.strategy != "fsdp":
         one = replace(p, nodes=1, gpus_per_node=1)
-        return one if fits(one, gpu) else None
+        return one if fits(one, gpu, memory) else None
     layouts = [(1, g) for g in range(1, per_node + 1)] + [(n, per_node) for n in range(2, max_nodes + 1)]
     for nodes, g in layouts:
         candidate = replace(p, nodes=nodes, gpus_per_node=g)
-        if fits(candidate, gpu):
+        if fits(candidate, gpu, memory):
             return candidate
     return None
 
@@ -1114,8 +1114,8 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
               fused_lm_head: bool | None = None) -> Plan:
     """The plan of ``spec``: model shape from its staged config.json (or ``model_config``), data
     from the store, throughput from measured anchors."""
-    if spec.recipe != "sft":
-        raise UsageError(f"plan estimates fine-tuning (recipe: sft); this spec's recipe is {spec.recipe!r}",
+    if spec.recipe not in ("sft", "dpo"):
+        raise UsageError(f"plan estimates fine-tuning (recipe: sft or dpo); this spec's recipe is {spec.recipe!r}",
                          "size inference jobs by the model's weights (2 bytes per parameter in bf16)")
     from hfhpc.launch.sbatch import signal_delay_s
 
@@ -1133,6 +1133,9 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         raise UsageError(f"unknown GPU kind {kind_name!r}", f"use one of {', '.join(GPUS)}")
     kind = GPUS[kind_name]
     p = inputs_from_spec(spec, shape, weights_dtype=weights_dtype, fused_lm_head=fused_lm_head)
+    dpo = spec.recipe == "dpo"
+    if dpo:
+        p = dpo_inputs(spec, p)
     notes: list[str] = []
     if shape.params < 100e6:
         notes.append("a model this small is bound by overheads, not FLOPs: the time estimate is a lower bound")
@@ -1147,11 +1150,12 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     if p.mixed_precision != "no" and not p.fsdp and p.weights_dtype == "bf16" and not p.lora:
         notes.append("weights, gradients and AdamW states in bf16 (the recipe loads bf16 weights): small updates "
                      "can round away; --weights-dtype fp32 plans fp32 master weights")
-    memory = estimate_memory(p)
+    memory = dpo_memory(spec, p) if dpo else estimate_memory(p)
     ok = memory.reserved_gib <= kind.memory_gib
-    smallest = fewest_gpus(p, kind)
+    smallest = fewest_gpus(p, kind, (lambda q: dpo_memory(spec, q)) if dpo else estimate_memory)
     if smallest is None and p.strategy != "fsdp":
-        with_fsdp = fewest_gpus(replace(p, strategy="fsdp", gpus_per_node=max(p.gpus_per_node, 4)), kind)
+        with_fsdp = fewest_gpus(replace(p, strategy="fsdp", gpus_per_node=max(p.gpus_per_node, 4)), kind,
+                                (lambda q: dpo_memory(spec, q)) if dpo else estimate_memory)
         suggestion = (f"does not fit one {kind.label}: use launch.strategy fsdp on {with_fsdp.world} GPUs "
                       f"({with_fsdp.nodes} node{'s' if with_fsdp.nodes > 1 else ''})" if with_fsdp else
                       "does not fit: enable activation checkpointing, lower per_device_batch_size or use LoRA")
@@ -1164,7 +1168,7 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         nodes = f"{smallest.nodes} node{'s' if smallest.nodes > 1 else ''}"
         suggestion = f"does not fit {p.world} GPUs; needs {nodes} × {smallest.gpus_per_node} GPUs"
 
-    keep = most_kept_layers(p, kind) if ok and spec.per_layer_fsdp and p.activation_checkpointing else None
+    keep = most_kept_layers(p, kind) if ok and spec.per_layer_fsdp and p.activation_checkpointing and not dpo else None
 
     # Time the layout that will run: the spec's when it fits, else the fewest GPUs that fit.
     run_layout = p if ok or smallest is None else smallest
@@ -1173,8 +1177,13 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     anchors += [a for a in BUILTIN_ANCHORS if not any(
         r.shape == a.shape and r.world == a.world and r.gpu == a.gpu and r.padding_free == a.padding_free
         and r.checkpointing == a.checkpointing for r in anchors)]
-    data, data_note = dataset_tokens(spec, store, files, run_layout)
-    tp = estimate_throughput(run_layout, kind, anchors)
+    if dpo:
+        data, data_note = dpo_dataset_tokens(spec, store, files, run_layout)
+        # The dpo recipe runs TRL's padded batches, uncompiled: the anchors of TRL's own SFT, not the sft recipe's.
+        tp = dpo_throughput(spec, estimate_throughput(run_layout, kind, [a for a in anchors if not a.per_document] or anchors))
+    else:
+        data, data_note = dataset_tokens(spec, store, files, run_layout)
+        tp = estimate_throughput(run_layout, kind, anchors)
     delay = signal_delay_s(spec)
     plan_schedule = schedule(run_layout, data, tp, epochs=spec.train.epochs, max_steps=spec.train.max_steps,
                              spec_time_s=spec.resources.time_s, signal_delay_s=delay)
@@ -1192,6 +1201,109 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         throughput=tp, schedule=plan_schedule, measured=tuple(_measured_matches(p, kind, anchors, memory)),
         notes=tuple(notes), keep_activations=keep if keep and keep > p.kept_layers else None,
     )
+
+
+# -- dpo ---------------------------------------------------------------------------------------------
+# Preference tuning (recipe: dpo, TRL's DPOTrainer) is SFT's step with three differences:
+# * each micro-batch holds b pairs, i.e. 2·b sequences (chosen and rejected in one forward), padded to
+#   the batch's longest (no packing): the memory model above runs with micro-batch 2·b and seq_len
+#   max_length, padding-free off;
+# * a frozen reference model: its weights (the compute dtype; sharded like the policy's under FSDP),
+#   and during the loss its forward, which keeps nothing for backward (no_grad): one layer's working
+#   set and one logit tile. None with LoRA (the reference is the base with adapters off) or with
+#   train.precompute_ref_log_probs (computed before training; under FSDP its copy is freed then);
+# * the reference forward costs 2·N FLOPs per token beside the policy's 6·N (4·N with LoRA): the
+#   throughput is the SFT anchors' scaled by 6/8 (4/6 with LoRA), none when precomputed.
+DPO_DEFAULT_LENGTH = 1024
+
+
+def dpo_inputs(spec: Any, p: PlanInputs) -> PlanInputs:
+    return replace(p, micro_batch=2 * spec.train.per_device_batch_size, padding_free=False,
+                   seq_len=spec.train.max_length or DPO_DEFAULT_LENGTH)
+
+
+def dpo_reference_in_memory(spec: Any) -> bool:
+    t = spec.train
+    return t.lora is None and not t.precompute_ref_log_probs
+
+
+def dpo_memory(spec: Any, p: PlanInputs) -> MemoryEstimate:
+    """The policy's estimate with the reference model's terms added."""
+    base = estimate_memory(p)
+    if not dpo_reference_in_memory(spec):
+        return base
+    s, c = p.shape, p.compute_bytes
+    W = p.world if p.fsdp else 1
+    weights = Term("reference model weights", c * s.params / W,
+                   f"{c}·N frozen" + (f" / {W} (FSDP)" if W > 1 else ""))
+    per_token, _ = layer_activation_bytes_per_token(p)
+    forward = [Term("reference forward (no grad)", per_token * p.tokens + c * min(p.tokens, TRL_TILE_TOKENS) * min(s.vocab, TRL_TILE_VOCAB),
+                    "one layer's working set + one logit tile; nothing kept for backward")]
+    if p.fsdp:
+        forward.append(Term("reference gathered layers", 2 * c * s.layer_params, "current + prefetched layer"))
+    phases = []
+    for phase in base.phases:
+        extra = [weights] + (forward if phase.name.startswith("loss") else [])
+        phases.append(Phase(phase.name, phase.terms + tuple(extra)))
+    peak = max(ph.bytes for ph in phases)
+    overhead = tuple(Term(t.name, ALLOCATOR_SLACK * peak, t.formula) if t.name == "allocator slack" else t
+                     for t in base.overhead)
+    return MemoryEstimate(tuple(phases), overhead)
+
+
+def dpo_throughput(spec: Any, tp: Throughput) -> Throughput:
+    """Tokens (chosen + rejected) per second: the policy's rate slowed by the reference's forward."""
+    if not dpo_reference_in_memory(spec) and spec.train.lora is None:
+        return tp
+    policy = 4 if spec.train.lora is not None else 6
+    scale = policy / (policy + 2)
+    note = f"reference forward: {scale:.2f}× the fine-tuning rate (2·N more FLOPs per token beside {policy}·N)"
+    return replace(tp, tokens_per_s_per_gpu=tp.tokens_per_s_per_gpu * scale, notes=tp.notes + (note,))
+
+
+def dpo_dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) -> tuple[DatasetTokens | None, str]:
+    """Tokens of one epoch of pairs: exact from the prepared pairs (prompt + chosen, prompt + rejected,
+    each padded to the longest of its micro-batch), else the staged split's row count at max_length."""
+    from hfhpc.recipes import prefdata
+    from hfhpc.store.prepare import dataset_cache_dir
+
+    t, dref = spec.train, spec.dataset
+    seq = t.max_length or DPO_DEFAULT_LENGTH
+    if files.model_snapshot is None:
+        return None, "unknown: the model is not staged (its tokenizer and template are needed)"
+    template = chat_template_of(files.model_snapshot, t.chat_template)
+    key = prefdata.cache_key(dataset_id=dref.id, commit=files.dataset_commit, config=dref.config, split=dref.split,
+                             tokenizer_commit=files.model_commit, template=template, max_length=t.max_length,
+                             max_prompt_length=t.max_prompt_length, max_samples=dref.max_samples)
+    if importlib.util.find_spec("pyarrow") is None:
+        return None, "unknown: counting tokens needs pyarrow (install the `train` extra on the login node)"
+    for root in (Path(store) / "hfhpc" / "prepared", spec.run_dir() / "prepared"):
+        folder = root / key
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            paths = [folder / f["filename"] for f in state["_data_files"]]
+            prompt = _arrow_table_lengths(paths, "prompt_ids")
+            chosen = _arrow_table_lengths(paths, "chosen_ids")
+            rejected = _arrow_table_lengths(paths, "rejected_ids")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        # A micro-batch of b pairs is one batch of 2·b rows padded to the longest: pair the lengths up.
+        lengths = [n for p, c, r in zip(prompt, chosen, rejected, strict=True) for n in (p + c, p + r)]
+        found = tokens_from_lengths(lengths, seq_len=seq, packing=False, packing_strategy="bfd",
+                                    micro_batch=inputs.micro_batch, source=f"prepared pairs {folder} (exact)", exact=True)
+        return replace(found, rows=len(prompt)), found.source
+    if files.dataset_commit is None:
+        return None, "unknown: the dataset is not in the lockfile (run `hfhpc stage SPEC`)"
+    for folder in dataset_cache_dir(store, dref.id, dref.config, files.dataset_commit):
+        try:
+            rows = int(json.loads((folder / "dataset_info.json").read_text())["splits"][dref.split]["num_examples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if dref.max_samples:
+            rows = min(rows, dref.max_samples)
+        source = f"estimate: {rows:,} pairs × 2 sequences at max_length {seq} (an upper bound; exact once prepared)"
+        return DatasetTokens(rows, 2 * rows * seq, 2 * rows, 2 * rows * seq, source, False), source
+    return None, "unknown: the dataset is not staged in this store (run `hfhpc stage SPEC` on a login node)"
 
 
 KEEP_MARGIN = 0.9  # kept layers are suggested up to this share of the card (the estimate is not exact)

@@ -72,3 +72,34 @@ def test_pairs_are_tokenized_exactly_as_dpo_trainer_tokenizes_them(tiny_model: P
     for column in prefdata.COLUMNS:
         assert ours[column] == trainer.train_dataset[column], column
     assert all(len(p) > 0 and c != r for p, c, r in zip(*(ours[c] for c in prefdata.COLUMNS), strict=True))
+
+
+ZEPHYR_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "vocab_size": 32000, "tie_word_embeddings": False}
+
+
+def _plan(tmp_path: Path, **train):
+    import json
+
+    from hfhpc.plan import make_plan
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(ZEPHYR_7B))
+    spec = parse_spec({**BASE, "train": {"per_device_batch_size": 4, "max_length": 1024, **train},
+                       "launch": {"strategy": "fsdp"}, "resources": {"gpus_per_node": 4}})
+    return make_plan(spec, tmp_path / "store", model_config=config, gpu="h100")
+
+
+def test_plan_holds_a_frozen_reference_unless_lora_or_precomputed_log_probs_replace_it(tmp_path: Path):
+    from hfhpc.plan import GIB
+
+    full, precomputed = _plan(tmp_path), _plan(tmp_path, precompute_ref_log_probs=True)
+    backward = {p.name: p for p in full.memory.phases}["backward (first layer)"]
+    ref = next(t for t in backward.terms if t.name == "reference model weights")
+    assert ref.bytes == 2 * full.inputs.shape.params / 4  # bf16, sharded over 4 GPUs like the policy
+    assert abs(full.memory.phases[1].bytes - precomputed.memory.phases[1].bytes - ref.bytes) < 1
+    assert not any("reference" in t.name for p in _plan(tmp_path, lora={"r": 8}).memory.phases for t in p.terms)
+    # The reference's forward slows the step by a quarter; precomputed log-probs do not.
+    assert full.throughput.tokens_per_s_per_gpu == pytest.approx(0.75 * precomputed.throughput.tokens_per_s_per_gpu)
+    assert full.memory.peak_gib > precomputed.memory.peak_gib + 3 * 2**30 / GIB

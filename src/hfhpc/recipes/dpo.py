@@ -38,7 +38,7 @@ class DpoTrain(TrainBase):
     learning_rate: float = Field(1.0e-6, gt=0, description="peak learning rate (TRL's DPO default)")
     beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference (higher: less)")
     max_length: int | None = Field(1024, ge=8, description="tokens of prompt + completion kept (their start)")
-    max_prompt_length: int | None = Field(512, ge=1, description="tokens of the prompt kept (its end)")
+    max_prompt_length: int | None = Field(None, ge=1, description="tokens of the prompt kept (its end; default: all)")
     precompute_ref_log_probs: bool = Field(
         False, description="compute the reference's log-probs once, cached beside the prepared pairs; no reference model while training")
     chat_template: str | None = Field(None, description="template for models without one: a Jinja string")
