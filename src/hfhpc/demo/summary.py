@@ -1,7 +1,7 @@
 """What ``make demo`` prints at the end: where each run put its model, numbers and files.
 
 ``python -m hfhpc.demo.summary RUNS_DIR [--times FILE]`` reads the run folders that the demo specs
-write (``demo-sft``, ``demo-classify``, ``demo-infer``, ``demo-evaluate``) and prints one short block.
+write (``demo-sft``, ``demo-dpo``, ``demo-classify``, ``demo-infer``, ``demo-evaluate``) and prints one short block.
 ``--times`` names a file of ``<stage>\\t<seconds>`` lines (what ``scripts/demo.sh`` records), printed
 as one line of timings. Only the standard library is imported: this runs after every recipe, and a
 user waits for it.
@@ -17,7 +17,7 @@ from typing import Any
 
 from hfhpc.run.paths import RunDir
 
-SFT, CLASSIFY, INFER, EVALUATE = "demo-sft", "demo-classify", "demo-infer", "demo-evaluate"
+SFT, DPO, CLASSIFY, INFER, EVALUATE = "demo-sft", "demo-dpo", "demo-classify", "demo-infer", "demo-evaluate"
 
 
 def _show(path: Path) -> str:
@@ -62,6 +62,8 @@ def results(runs: Path) -> list[tuple[str, str, str]]:
     if sft.report.is_file():
         rows.append(("SFT" if not rows else "", "report", _show(sft.report)))
 
+    rows += _dpo(runs / DPO)
+
     classify = RunDir(runs / CLASSIFY)
     if classify.model.is_dir():
         rows.append(("classify", "model", _show(classify.model)))
@@ -83,6 +85,27 @@ def results(runs: Path) -> list[tuple[str, str, str]]:
                                          f"MiniLM's head is untrained ({_show(evaluate.eval)})"))
         if evaluate.predictions.is_file():
             rows.append(("", "predictions", _show(evaluate.predictions)))
+    return rows
+
+
+def _dpo(run: Path) -> list[tuple[str, str, str]]:
+    """The DPO run: its model, and whether the held-out reward accuracy rose above chance (0.5: a model
+    that cannot tell chosen from rejected is right half the time; before training every reward is 0)."""
+    rows: list[tuple[str, str, str]] = []
+    if not RunDir(run).model.is_dir():
+        return rows
+    rows.append(("DPO", "model", _show(RunDir(run).model)))
+    if RunDir(run).eval.is_file():
+        ev = _json(RunDir(run).eval)
+        accuracy = ev.get("reward_accuracy")
+        if accuracy is not None:
+            verdict = "above chance (0.5)" if accuracy > 0.5 else "NOT above chance (0.5)"
+            margin = ev.get("eval_rewards/margins")
+            rows.append(("", "eval", f"reward accuracy {accuracy:.3f} on {ev.get('pairs')} held-out pairs, {verdict}"
+                                     + (f"; margin {margin:.2f}" if margin is not None else "")
+                                     + f" ({_show(RunDir(run).eval)})"))
+    if RunDir(run).report.is_file():
+        rows.append(("", "report", _show(RunDir(run).report)))
     return rows
 
 

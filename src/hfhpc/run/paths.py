@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 CHECKPOINT_PREFIX = "checkpoint-"
-PLOTS = ("loss", "learning_rate", "throughput", "mfu", "grad_norm")
+PLOTS = ("loss", "learning_rate", "throughput", "mfu", "grad_norm", "rewards", "reward_accuracy")
 
 
 class RunDir:
