@@ -50,10 +50,11 @@ class _Plan:
     datasets: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     train: dict | None = None  # {"recipe", "keys"}: pass-through train keys to check against the trainer
+    harness: dict | None = None  # {"tasks", "include", "keys"}: benchmarks to build as the run will
     fixes: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, id) → fix command
 
     def empty(self) -> bool:
-        return not (self.models or self.datasets or self.metrics or self.train)
+        return not (self.models or self.datasets or self.metrics or self.train or self.harness)
 
     def add_model(self, store: Path, repo_id: str, commit: str, fix: str) -> None:
         snap = snapshot_dir(store, "model", repo_id, commit)
@@ -131,6 +132,7 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
         {"models": plan.models, "train": plan.train},
         {"datasets": plan.datasets},
         {"metrics": plan.metrics},
+        {"harness": plan.harness},
     ]
     groups = [g for g in groups if any(g.values())]
     with tempfile.TemporaryDirectory(prefix="hfhpc-check-") as tmp:
@@ -156,10 +158,10 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
         if not r["error"]:
             continue
         if r.get("cause") == "spec":
-            fix = "edit the spec's train: keys" if r["kind"] == "spec" else "edit the spec: name a split the dataset has"
+            fix = f"edit the spec's {r['id']}: keys" if r["kind"] == "spec" else "edit the spec: name a split the dataset has"
             report.problems.append(Problem(r["kind"], r["id"], r["what"], r["error"], fix))
             continue
-        fix = plan.fixes.get((r["kind"], r["id"]), f"hfhpc stage --{r['kind']} {shlex.quote(r['id'])}")
+        fix = r.get("fix") or plan.fixes.get((r["kind"], r["id"]), f"hfhpc stage --{r['kind']} {shlex.quote(r['id'])}")
         report.problems.append(Problem(r["kind"], r["id"], r["what"], f"fails offline: {r['error']}", fix))
 
 
@@ -253,6 +255,19 @@ def _check_repo(store: Path, repo_type: str, repo_id: str, revision: str | None,
         plan.add_model(store, repo_id, commit, fix)
 
 
+def _plan_harness(spec: JobSpec, report: CheckReport, plan: _Plan) -> None:
+    """Refuse what cannot run sealed; the rest is built in the sealed child, as the run builds it."""
+    from hfhpc.recipes.harness import task_arguments
+    from hfhpc.recipes.harness_tasks import refused
+
+    for task, why in refused(spec):
+        report.problems.append(Problem("task", task, "lm-evaluation-harness", f"cannot run sealed: {why}",
+                                       "remove the task from harness.tasks, or give a task YAML that loads a Hub dataset"))
+    tasks, include = task_arguments(spec)
+    plan.harness = {"tasks": tasks, "include": include, "keys": sorted((spec.harness.model_extra or {}).keys()),
+                    "fix": _spec_fix(spec)}
+
+
 def check(
     store: Path,
     spec: JobSpec | None = None,
@@ -271,6 +286,8 @@ def check(
         extra = sorted((spec.train.model_extra or {}).keys())
         if spec.recipe in ("sft", "classify") and extra:
             plan.train = {"recipe": spec.recipe, "keys": extra}
+        if spec.recipe == "harness" and spec.harness is not None:
+            _plan_harness(spec, report, plan)
         if spec.recipe == "script" and spec.script:
             scripts.insert(0, spec.resolve_path(spec.script))
     if scripts:

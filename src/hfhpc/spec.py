@@ -15,9 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hfhpc.errors import SpecError
+from hfhpc.recipes.harness import HarnessSpec
 from hfhpc.store.layout import repo_id_problem, revision_problem
 
-RECIPES = ("sft", "infer", "evaluate", "classify", "script")
+RECIPES = ("sft", "infer", "evaluate", "classify", "script", "harness")
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$|^(\d+)$")
 
 
@@ -193,7 +194,7 @@ class SiteSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field(description="job name (letters, digits, '-', '_', '.')")
-    recipe: Literal["sft", "infer", "evaluate", "classify", "script"] = Field(description="sft | infer | evaluate | classify | script")
+    recipe: Literal["sft", "infer", "evaluate", "classify", "script", "harness"] = Field(description="sft | infer | evaluate | classify | script | harness")
     model: ModelRef | None = None
     dataset: DatasetRef | None = None
     datasets: list[DatasetRef] = Field(default_factory=list, description="more datasets (script recipe)")
@@ -201,6 +202,7 @@ class JobSpec(_Strict):
     metrics: list[MetricRef] = Field(default_factory=list)
     train: TrainSpec = Field(default_factory=TrainSpec)
     infer: InferSpec = Field(default_factory=InferSpec)
+    harness: HarnessSpec | None = Field(None, description="lm-evaluation-harness tasks and settings (recipe: harness)")
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     resources: Resources = Field(default_factory=Resources)
     site: SiteSpec = Field(default_factory=SiteSpec)
@@ -255,6 +257,7 @@ class JobSpec(_Strict):
             "classify": ("model", "dataset"),
             "evaluate": (),
             "script": ("script",),
+            "harness": ("model", "harness"),
         }
         for key in need[self.recipe]:
             if getattr(self, key) is None:
@@ -289,7 +292,13 @@ class JobSpec(_Strict):
         return ([self.model] if self.model else []) + list(self.models)
 
     def all_datasets(self) -> list[DatasetRef]:
-        return ([self.dataset] if self.dataset else []) + list(self.datasets)
+        refs = ([self.dataset] if self.dataset else []) + list(self.datasets)
+        if self.recipe == "harness" and self.harness is not None:
+            # The benchmarks' datasets, as the harness's registry names them (resolved once, cached).
+            from hfhpc.recipes.harness_tasks import task_datasets
+
+            refs += task_datasets(self)
+        return refs
 
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()

@@ -83,9 +83,28 @@ def run_plan(plan: dict) -> list[dict]:
                 )
 
         probe("spec", "train", "pass-through keys", fields)
+    harness = plan.get("harness")
+    if harness:
+        _probe_harness(harness, results)
     for mt in plan.get("metrics", []):
         probe("metric", mt["id"], "evaluate.load", lambda mid=mt["id"]: assets.load_metric(mid))
     return results
+
+
+def _probe_harness(harness: dict, results: list[dict]) -> None:
+    """Build every benchmark task the way ``recipe: harness`` will (the harness's own
+    ``load_dataset`` calls, offline), and check the pass-through keys against ``simple_evaluate``."""
+    from hfhpc.recipes.harness import HarnessSpec, unknown_arguments
+    from hfhpc.recipes.harness_tasks import build_sealed
+
+    t = time.perf_counter()
+    for r in build_sealed(harness["tasks"], harness["include"]):
+        results.append({"kind": "task", "id": r["task"], "what": "lm-evaluation-harness task", "error": r["error"],
+                        "cause": "store", "fix": harness.get("fix"), "seconds": round(time.perf_counter() - t, 3)})
+    if harness.get("keys"):
+        unknown = unknown_arguments(HarnessSpec(tasks=["-"], **{k: None for k in harness["keys"]}))
+        results.append({"kind": "spec", "id": "harness", "what": "pass-through keys", "cause": "spec", "seconds": 0.0,
+                        "error": f"not an argument of lm_eval.simple_evaluate (or set by hfhpc): {', '.join(unknown)}" if unknown else None})
 
 
 def main(argv: list[str] | None = None) -> int:

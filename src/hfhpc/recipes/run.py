@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hfhpc.launch.jobfile import load_job
 
-RECIPES = {"sft": "hfhpc.recipes.sft", "infer": "hfhpc.recipes.infer", "evaluate": "hfhpc.recipes.evaluate", "classify": "hfhpc.recipes.classify"}
+RECIPES = {"sft": "hfhpc.recipes.sft", "infer": "hfhpc.recipes.infer", "evaluate": "hfhpc.recipes.evaluate", "classify": "hfhpc.recipes.classify", "harness": "hfhpc.recipes.harness"}
 
 
 def main(argv: list[str] | None = None) -> int:
