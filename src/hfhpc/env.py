@@ -2,7 +2,8 @@
 
 The Hugging Face libraries read their variables when they are imported, so hfhpc never sets them in
 its own process to change a library's behaviour: it builds the environment of the child processes
-it starts (see :func:`offline_environ`).
+it starts (built by :mod:`hfhpc.offline.environ`). This module holds names and readers only: it
+imports nothing of hfhpc but its errors.
 """
 
 from __future__ import annotations
@@ -78,7 +79,28 @@ def resolve_store(cli_value: str | os.PathLike[str] | None, environ: Mapping[str
 
 
 def endpoint(environ: Mapping[str, str] = os.environ) -> str:
-    return environ.get(HF_ENDPOINT, DEFAULT_ENDPOINT).rstrip("/")
+    """The Hub or mirror to download from: ``HF_ENDPOINT``, else the Hub. ``UsageError`` when it is
+    not an http(s) URL with a host: a typo must not become a request to a wrong place."""
+    value = environ.get(HF_ENDPOINT, "").strip() or DEFAULT_ENDPOINT
+    return parse_endpoint(value, HF_ENDPOINT)
+
+
+def parse_endpoint(value: str, source: str) -> str:
+    """``value`` without its trailing ``/``, checked to be an http(s) URL with a host (``source``
+    names where it came from in the error)."""
+    from urllib.parse import urlsplit
+
+    from hfhpc.errors import UsageError
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in {"http", "https"} or not parts.hostname or any(c.isspace() for c in value):
+        raise UsageError(f"{source}={value!r} is not an http(s) URL",
+                         f"set it to the Hub or mirror to download from, e.g. {DEFAULT_ENDPOINT}, or unset it")
+    return value.rstrip("/")
 
 
 def token(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -101,29 +123,6 @@ def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
 def store_environ(store: Path) -> dict[str, str]:
     """The variables that point every library at ``store`` (an ``HF_HOME`` layout)."""
     return {HF_HOME: str(store), HFHPC_STORE: str(store)}
-
-
-def offline_environ(
-    store: Path,
-    base: Mapping[str, str] | None = None,
-    *,
-    allow_hosts: list[str] | tuple[str, ...] = (),
-    seal: bool = True,
-) -> dict[str, str]:
-    """The environment for a child process that must run from ``store`` with no network.
-
-    Secrets are dropped: a sealed process has nothing to authenticate to.
-    """
-    env = dict(os.environ if base is None else base)
-    for var in (*CACHE_OVERRIDES, *SECRET_VARS, HF_ENDPOINT):
-        env.pop(var, None)
-    env.update(store_environ(store))
-    env.update(OFFLINE_VARS)
-    if seal:
-        from hfhpc.offline.seal import seal_environ
-
-        env.update(seal_environ(env, allow_hosts=allow_hosts))
-    return env
 
 
 def export_lines(variables: Mapping[str, str]) -> list[str]:

@@ -15,16 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from hfhpc.env import OFFLINE_VARS, offline_environ
-from hfhpc.errors import UsageError
+from hfhpc.env import OFFLINE_VARS
+from hfhpc.errors import SealNotActiveError, UsageError
+from hfhpc.offline.environ import offline_environ, seal_environ
 from hfhpc.offline.seal import (
     GUARD_DIR,
+    MAX_NO_PROXY,
+    SEALED_PROXY,
     AllowList,
     SealPolicy,
     expand_hostlist,
+    no_proxy_value,
     normalize_host_entry,
     refusal_line,
-    seal_environ,
 )
 
 # --- hostlists --------------------------------------------------------------------------------------
@@ -142,7 +145,7 @@ def test_malformed_nodelist_does_not_break_the_policy() -> None:
 def test_seal_environ() -> None:
     env = {"PYTHONPATH": os.pathsep.join(["/opt/site", GUARD_DIR, "/opt/more"])}
     sealed = seal_environ(env, allow_hosts=["Mirror.Local", "http://mirror.local:8080", "10.0.0.0/8"])
-    assert sealed == {
+    assert {k: sealed[k] for k in ("PYTHONPATH", "HFHPC_SEAL", "HFHPC_SEAL_ALLOW")} == {
         "PYTHONPATH": os.pathsep.join([GUARD_DIR, "/opt/site", "/opt/more"]),
         "HFHPC_SEAL": "1",
         "HFHPC_SEAL_ALLOW": "mirror.local,10.0.0.0/8",
@@ -151,6 +154,47 @@ def test_seal_environ() -> None:
     assert seal_environ({"HFHPC_SEAL_ALLOW": "old.host"})["HFHPC_SEAL_ALLOW"] == ""
     with pytest.raises(UsageError):
         seal_environ({}, allow_hosts=["not a host"])
+
+
+def test_seal_environ_sends_other_clients_to_a_refusing_proxy_except_loopback_nodes_and_allowed() -> None:
+    env = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURMD_NODENAME": "gpu01", "no_proxy": "*", "https_proxy": "http://squid:3128"}
+    sealed = seal_environ(env, allow_hosts=["*.internal.org", "10.1.0.0/16"])
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "ftp_proxy"):
+        assert sealed[var] == SEALED_PROXY
+    assert sealed["no_proxy"] == sealed["NO_PROXY"] == "localhost,127.0.0.1,127.0.0.0/8,::1,.internal.org,10.1.0.0/16,gpu01,gpu02"
+    # git's own http.proxy setting is overridden, after the caller's command-line configuration.
+    assert {k: v for k, v in sealed.items() if k.startswith("GIT_")} == {
+        "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.proxy", "GIT_CONFIG_VALUE_0": SEALED_PROXY,
+    }
+    theirs = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "user.name", "GIT_CONFIG_VALUE_0": "me"}
+    again = seal_environ(theirs)
+    assert (again["GIT_CONFIG_COUNT"], again["GIT_CONFIG_KEY_1"]) == ("2", "http.proxy")
+    assert "GIT_CONFIG_COUNT" not in seal_environ({**theirs, **again})  # sealing twice adds nothing
+
+
+def test_no_proxy_stays_a_size_a_variable_can_hold() -> None:
+    value = no_proxy_value([], (f"node{i:06d}" for i in range(20_000)))
+    assert len(value) <= MAX_NO_PROXY
+    assert value.startswith("localhost,") and ",node000000," in value
+
+
+def test_a_missing_guard_is_an_error_not_an_unsealed_child(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import hfhpc.offline.guard_path
+
+    monkeypatch.setattr(hfhpc.offline.guard_path, "GUARD_DIR", str(tmp_path / "gone"))
+    with pytest.raises(SealNotActiveError):
+        offline_environ(tmp_path, base={})
+    assert offline_environ(tmp_path, base={}, seal=False)["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("value", ["not a url", "huggingface.co", "ftp://mirror", "http://", "http://mirror:port"])
+def test_hf_endpoint_that_is_not_a_url_is_a_usage_error(value: str) -> None:
+    from hfhpc.env import endpoint
+
+    with pytest.raises(UsageError, match="HF_ENDPOINT"):
+        endpoint({"HF_ENDPOINT": value})
+    assert endpoint({"HF_ENDPOINT": "http://mirror.local:8080/"}) == "http://mirror.local:8080"
+    assert endpoint({}) == "https://huggingface.co"
 
 
 def test_offline_environ_seals(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def env_lines(store, *, spec_path: str | None = None, seal: bool = True) -> list
         allow = list(load_spec(spec_path).site.allow_hosts)
     variables = {**hfenv.store_environ(store), **hfenv.OFFLINE_VARS}
     if seal:
-        from hfhpc.offline.seal import seal_environ
+        from hfhpc.offline.environ import seal_environ
 
         # Only what the seal adds: PYTHONPATH keeps the caller's value after the guard.
         variables.update(seal_environ({"PYTHONPATH": "${PYTHONPATH}"}, allow_hosts=allow))

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfhpc import env as hfenv
 from hfhpc.launch.jobfile import JobFile, load_job
+from hfhpc.offline.environ import offline_environ
 from hfhpc.store.atomic import atomic_write_text
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -157,7 +157,7 @@ def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[
 
 def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str]) -> dict[str, str]:
     spec = job.spec
-    env = hfenv.offline_environ(store, base=base, allow_hosts=spec.site.allow_hosts)
+    env = offline_environ(store, base=base, allow_hosts=spec.site.allow_hosts)
     env["HFHPC_RUN_DIR"] = str(job.run_dir)
     env["HFHPC_NODE_RANK"] = str(topo.node_rank)
     env["HFHPC_RESTART_COUNT"] = str(topo.restart)
@@ -400,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--local", action="store_true", help="ignore SLURM: one node, this machine")
     args = ap.parse_args(argv)
+    from hfhpc.errors import HfhpcError
+    from hfhpc.offline.guard_path import require_seal
+
+    try:
+        require_seal()  # a job started with HFHPC_SEAL=1 never runs unsealed
+    except HfhpcError as exc:
+        print(f"hfhpc: error: {exc.render()}", file=sys.stderr, flush=True)
+        return exc.exit_code
     return run_node(args.run_dir.absolute(), local=args.local)
 
 

@@ -14,6 +14,14 @@ RECIPES = {"sft": "hfhpc.recipes.sft", "infer": "hfhpc.recipes.infer", "evaluate
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from hfhpc.errors import HfhpcError
+    from hfhpc.offline.guard_path import require_seal
+
+    try:
+        require_seal()  # a rank started with HFHPC_SEAL=1 never runs unsealed
+    except HfhpcError as exc:
+        print(f"hfhpc: error: {exc.render()}", file=sys.stderr, flush=True)
+        return exc.exit_code
     job = load_job(Path(argv[0]))
     module = importlib.import_module(RECIPES[job.spec.recipe])
     code = int(module.main(job) or 0)
