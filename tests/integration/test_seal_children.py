@@ -253,7 +253,7 @@ def test_a_batch_script_stops_when_the_jobs_python_has_no_hfhpc(tmp_path: Path) 
     assert "cannot name hfhpc's seal guard" in out.stderr
 
 
-@pytest.mark.parametrize("module", ["hfhpc.launch.node", "hfhpc.recipes.run"])
+@pytest.mark.parametrize("module", ["hfhpc.launch.node", "hfhpc.recipes.run", "hfhpc.offline.probe"])
 def test_entry_points_refuse_to_run_unsealed_when_the_seal_is_asked_for(tmp_path: Path, module: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HFHPC_SEAL="1", PYTHONPATH=str(tmp_path / "gone" / "hfhpc" / "offline" / "_guard"))
@@ -273,3 +273,67 @@ def test_entry_points_start_when_sealed(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "hfhpc.launch.node", str(tmp_path / "run")], capture_output=True,
                          text=True, timeout=120, env=env)
     assert "network guard is not installed" not in out.stderr
+
+
+# --- hfhpc exec --netns -----------------------------------------------------------------------------
+
+RAW_SOCKET = """
+import _socket, sys
+s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+s.settimeout(20)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+    s.sendall(b"GET /raw HTTP/1.0\\r\\n\\r\\n")
+    print("raw reached", s.recv(64)[:12])
+except OSError as exc:
+    print("raw refused", type(exc).__name__)
+# The command's own loopback still works: a local rendezvous needs it.
+srv = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+c = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+c.connect(srv.getsockname())
+print("own loopback ok")
+"""
+
+
+def _user_namespaces() -> bool:
+    from hfhpc.offline.netns import enter_private_network
+
+    try:
+        return subprocess.run(["true"], preexec_fn=enter_private_network).returncode == 0
+    except subprocess.SubprocessError:
+        return False
+
+
+@pytest.mark.skipif(not _user_namespaces(), reason="this machine does not let users create namespaces")
+def test_netns_stops_what_the_guard_cannot_see(store: Path, server: Server, tmp_path: Path) -> None:
+    probe = tmp_path / "raw.py"
+    probe.write_text(RAW_SOCKET)
+    # Without the namespace, the C module under socket goes past the guard (documented).
+    open_ = hfhpc("--store", str(store), "exec", "--", "python", str(probe), str(server.port))
+    assert "raw reached" in open_.stdout, open_.stderr
+    assert server.requests == ["/raw"]
+    closed = hfhpc("--store", str(store), "exec", "--netns", "--", "python", str(probe), str(server.port))
+    assert closed.returncode == 0, closed.stderr
+    assert closed.stdout.splitlines() == ["raw refused ConnectionRefusedError", "own loopback ok"]
+    assert server.requests == ["/raw"]  # nothing more
+
+
+def test_netns_with_allowed_hosts_is_a_usage_error(store: Path, tmp_path: Path) -> None:
+    spec = allow_spec(tmp_path, "mirror.local")
+    out = hfhpc("--store", str(store), "exec", "--netns", "--spec", str(spec), "--", "true")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "hfhpc: error: --netns reaches no host, and the spec allows mirror.local; "
+        "drop --netns, or run without the spec's allowed hosts"
+    ]
+
+
+def test_env_lines_carry_the_proxy_seal_with_the_jobs_nodes(tmp_path: Path) -> None:
+    env = dict(os.environ, SLURM_JOB_NODELIST="gpu[1-2]", https_proxy="http://squid:3128", no_proxy="*")
+    out = hfhpc("--store", str(tmp_path / "store"), "env", env=env)
+    assert out.returncode == 0, out.stderr
+    script = out.stdout + '\necho "$https_proxy|$no_proxy|$GIT_CONFIG_VALUE_0"\n'
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert res.stdout.strip() == f"{SEALED_PROXY}|localhost,127.0.0.1,127.0.0.0/8,::1,gpu1,gpu2|{SEALED_PROXY}"

@@ -351,6 +351,23 @@ def test_allowed_http_host_is_reachable(tmp_path: Path, http_server: int) -> Non
     assert "hfhpc: sealed" not in result.stderr
 
 
+def test_python_clients_ignore_the_seals_proxy(tmp_path: Path) -> None:
+    # 127.0.0.2 is allowed through a network, which urllib's and aiohttp's no_proxy matching does not
+    # understand: a client that used the seal's proxy would fail here.
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.2:{server.server_address[1]}/"
+        env = sealed_env(tmp_path, ("127.0.0.0/24",))
+        assert env["http_proxy"] == SEALED_PROXY and "127.0.0.2" not in env["no_proxy"].split(",")
+        result = run_child(f"URL = {url!r}\n" + HTTP_CLIENTS, env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    results = child_json(result)
+    assert {client: outcome for client, (outcome, _) in results.items()} == dict.fromkeys(results, 200)
+
+
 def test_tcp_rendezvous_on_loopback_and_node_names_works(tmp_path: Path, http_server: int) -> None:
     code = f"""
     import json, socket

@@ -18,6 +18,8 @@ from hfhpc.errors import EXIT_USAGE, UsageError
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", metavar="SPEC", help="job spec: its allowed hosts join the seal")
     p.add_argument("--no-seal", action="store_true", help="offline variables only, no network guard")
+    p.add_argument("--netns", action="store_true",
+                   help="also run in a network namespace of its own: no host at all beyond its own loopback")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
 
 
@@ -40,9 +42,19 @@ def run(args: argparse.Namespace) -> int:
 
         allow = list(load_spec(args.spec).site.allow_hosts)
     env = offline_environ(args.store_path, allow_hosts=allow, seal=not args.no_seal)
+    preexec = None
+    if args.netns:
+        from hfhpc.offline.netns import check_netns, enter_private_network
+
+        check_netns(allow)
+        preexec = enter_private_network
     sys.stdout.flush()
     try:
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd, env=env, preexec_fn=preexec)
+    except subprocess.SubprocessError as exc:  # raised for a preexec_fn that failed: no namespace here
+        from hfhpc.offline.netns import unavailable_error
+
+        raise unavailable_error() from exc
     except PermissionError:
         print(f"hfhpc: error: {cmd[0]} is not executable", file=sys.stderr)
         return EXIT_USAGE

@@ -11,6 +11,10 @@ policy defined here:
 * HTTP(S) requests may reach the hosts of ``HFHPC_SEAL_ALLOW`` only, loopback included: a Hub
   mirror could listen on loopback, and a sealed job must need nothing from any hub.
 
+Programs that are not Python get the proxy variables instead (:data:`SEALED_PROXY`,
+:func:`no_proxy_value`): any host but loopback, the job's nodes and the allowed hosts is refused
+at once by the clients that honour them. :mod:`hfhpc.offline.environ` builds a child's variables.
+
 This module is also loaded by the guard *by file path*, in children that may not be able to import
 ``hfhpc`` at all, so it imports nothing but the standard library at module level.
 """
