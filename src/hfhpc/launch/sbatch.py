@@ -16,12 +16,12 @@ from pathlib import Path
 from hfhpc import __version__
 from hfhpc import env as hfenv
 from hfhpc.errors import SpecError
+from hfhpc.launch.executor import LOG_DIR
 from hfhpc.launch.jobfile import JobFile
 from hfhpc.offline.environ import offline_environ
 from hfhpc.spec import JobSpec
 
 SCRIPT_NAME = "job.sbatch"
-LOG_DIR = "logs"
 # sbatch runs with the run dir as its working folder, so this resolves inside it.
 LOG_PATTERN = f"{LOG_DIR}/%x-%j.out"
 

@@ -4,9 +4,10 @@ The guard and the proxy variables stop what goes through Python's modules and th
 honour proxies. A private network namespace stops everything else too (raw ``_socket``, ``ctypes``,
 static binaries, DNS): the command sees one interface, its own loopback, and nothing beyond it. It
 needs no privilege where the kernel lets users create user namespaces (most Linux distributions;
-``kernel.unprivileged_userns_clone=0`` or an AppArmor restriction forbid it), and adds about
-0.16 s to a command's start (``benchmarks/results/seal_children.json``). Opt-in, because it also cuts what the seal lets through: the job's other nodes, the
-machine's own loopback services and the allowed hosts.
+``kernel.unprivileged_userns_clone=0`` or an AppArmor restriction forbid it), and adds 0.06 s
+to a command's start on a 2-core machine (``benchmarks/results/seal_children.json``). Opt-in,
+because it also cuts what the seal lets through: the job's other nodes, the machine's own
+loopback services and the allowed hosts.
 """
 
 from __future__ import annotations
