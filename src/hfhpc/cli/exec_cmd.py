@@ -1,4 +1,4 @@
-"""``hfhpc exec [--spec SPEC] -- CMD…``: run any command sealed, with the store's offline environment.
+"""``hfhpc exec [--spec SPEC] [--netns] -- CMD…``: run any command sealed, with the store's offline environment.
 
 A bare ``python`` or ``python3`` is the Python hfhpc runs with: the one whose packages the user
 staged for, not whichever comes first on ``PATH`` (often a system Python without torch).

@@ -340,7 +340,7 @@ client that honours the proxy variables fail fast for any host ``no_proxy`` does
 guard hides it from Python's own clients, which it checks itself."""
 
 PROXY_VARS = (
-    "http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "rsync_proxy",
+    "http_proxy", "https_proxy", "ftp_proxy", "all_proxy",
     "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY",
 )  # fmt: skip
 NO_PROXY_VARS = ("no_proxy", "NO_PROXY")
@@ -360,14 +360,13 @@ def no_proxy_value(allowed: Iterable[str], job_hosts: Iterable[str] = ()) -> str
     ``x.org`` itself. Node names past :data:`MAX_NO_PROXY` characters are left out: such nodes are
     refused at once, never waited on.
     """
-    entries: list[str] = []
-    for entry in (*LOOPBACK_NO_PROXY, *(e[1:] if e.startswith("*.") else e for e in allowed)):
-        if entry not in entries:
-            entries.append(entry)
+    entries = list(dict.fromkeys((*LOOPBACK_NO_PROXY, *(e[1:] if e.startswith("*.") else e for e in allowed))))
+    seen = set(entries)
     size = sum(len(e) + 1 for e in entries)
     for host in job_hosts:
         host = _normalize_name(host)
-        if host and host not in entries and size + len(host) + 1 <= MAX_NO_PROXY:
+        if host and host not in seen and size + len(host) + 1 <= MAX_NO_PROXY:
             entries.append(host)
+            seen.add(host)
             size += len(host) + 1
     return ",".join(entries)
