@@ -2,8 +2,7 @@
 
 The Hugging Face libraries read their variables when they are imported, so hfhpc never sets them in
 its own process to change a library's behaviour: it builds the environment of the child processes
-it starts (built by :mod:`hfhpc.offline.environ`). This module holds names and readers only: it
-imports nothing of hfhpc but its errors.
+it starts (built by :mod:`hfhpc.offline.environ`). This module holds names and readers only.
 """
 
 from __future__ import annotations
@@ -117,28 +116,7 @@ def resolve_store(cli_value: str | os.PathLike[str] | None, environ: Mapping[str
 
 
 def endpoint(environ: Mapping[str, str] = os.environ) -> str:
-    """The Hub or mirror to download from: ``HF_ENDPOINT``, else the Hub. ``UsageError`` when it is
-    not an http(s) URL with a host: a typo must not become a request to a wrong place."""
-    value = environ.get(HF_ENDPOINT, "").strip() or DEFAULT_ENDPOINT
-    return parse_endpoint(value, HF_ENDPOINT)
-
-
-def parse_endpoint(value: str, source: str) -> str:
-    """``value`` without its trailing ``/``, checked to be an http(s) URL with a host (``source``
-    names where it came from in the error)."""
-    from urllib.parse import urlsplit
-
-    from hfhpc.errors import UsageError
-
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in {"http", "https"} or not parts.hostname or any(c.isspace() for c in value):
-        raise UsageError(f"{source}={value!r} is not an http(s) URL",
-                         f"set it to the Hub or mirror to download from, e.g. {DEFAULT_ENDPOINT}, or unset it")
-    return value.rstrip("/")
+    return environ.get(HF_ENDPOINT, DEFAULT_ENDPOINT).rstrip("/")
 
 
 def token(environ: Mapping[str, str] = os.environ) -> str | None:

@@ -181,14 +181,6 @@ def test_bare_python_is_the_python_hfhpc_runs_with(store: Path, tmp_path: Path) 
         assert out.stdout.strip() == sys.executable
 
 
-def test_bad_hf_endpoint_is_a_one_line_usage_error(tmp_path: Path) -> None:
-    env = dict(os.environ, HF_ENDPOINT="not a url")
-    out = hfhpc("--store", str(tmp_path / "store"), "stage", "--model", "org/model", env=env)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "HF_ENDPOINT='not a url' is not an http(s) URL" in lines[0], out.stderr
-
-
 # --- the guard of a kept batch script, and the start check ------------------------------------------
 
 RENDER = """

@@ -158,16 +158,6 @@ def test_a_missing_guard_is_an_error_not_an_unsealed_child(monkeypatch: pytest.M
     assert offline_environ(tmp_path, base={}, seal=False)["HF_HUB_OFFLINE"] == "1"
 
 
-@pytest.mark.parametrize("value", ["not a url", "huggingface.co", "ftp://mirror", "http://", "http://mirror:port"])
-def test_hf_endpoint_that_is_not_a_url_is_a_usage_error(value: str) -> None:
-    from hfhpc.env import endpoint
-
-    with pytest.raises(UsageError, match="HF_ENDPOINT"):
-        endpoint({"HF_ENDPOINT": value})
-    assert endpoint({"HF_ENDPOINT": "http://mirror.local:8080/"}) == "http://mirror.local:8080"
-    assert endpoint({}) == "https://huggingface.co"
-
-
 def test_offline_environ_seals(tmp_path: Path) -> None:
     env = offline_environ(tmp_path, base={"PYTHONPATH": "/opt/site"}, allow_hosts=["mirror.local"])
     assert env["PYTHONPATH"].split(os.pathsep) == [GUARD_DIR, "/opt/site"]
@@ -571,3 +561,26 @@ def test_cached_asset_loads_under_the_seal_without_offline_variables(
     hub_child: subprocess.CompletedProcess[str],
 ) -> None:
     assert child_json(hub_child)["cached_config"] == 24
+
+
+def _hfhpc_imports(path: Path) -> set[str]:
+    """Every hfhpc module ``path`` imports, at module level or inside a function."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hfhpc"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("hfhpc"))
+    return names
+
+
+def test_env_names_and_reads_and_the_seal_never_imports_it_back() -> None:
+    import hfhpc.env
+    import hfhpc.offline.seal
+
+    # env.py: names and readers, nothing that needs the seal; seal.py: the policy, which the guard
+    # loads by path, needs none of env's names. No circle between them.
+    assert _hfhpc_imports(Path(hfhpc.env.__file__)) <= {"hfhpc.errors"}
+    assert not {"hfhpc.env", "hfhpc.errors", "hfhpc.offline.environ"} & _hfhpc_imports(Path(hfhpc.offline.seal.__file__))
