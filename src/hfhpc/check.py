@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfhpc import env as hfenv
 from hfhpc.recipes import registry
+from hfhpc.offline.environ import offline_environ
 from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store.cache import snapshot_dir
 from hfhpc.store.layout import dataset_arrow_dir, read_ref
@@ -122,7 +122,7 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
     """Run the load probes in sealed children, in parallel."""
     if plan.empty():
         return
-    env = hfenv.offline_environ(store, allow_hosts=allow_hosts)
+    env = offline_environ(store, allow_hosts=allow_hosts)
     env.update(
         HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
         TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",

@@ -100,6 +100,14 @@ def _probe_recipe(group: dict, results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from hfhpc.errors import HfhpcError
+    from hfhpc.offline.guard_path import require_seal
+
+    try:
+        require_seal()  # a probe that passed unsealed would prove nothing
+    except HfhpcError as exc:
+        print(f"hfhpc: error: {exc.render()}", file=sys.stderr, flush=True)
+        return exc.exit_code
     plan = json.loads(Path(argv[0]).read_text())
     results = run_plan(plan)
     Path(argv[1]).write_text(json.dumps(results))
