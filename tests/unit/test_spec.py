@@ -32,7 +32,7 @@ def test_short_forms_expand_and_defaults_fill():
         ({"bogus": 1}, "bogus", "unknown key; valid keys here: name, recipe, model"),
         ({"resources": {"gpu": 4}}, "resources.gpu", "valid keys here: nodes, gpus_per_node"),
         ({"model": {"id": "org/m", "rev": "x"}}, "model.rev", "valid keys here: id, revision, include"),
-        ({"recipe": "train"}, "recipe", "must be 'classify', 'dpo', 'evaluate', 'infer', 'script' or 'sft'"),
+        ({"recipe": "train"}, "recipe", "must be 'classify', 'dpo', 'evaluate', 'harness', 'infer', 'script' or 'sft'"),
         ({"recipe": "stf"}, "recipe", "(did you mean `sft`?)"),
         ({"resources": {"gpus_per_nod": 4}}, "resources.gpus_per_nod", "unknown key (did you mean `gpus_per_node`?)"),
         ({"model": "../etc"}, "model.id", "invalid repository id '../etc'"),
