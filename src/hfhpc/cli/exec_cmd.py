@@ -26,11 +26,15 @@ def run(args: argparse.Namespace) -> int:
     if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
         raise UsageError(f"command not found: {cmd[0]}")
     allow: list[str] = []
+    store = args.store_path
     if args.spec:
         from hfhpc.spec import load_spec
+        from hfhpc.store.location import store_for_spec
 
-        allow = list(load_spec(args.spec).site.allow_hosts)
-    env = hfenv.offline_environ(args.store_path, allow_hosts=allow, seal=not args.no_seal)
+        spec = load_spec(args.spec)
+        allow = list(spec.site.allow_hosts)
+        store = store_for_spec(spec, args.store)
+    env = hfenv.offline_environ(store, allow_hosts=allow, seal=not args.no_seal)
     sys.stdout.flush()
     try:
         return subprocess.call(cmd, env=env)

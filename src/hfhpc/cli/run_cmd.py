@@ -14,6 +14,9 @@ def run(args: argparse.Namespace) -> int:
     from hfhpc.spec import load_spec
 
     executor = LocalExecutor()
-    job = executor.prepare(load_spec(args.spec), args.store_path)
+    from hfhpc.store.location import store_for_spec
+
+    spec = load_spec(args.spec)
+    job = executor.prepare(spec, store_for_spec(spec, args.store))
     print(f"hfhpc: run folder {job.run_dir}", flush=True)
     return executor.start(job)

@@ -17,7 +17,10 @@ def run(args: argparse.Namespace) -> int:
     from hfhpc.spec import load_spec
 
     executor = SlurmExecutor()
-    job = executor.prepare(load_spec(args.spec), args.store_path)
+    from hfhpc.store.location import store_for_spec
+
+    spec = load_spec(args.spec)
+    job = executor.prepare(spec, store_for_spec(spec, args.store))
     if args.dry_run:
         from hfhpc.launch.sbatch import render_sbatch
 

@@ -123,6 +123,7 @@ def stage(
         cache.save()
     for o in outcomes:
         lock.put(o.asset)
+    lock.store = Path(store).absolute()
     lock.save()
     return StageReport(lock_path, outcomes)
 
@@ -153,6 +154,7 @@ def import_local(store: Path, kind: str, repo_id: str, src: Path, lock_path: Pat
     elif kind == "dataset":
         outcome.prepared = prep.prepare_dataset(store, asset, [None], endpoint=None, token=None)
     lock.put(asset)
+    lock.store = Path(store).absolute()
     lock.save()
     return StageReport(lock_path, [outcome])
 
