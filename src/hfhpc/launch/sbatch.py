@@ -133,8 +133,13 @@ def _directives(job: JobFile) -> list[str]:
     elif res.gpus_per_node:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
     opts.append(f"--cpus-per-task={res.cpus_per_gpu * res.procs}")
-    if res.mem_gb > 0:
-        opts.append(f"--mem={res.mem_gb}G")
+    # Always --mem: without it the job gets the site's default, often a few GB per core.
+    if res.mem_gb is None:
+        from hfhpc.plan import host_memory_gb
+
+        opts.append(f"--mem={host_memory_gb(job.spec, job.store)}G")
+    else:
+        opts.append(f"--mem={res.mem_gb}G" if res.mem_gb else "--mem=0")
     opts.append(f"--time={res.time}")
     for key in ("account", "partition", "qos"):
         value = getattr(res, key)
