@@ -101,6 +101,7 @@ def render(report, store: Path, *, default_lock: bool = False) -> str:
             lines.append(f"        updated {o.previous_commit[:12]} → {a.commit[:12]}")
         for p in o.prepared:
             lines.append(f"        ready offline: {p}")
+    lines.extend(f"warning: {w}" for w in report.warnings)
     lines.append(f"store:    {store}")
     where = " (the default in the current folder; --lock FILE to choose)" if default_lock else ""
     lines.append(f"lockfile: {report.lock_path}{where}")
