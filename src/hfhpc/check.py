@@ -20,6 +20,7 @@ from pathlib import Path
 
 from hfhpc import env as hfenv
 from hfhpc.spec import JobSpec, canonical_metric_id
+from hfhpc.store import readonly
 from hfhpc.store.cache import snapshot_dir
 from hfhpc.store.layout import read_ref
 from hfhpc.store.lock import LockedAsset, load_lock
@@ -152,6 +153,8 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
     ]
     groups = [g for g in groups if any(g.values())]
     with tempfile.TemporaryDirectory(prefix="hfhpc-check-") as tmp:
+        if not readonly.is_writable(store):
+            env.update(readonly.scratch_environ(store, Path(tmp) / "scratch"))
         running = []
         for i, group in enumerate(groups):
             plan_file, result_file = Path(tmp) / f"plan{i}.json", Path(tmp) / f"result{i}.json"
@@ -170,9 +173,11 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
                 continue
             results.extend(json.loads(result_file.read_text()))
     report.probes += len(results)
+    seen: set[tuple] = set()
     for r in results:
-        if not r["error"]:
-            continue
+        if not r["error"] or (r["kind"], r["id"], r["what"], r["error"]) in seen:
+            continue  # the spec and a script of it may name the same asset: one problem, once
+        seen.add((r["kind"], r["id"], r["what"], r["error"]))
         if r.get("cause") == "spec":
             fix = "edit the spec's train: keys" if r["kind"] == "spec" else "edit the spec: name a split the dataset has"
             report.problems.append(Problem(r["kind"], r["id"], r["what"], r["error"], fix))

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from hfhpc.errors import EXIT_USAGE, UsageError
 
@@ -36,8 +37,15 @@ def run(args: argparse.Namespace) -> int:
         store = store_for_spec(spec, args.store)
     env = hfenv.offline_environ(store, allow_hosts=allow, seal=not args.no_seal)
     sys.stdout.flush()
-    try:
-        return subprocess.call(cmd, env=env)
-    except PermissionError:
-        print(f"hfhpc: error: {cmd[0]} is not executable", file=sys.stderr)
-        return EXIT_USAGE
+    import tempfile
+
+    from hfhpc.store import readonly
+
+    with tempfile.TemporaryDirectory(prefix="hfhpc-exec-") as scratch:
+        if not readonly.is_writable(store):
+            env.update(readonly.scratch_environ(store, Path(scratch)))
+        try:
+            return subprocess.call(cmd, env=env)
+        except PermissionError:
+            print(f"hfhpc: error: {cmd[0]} is not executable", file=sys.stderr)
+            return EXIT_USAGE

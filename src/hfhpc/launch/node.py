@@ -158,6 +158,11 @@ def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[
 def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str]) -> dict[str, str]:
     spec = job.spec
     env = hfenv.offline_environ(store, base=base, allow_hosts=spec.site.allow_hosts)
+    from hfhpc.store import readonly
+
+    if not readonly.is_writable(store):
+        # A read-only store: datasets' locks and caches go to node-local scratch (store/readonly.py).
+        env.update(readonly.scratch_environ(store, readonly.scratch_dir(base, f"job-{topo.job_id or os.getpid()}")))
     env["HFHPC_RUN_DIR"] = str(job.run_dir)
     env["HFHPC_NODE_RANK"] = str(topo.node_rank)
     env["HFHPC_RESTART_COUNT"] = str(topo.restart)
