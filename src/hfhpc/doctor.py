@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hfhpc import __version__
 from hfhpc import env as hfenv
+from hfhpc.scheduler.environment import JobEnvironment
 
 LIBRARIES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "trl", "peft", "huggingface_hub", "hf_xet", "safetensors", "tokenizers")
 
@@ -44,10 +45,11 @@ def gather(store: Path) -> dict:
     info["libraries"] = {name: _version(name.replace("_", "-")) or _version(name) for name in LIBRARIES}
     gpus = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
     info["gpus"] = gpus.splitlines() if gpus else []
+    jobenv = JobEnvironment.from_environ(os.environ)
     info["slurm"] = {
         "version": _run(["sinfo", "--version"]),
-        "in_job": os.environ.get("SLURM_JOB_ID"),
-        "tmpdir": os.environ.get("SLURM_TMPDIR"),
+        "in_job": jobenv.job_id,
+        "tmpdir": jobenv.tmpdir,
     }
     where = _nearest_existing(store)
     st = os.statvfs(where)

@@ -17,6 +17,44 @@ HFHPC_DEBUG = "HFHPC_DEBUG"
 HFHPC_STATE_DIR = "HFHPC_STATE_DIR"  # where submitted jobs are remembered
 HFHPC_SEAL = "HFHPC_SEAL"  # "1" inside a sealed process
 HFHPC_SEAL_ALLOW = "HFHPC_SEAL_ALLOW"  # comma-separated hosts a sealed process may reach
+HFHPC_RUN_DIR = "HFHPC_RUN_DIR"  # the run folder, set for the ranks by the node agent
+HFHPC_NODE_STARTED = "HFHPC_NODE_STARTED"  # when the node agent started (Unix time)
+
+# The job environment as the node agent hands it to the ranks (written and read only by
+# hfhpc.scheduler.environment): the scheduler's variables, read once, under names of hfhpc's own.
+HFHPC_SCHEDULER = "HFHPC_SCHEDULER"  # "slurm"; absent outside a job
+HFHPC_JOB_ID = "HFHPC_JOB_ID"
+HFHPC_NODE_RANK = "HFHPC_NODE_RANK"
+HFHPC_NODELIST = "HFHPC_NODELIST"  # every node's host name, expanded, comma-separated, head first
+HFHPC_NUM_NODES = "HFHPC_NUM_NODES"
+HFHPC_HEAD_NODE = "HFHPC_HEAD_NODE"
+HFHPC_RESTART_COUNT = "HFHPC_RESTART_COUNT"
+HFHPC_TMPDIR = "HFHPC_TMPDIR"  # node-local disk that vanishes with the job
+HFHPC_CPUS_PER_TASK = "HFHPC_CPUS_PER_TASK"
+HFHPC_GPUS_ON_NODE = "HFHPC_GPUS_ON_NODE"
+HFHPC_NODE_NAME = "HFHPC_NODE_NAME"
+HFHPC_LAUNCH_HOST = "HFHPC_LAUNCH_HOST"  # where the job step was launched from (an address)
+
+# SLURM's variables in a job (read only by hfhpc.scheduler.environment). SLURM_JOB_NODELIST and
+# SLURM_NODELIST name the same nodes (the second is the older name); a step has its own.
+SLURM_JOB_ID = "SLURM_JOB_ID"
+SLURM_JOB_NODELIST = "SLURM_JOB_NODELIST"
+SLURM_NODELIST = "SLURM_NODELIST"
+SLURM_STEP_NODELIST = "SLURM_STEP_NODELIST"
+SLURM_JOB_NUM_NODES = "SLURM_JOB_NUM_NODES"
+SLURM_NNODES = "SLURM_NNODES"
+SLURM_NODEID = "SLURM_NODEID"
+SLURM_RESTART_COUNT = "SLURM_RESTART_COUNT"
+SLURM_TMPDIR = "SLURM_TMPDIR"  # set by sites (the Alliance's), not by SLURM itself
+SLURM_CPUS_PER_TASK = "SLURM_CPUS_PER_TASK"
+SLURM_GPUS_ON_NODE = "SLURM_GPUS_ON_NODE"
+SLURMD_NODENAME = "SLURMD_NODENAME"
+SLURM_LAUNCH_NODE_IPADDR = "SLURM_LAUNCH_NODE_IPADDR"
+SLURM_CONF = "SLURM_CONF"  # which cluster the SLURM clients talk to
+SBATCH_PARTITION = "SBATCH_PARTITION"  # sbatch's input variable: it overrides #SBATCH --partition
+
+# torch.distributed's rendezvous host, which a script may set itself.
+MASTER_ADDR = "MASTER_ADDR"
 
 # Hugging Face variables
 HF_HOME = "HF_HOME"

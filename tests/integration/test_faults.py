@@ -131,10 +131,11 @@ def _drive(staged: dict[str, Path], spec: Path, **fault: str) -> subprocess.Comp
     """Start this node's ranks exactly as the node agent would, with the driver as their script."""
     from hfhpc.launch import node
     from hfhpc.launch.executor import LocalExecutor
+    from hfhpc.scheduler.environment import JobEnvironment
     from hfhpc.spec import load_spec
 
     job = LocalExecutor().prepare(load_spec(str(spec)), staged["store"])
-    topo = node.topology(job, {}, local=True)
+    topo = node.topology(job, JobEnvironment(), local=True)
     cmd = node.ranks_command(job, topo, node.rendezvous_port(job, topo), job.store)
     at = cmd.index("hfhpc.recipes.run")
     cmd[at - 1:at + 1] = [str(staged["driver"])]  # `-m hfhpc.recipes.run` → the driver

@@ -139,6 +139,22 @@ def test_gres_gpu_sets_cuda_visible_devices(slurm_cluster, tmp_path):
     assert (tmp_path / "both.out").read_text().split() == ["0,1", "2", "0,1"]
 
 
+def test_sinfo_output_parses_into_the_configured_partitions(slurm_cluster2):
+    import os
+
+    from hfhpc.scheduler.partitions import SINFO_ARGS, NodeGroup, parse_sinfo
+
+    parts = parse_sinfo(slurm_cluster2.run(*SINFO_ARGS).stdout)
+    assert set(parts) == {"debug", "one"}
+    debug, one = parts["debug"], parts["one"]
+    assert debug.default and not one.default and debug.up
+    assert debug.time_limit_s is None and debug.nodes == 2 and one.nodes == 1  # MaxTime=INFINITE
+    group = debug.groups[0]
+    # slurm.conf: CPUs = this machine's, RealMemory = 80 % of it, Gres=gpu:2 on every node.
+    assert (group.cpus, dict(group.gpus)) == (os.cpu_count(), {None: 2}) and group.mem_mb >= 1024
+    assert all(isinstance(g, NodeGroup) for g in one.groups)
+
+
 def test_sacct_reports_completed(slurm_cluster):
     job = slurm_cluster.sbatch("-o", "/dev/null", "--wrap", "true")
     assert slurm_cluster.wait_job(job, timeout=30) == "COMPLETED"

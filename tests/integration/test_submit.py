@@ -8,6 +8,7 @@ states and never assume a job runs at once.
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 import time
@@ -217,6 +218,51 @@ def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path: Pa
     assert f"requeueing job {job_id}" in log
     assert "probe rank 0 on" in log and "restart 0" in log and "restart 1" in log  # one log, appended
     assert sorted(p["restart"] for p in _probes(run_dir)) == [0, 1]
+
+
+def test_a_job_that_can_never_start_is_refused_with_the_numbers(slurm_cluster2, tmp_path: Path, store: Path):
+    # Every test node has this machine's CPUs and 2 GPUs; the partition has 2 nodes. SLURM itself
+    # would queue these jobs and leave them PENDING (PartitionConfig) for ever.
+    cpus = os.cpu_count() or 1
+    cases = {
+        "too-wide": (f"{{nodes: 1, gpus_per_node: 0, cpus_per_gpu: {cpus * 4}, time: '5'}}",
+                     f"{cpus * 4} CPUs per node asked, its nodes have {cpus}"),
+        "too-many-gpus": ("{nodes: 1, gpus_per_node: 3, cpus_per_gpu: 1, time: '5'}", "3 GPUs per node asked, its nodes have 2"),
+        "too-many-nodes": ("{nodes: 3, gpus_per_node: 0, cpus_per_gpu: 1, time: '5'}",
+                           "3 nodes asked, 2 of the partition's 2 can hold the job"),
+    }
+    for name, (resources, said) in cases.items():
+        spec = _project(tmp_path / name, name, resources)
+        out = _cli(slurm_cluster2, "--store", str(store), "submit", str(spec))
+        assert out.returncode == 1, out.stdout
+        assert out.stderr.startswith("hfhpc: error: the job can never start in partition debug: "), out.stderr
+        assert said in out.stderr and "Traceback" not in out.stderr
+        assert not (tmp_path / name / "runs").exists()
+    assert not (Path.home() / "state" / "jobs.jsonl").exists()  # nothing submitted, nothing remembered
+    assert slurm_cluster2.run("squeue", "--noheader").stdout.strip() == ""
+
+
+def test_status_explains_a_pending_job_and_lists_only_this_clusters_jobs(slurm_cluster, tmp_path: Path, store: Path):
+    from hfhpc.launch.jobs import JobRecord, remember
+
+    # A job of another cluster, remembered in the same file: its id means nothing here.
+    remember(JobRecord("1", "elsewhere", str(tmp_path / "gone"), None, "2026-12-01T00:00:00+00:00", 1, 0, 1, "10",
+                       cluster="narval"))
+    spec = _project(tmp_path, "later", "{nodes: 1, gpus_per_node: 0, cpus_per_gpu: 1, time: '5', "
+                    "extra_sbatch: ['--begin=now+3600']}")
+    job_id = _submit(slurm_cluster, store, spec)
+    try:
+        status = _cli(slurm_cluster, "status", job_id)
+        assert status.returncode == 0, status.stderr
+        assert f"job {job_id}  later  PENDING (BeginTime)" in status.stdout
+        assert "waiting:  it may not start before the begin time it was given" in status.stdout
+        assert "to do:    `scontrol update job=ID StartTime=now` starts it sooner" in status.stdout
+        table = _cli(slurm_cluster, "status").stdout.splitlines()
+        assert [line.split()[0] for line in table[1:3]] == [job_id, f"{job_id}:"]
+        assert table[1].split()[2:4] == ["PENDING", "(BeginTime)"]
+        assert table[-1] == "(1 remembered job(s) of other clusters not shown)"
+    finally:
+        slurm_cluster.run("scancel", job_id, check=False)
 
 
 def test_sbatch_errors_reach_the_user_with_the_fix(slurm_cluster2, tmp_path: Path, store: Path):

@@ -20,6 +20,7 @@ from hfhpc.plan import (
     ModelShape,
     PlanInputs,
     estimate_memory,
+    load_result_anchors,
     make_plan,
     tokens_from_lengths,
 )
@@ -406,3 +407,32 @@ def test_plan_suggests_keeping_activations_where_memory_allows(tmp_path: Path):
     # FSDP1 (the recipe then leaves checkpointing to accelerate, every layer): nothing to suggest.
     spec.write_text(spec.read_text().replace("activation_checkpointing: true", "activation_checkpointing: true, fsdp_version: 1"))
     assert make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=tmp_path).keep_activations is None
+
+
+def test_the_package_ships_every_measured_result_of_benchmarks(tmp_path: Path):
+    """An installed hfhpc has no benchmarks/ folder: plan reads the copy in the package, which must
+    hold exactly the results that make anchors (benchmarks/ship_results.py refreshes it)."""
+    from hfhpc.plan.throughput import MEASURED_FILE, write_measured
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    fresh = write_measured(results, tmp_path / "measured.json")
+    assert json.loads(fresh.read_text()) == json.loads(MEASURED_FILE.read_text()), \
+        "src/hfhpc/plan/measured.json is behind benchmarks/results: run python benchmarks/ship_results.py"
+    shipped = {a.source for a in load_result_anchors(None)}
+    assert "benchmarks/results/sft_7b_4xh200.json" in shipped
+
+
+def test_a_cpu_spec_is_planned_as_cpu_ranks_with_its_real_size(tmp_path: Path):
+    """gpus_per_node: 0 runs gloo ranks: no GPU throughput or wall time is invented for it, and a tiny
+    model is described in millions of parameters, not as 0.00B."""
+    spec, config = _zephyr_files(tmp_path, max_steps=100)
+    text = spec.read_text().replace("gpus_per_node: 2", "gpus_per_node: 0, procs_per_node: 2").replace("strategy: fsdp", "strategy: ddp")
+    spec.write_text(text)
+    config.write_text(json.dumps(SMALL_CONFIG))
+    plan = make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=tmp_path)
+    assert plan.throughput is None and plan.schedule is None
+    assert any("CPU ranks" in n for n in plan.notes)
+    from hfhpc.plan import render_plan
+
+    text = render_plan(plan)
+    assert "1.69M parameters" in text and "tokens/s" not in text

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hfhpc.errors import HfhpcError, SlurmError, SpecError, UsageError
-from hfhpc.launch import jobs, sbatch, slurm
+from hfhpc.launch import executor, jobs, sbatch, slurm
 from hfhpc.launch.jobfile import JobFile
 from hfhpc.launch.jobs import JobRecord, JobStatus, Progress
 from hfhpc.spec import parse_spec
@@ -261,11 +261,12 @@ def test_parse_scontrol_samples() -> None:
 
 
 def test_status_from_samples() -> None:
-    pending = jobs._from_scontrol(slurm.parse_scontrol((SAMPLES / "scontrol_pending.txt").read_text()))
-    assert pending == {"state": "PENDING", "reason": "BeginTime", "exit_code": "0:0", "elapsed_s": 0,
-                       "time_limit_s": 5400, "nodelist": None, "restarts": 0}
-    running = jobs._from_scontrol(slurm.parse_scontrol((SAMPLES / "scontrol_running.txt").read_text()))
-    assert running["reason"] is None and running["nodelist"] == "hfhpc-n[1-2]"
+    pending = executor._from_scontrol(slurm.parse_scontrol((SAMPLES / "scontrol_pending.txt").read_text()))
+    assert pending == executor.SchedulerState(
+        state="PENDING", reason="BeginTime", exit_code="0:0", elapsed_s=0, time_limit_s=5400, nodelist=None,
+        restarts=0, work_dir="/tmp/cap/dir with space", name="wait-me")
+    running = executor._from_scontrol(slurm.parse_scontrol((SAMPLES / "scontrol_running.txt").read_text()))
+    assert running.reason is None and running.nodelist == "hfhpc-n[1-2]"
 
 
 def test_missing_slurm_commands_say_where_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,7 +275,7 @@ def test_missing_slurm_commands_say_where_to_run(tmp_path: Path, monkeypatch: py
         slurm.sbatch(tmp_path / "job.sbatch", cwd=tmp_path)
     assert e.value.command == "sbatch"
     assert "cluster login node" in e.value.render() and "hfhpc run" in e.value.render()
-    for call in (lambda: slurm.squeue_state("1"), lambda: slurm.sacct_info(["1"]), lambda: slurm.scancel("1"),
+    for call in (lambda: slurm.cluster_name(), lambda: slurm.sacct_info(["1"]), lambda: slurm.scancel("1"),
                  lambda: slurm.scontrol_show_job("1")):
         with pytest.raises(SlurmError, match="not found on PATH"):
             call()
@@ -389,7 +390,7 @@ def test_status_of_a_local_run_needs_no_slurm(tmp_path: Path, monkeypatch: pytes
     (tmp_path / "metrics.jsonl").write_text(json.dumps(_metrics(10)) + "\n")
     st = jobs.job_status(str(tmp_path))
     assert (st.job_id, st.name, st.state, st.progress.step) == (None, "hello", "LOCAL", 10)
-    with pytest.raises(UsageError, match="no SLURM job is known"):
+    with pytest.raises(UsageError, match="no submitted job is known"):
         jobs.cancel(str(tmp_path))
     with pytest.raises(HfhpcError, match="has no log yet"):
         next(jobs.follow_log(st))

@@ -21,39 +21,10 @@ from hfhpc.offline.seal import (
     GUARD_DIR,
     AllowList,
     SealPolicy,
-    expand_hostlist,
     normalize_host_entry,
     refusal_line,
     seal_environ,
 )
-
-# --- hostlists --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("hostlist", "expected"),
-    [
-        ("n[01-03,7],gpu5", ["n01", "n02", "n03", "n7", "gpu5"]),
-        ("node1", ["node1"]),
-        ("a[8-10]", ["a8", "a9", "a10"]),
-        ("a[08-10]", ["a08", "a09", "a10"]),
-        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
-        ("n[1-2]-ib,login", ["n1-ib", "n2-ib", "login"]),
-        ("gpu[001-002], cpu1", ["gpu001", "gpu002", "cpu1"]),
-        ("n[1-2],n2,n1", ["n1", "n2"]),
-        ("n[3]", ["n3"]),
-        ("", []),
-    ],
-)
-def test_expand_hostlist(hostlist: str, expected: list[str]) -> None:
-    assert expand_hostlist(hostlist) == expected
-
-
-@pytest.mark.parametrize("bad", ["n[1-", "n]1", "n[3-1]", "n[a-b]", "n[1-2]]", "n[[1]]", "n[-2]", "n[0-99999999]"])
-def test_expand_hostlist_rejects_malformed(bad: str) -> None:
-    with pytest.raises(ValueError):
-        expand_hostlist(bad)
-
 
 # --- allow lists, the policy, the environment -----------------------------------------------------
 

@@ -12,6 +12,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hfhpc.launch.jobs import cancel
 
-    job_id = cancel(args.job)
+    job_id = cancel(args.job)  # through the executor of the scheduler that took the job
     print(f"cancelled job {job_id}; its checkpoints stay in the run folder (`hfhpc submit` again resumes)")
     return 0

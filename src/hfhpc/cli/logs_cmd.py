@@ -15,13 +15,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hfhpc.launch.executor import scheduler
     from hfhpc.launch.jobs import follow_log, job_status
 
-    status = job_status(args.job)
+    executor = scheduler()
+    status = job_status(args.job, executor)
     out = sys.stdout.buffer
     if args.follow:
         try:
-            for chunk in follow_log(status):
+            for chunk in follow_log(status, executor):
                 out.write(chunk)
                 out.flush()
         except KeyboardInterrupt:

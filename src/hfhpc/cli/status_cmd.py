@@ -13,21 +13,29 @@ DEFAULT_ROWS = 20
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", metavar="JOB", help="job id or run folder (default: a table of recent jobs)")
-    p.add_argument("--all", action="store_true", help=f"every remembered job, not the last {DEFAULT_ROWS}")
+    p.add_argument("--all", action="store_true", help=f"every remembered job of this cluster, not the last {DEFAULT_ROWS}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from hfhpc.launch.jobs import job_status, job_statuses, jobs_file, list_jobs
+    from hfhpc.launch.executor import scheduler
+    from hfhpc.launch.jobs import job_status, job_statuses, jobs_file, jobs_of_this_cluster, list_jobs
 
+    executor = scheduler()
     if args.job:
-        print("\n".join(detail_lines(job_status(args.job))))
+        print("\n".join(detail_lines(job_status(args.job, executor))))
         return 0
     records = list_jobs()
     if not records:
         print(f"no jobs submitted yet (they are remembered in {jobs_file()})")
         return 0
-    shown = records if args.all else records[-DEFAULT_ROWS:]
-    print(render_table(job_statuses(shown)))
+    mine = jobs_of_this_cluster(records, executor)
+    if not mine:
+        print(f"no jobs submitted to this cluster yet ({len(records)} of other clusters are remembered in {jobs_file()})")
+        return 0
+    shown = mine if args.all else mine[-DEFAULT_ROWS:]
+    print(render_table(job_statuses(shown, executor)))
+    if len(mine) < len(records):
+        print(f"({len(records) - len(mine)} remembered job(s) of other clusters not shown)")
     return 0
 
 
@@ -58,14 +66,22 @@ def render_table(statuses: list[JobStatus]) -> str:
     for st in statuses:
         p = st.progress
         eta = duration(st.eta_s) + ("!" if st.allocations_needed else "")
+        state = f"{st.state} ({st.reason})" if st.pending_reason else st.state
         rows.append((
-            st.job_id or "-", st.name, st.state, f"{duration(st.elapsed_s)}/{duration(st.time_limit_s)}",
+            st.job_id or "-", st.name, state, f"{duration(st.elapsed_s)}/{duration(st.time_limit_s)}",
             _step(p), _number(p and p.loss, ".4g"), _number(p and p.tokens_per_s, ",.0f"), eta,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     if any(st.allocations_needed for st in statuses):
         lines.append("! the ETA exceeds the time left: `hfhpc status JOB` says how many requeues it needs")
+    # Each pending reason once, in words: the codes alone say little.
+    waiting: dict[str, list[str]] = {}
+    for st in statuses:
+        if st.pending_reason:
+            waiting.setdefault(st.pending_reason.render(), []).append(st.job_id or "-")
+    for text, ids in waiting.items():
+        lines.append(f"{', '.join(ids)}: {text}")
     return "\n".join(lines)
 
 
@@ -74,6 +90,13 @@ def detail_lines(st: JobStatus) -> list[str]:
     why = f" ({st.reason})" if st.reason else ""
     restarts = f", restarted {st.restarts}×" if st.restarts else ""
     lines = [f"job {st.job_id or '(not submitted)'}  {st.name}  {st.state}{why}{where}{restarts}"]
+    pending = st.pending_reason
+    if pending is not None:
+        lines.append(f"  waiting:  {pending.meaning}")
+        if pending.fix:
+            lines.append(f"  to do:    {pending.fix}")
+        if pending.never_starts:
+            lines.append("  note:     it will not start unless this changes")
     if st.run_dir:
         lines.append(f"  run dir:  {st.run_dir}")
     if st.log_path:

@@ -13,21 +13,17 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hfhpc.launch.executor import SlurmExecutor
+    from hfhpc.launch.executor import scheduler
     from hfhpc.spec import load_spec
-
-    executor = SlurmExecutor()
     from hfhpc.store.location import store_for_spec
 
+    executor = scheduler()
     spec = load_spec(args.spec)
     job = executor.prepare(spec, store_for_spec(spec, args.store))
     if args.dry_run:
-        from hfhpc.launch.sbatch import render_sbatch
-
-        sys.stdout.write(render_sbatch(job))
+        sys.stdout.write(executor.script(job))
         return 0
     from hfhpc.cli.status_cmd import duration
-    from hfhpc.launch.jobs import log_path
 
     record = executor.start(job)
     if args.parsable:
@@ -36,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"submitted job {record.job_id} ({record.name}): {record.nodes} node(s), "
           f"time limit {duration(record.time_limit_s)}")
     print(f"  run dir: {record.run_dir}")
-    print(f"  log:     {log_path(job.run_dir, record.job_id, record.name)}")
+    print(f"  log:     {executor.log_path(job.run_dir, record.job_id, record.name)}")
     print(f"  follow:  hfhpc logs -f {record.job_id}    progress: hfhpc status {record.job_id}")
     return 0

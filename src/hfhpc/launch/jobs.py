@@ -1,10 +1,10 @@
-"""Submitted jobs: submit, remember, and report progress against the time limit.
+"""Submitted jobs: remember them, and report their progress against the time limit.
 
 Every submission is appended to ``state_dir()/jobs.jsonl``, so ``hfhpc status`` knows a job's run
-folder long after SLURM has forgotten the job. A job's status joins three sources: the controller
-(``scontrol``, fresh, but it forgets finished jobs after a few minutes), accounting (``sacct``,
-which keeps them but lags a few seconds behind) and the run folder's ``metrics.jsonl`` (the step,
-loss and throughput the recipe logs).
+folder long after the scheduler has forgotten the job. A job's status joins the scheduler's view
+(:meth:`hfhpc.launch.executor.Executor.query`: for SLURM the controller, fresh, and accounting,
+which keeps finished jobs) with the run folder's ``metrics.jsonl`` (the step, loss and throughput
+the recipe logs). The executors submit; this module only reads and remembers.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hfhpc import env as hfenv
-from hfhpc.errors import HfhpcError, SlurmError, UsageError
-from hfhpc.launch import slurm
-from hfhpc.launch.jobfile import JOB_FILE, JobFile, prepare_run_dir
-from hfhpc.launch.sbatch import LOG_DIR, SCRIPT_NAME, render_sbatch
+from hfhpc.errors import HfhpcError, UsageError
+from hfhpc.launch.executor import LOG_DIR
+from hfhpc.launch.jobfile import JOB_FILE, JobFile
 from hfhpc.spec import parse_slurm_time
-from hfhpc.store.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from hfhpc.launch.executor import Executor, SchedulerState
+    from hfhpc.scheduler.reasons import PendingReason
 
 JOBS_FILE = "jobs.jsonl"
 METRICS_FILE = "metrics.jsonl"
@@ -48,13 +51,16 @@ class JobRecord:
     gpus_per_node: int
     procs_per_node: int
     time_limit: str
+    scheduler: str = "slurm"  # the executor that submitted it (hfhpc.launch.executor.SCHEDULERS)
+    cluster: str | None = None  # the scheduler's cluster name: job ids are unique within one only
 
     @classmethod
-    def of(cls, job_id: str, job: JobFile) -> JobRecord:
+    def of(cls, job_id: str, job: JobFile, *, scheduler: str = "slurm", cluster: str | None = None) -> JobRecord:
         res = job.spec.resources
         return cls(job_id=job_id, name=job.spec.name, run_dir=str(job.run_dir), spec_path=job.spec_path,
                    submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), nodes=res.nodes,
-                   gpus_per_node=res.gpus_per_node, procs_per_node=res.procs, time_limit=res.time)
+                   gpus_per_node=res.gpus_per_node, procs_per_node=res.procs, time_limit=res.time,
+                   scheduler=scheduler, cluster=cluster)
 
     @property
     def time_limit_s(self) -> int:
@@ -101,36 +107,6 @@ def list_jobs() -> list[JobRecord]:
         records.pop(record.job_id, None)
         records[record.job_id] = record
     return list(records.values())
-
-
-# -- submitting -------------------------------------------------------------------------------
-
-def submit(job: JobFile, *, env: Mapping[str, str] | None = None) -> JobRecord:
-    """Write ``RUN_DIR/job.json`` and ``RUN_DIR/job.sbatch``, submit from the run folder, remember.
-
-    Refuses while an earlier job of the same run folder is still queued or running: two jobs
-    would write the same checkpoints.
-    """
-    script = render_sbatch(job)  # a spec that cannot be rendered fails before anything is written
-    _refuse_if_active(job.run_dir, env)
-    prepare_run_dir(job)
-    path = job.run_dir / SCRIPT_NAME
-    atomic_write_text(path, script)
-    path.chmod(0o755)
-    job_id = slurm.sbatch(path, cwd=job.run_dir, env=env)
-    record = JobRecord.of(job_id, job)
-    remember(record)
-    return record
-
-
-def _refuse_if_active(run_dir: Path, env: Mapping[str, str] | None) -> None:
-    job_id = _latest_job_id(run_dir, list_jobs())
-    if job_id is None:
-        return
-    state = slurm.squeue_state(job_id, env=env)
-    if state is not None and state in ACTIVE_STATES:
-        raise HfhpcError(f"job {job_id} of {run_dir} is still {state}",
-                         f"cancel it with `hfhpc cancel {job_id}`, or give the spec another output_dir")
 
 
 # -- progress ---------------------------------------------------------------------------------
@@ -213,6 +189,9 @@ def read_progress(run_dir: Path) -> Progress | None:
     data = last_json_line(Path(run_dir) / METRICS_FILE)
     if data is None or _number(data.get("step")) is None:
         return None
+    missing = tuple(k for k in ("loss", "tokens_per_s") if _number(data.get(k)) is None)
+    if missing:
+        data = {**data, **_last_logged(Path(run_dir) / METRICS_FILE, missing)}
     max_steps = _number(data.get("max_steps"))
     return Progress(
         step=int(data["step"]), max_steps=int(max_steps) if max_steps is not None else None,
@@ -222,6 +201,18 @@ def read_progress(run_dir: Path) -> Progress | None:
     )
 
 
+def _last_logged(path: Path, keys: tuple[str, ...]) -> dict:
+    """The newest value of each of ``keys`` in the file. The last line of a finished run is the
+    Trainer's summary or an evaluation, which log neither the training loss nor a throughput, so
+    reading the whole file is needed only then."""
+    from hfhpc.report import read_metrics
+
+    found: dict = {}
+    for row in read_metrics(path):
+        found.update({k: row[k] for k in keys if _number(row.get(k)) is not None})
+    return found
+
+
 # -- status -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -229,18 +220,28 @@ class JobStatus:
     job_id: str | None  # None: a run folder that was never submitted (``hfhpc run``)
     name: str
     run_dir: Path | None
-    state: str  # SLURM's state word; UNKNOWN when SLURM no longer knows the job; LOCAL without one
-    reason: str | None = None  # why a job is pending
+    state: str  # the scheduler's state word; UNKNOWN when it no longer knows the job; LOCAL without one
+    reason: str | None = None  # why a job is pending: the scheduler's code (see pending_reason)
     exit_code: str | None = None
     elapsed_s: int | None = None
     time_limit_s: int | None = None
     nodelist: str | None = None
     restarts: int | None = None
     progress: Progress | None = None
+    log_path: Path | None = None  # the executor's answer: where the job writes its output
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    @property
+    def pending_reason(self) -> PendingReason | None:
+        """Why the job waits, in words (None while it runs or once it ended)."""
+        if not self.active or self.state == "RUNNING":
+            return None
+        from hfhpc.scheduler.reasons import explain
+
+        return explain(self.reason)
 
     @property
     def remaining_s(self) -> int | None:
@@ -262,55 +263,8 @@ class JobStatus:
             return None
         return math.ceil((eta - left) / limit)
 
-    @property
-    def log_path(self) -> Path | None:
-        return log_path(self.run_dir, self.job_id, self.name) if self.run_dir else None
 
-
-def log_path(run_dir: Path, job_id: str | None, name: str) -> Path | None:
-    """The job's log, ``logs/<name>-<id>.out``; without an id, the newest log of the run folder."""
-    logs = Path(run_dir) / LOG_DIR
-    if job_id is not None:
-        exact = logs / f"{name}-{job_id}.out"
-        if exact.exists():
-            return exact
-        matches = sorted(logs.glob(f"*-{job_id}.out"))
-        return matches[-1] if matches else exact
-    candidates = [p for p in logs.glob("*.out") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
-def _from_scontrol(info: Mapping[str, str]) -> dict:
-    restarts = info.get("Restarts", "")
-    return dict(
-        state=info.get("JobState", "UNKNOWN"), reason=None if info.get("Reason") in (None, "None") else info["Reason"],
-        exit_code=info.get("ExitCode"), elapsed_s=slurm.parse_duration(info.get("RunTime", "")),
-        time_limit_s=slurm.parse_duration(info.get("TimeLimit", "")), nodelist=info.get("NodeList") or None,
-        restarts=int(restarts) if restarts.isdigit() else None,
-    )
-
-
-def _from_sacct(rec: slurm.SacctRecord) -> dict:
-    return dict(state=rec.state, exit_code=rec.exit_code, elapsed_s=rec.elapsed_s,
-                time_limit_s=rec.time_limit_s, nodelist=rec.nodelist)
-
-
-def _slurm_fields(job_id: str, env: Mapping[str, str] | None) -> tuple[dict, str | None]:
-    """SLURM's view of one job and its working folder: the controller first (fresh), then
-    accounting (it keeps finished jobs)."""
-    info = slurm.scontrol_show_job(job_id, env=env)
-    if info is not None:
-        return _from_scontrol(info), info.get("WorkDir")
-    try:
-        rec = slurm.sacct_info([job_id], env=env).get(job_id)
-    except SlurmError:
-        rec = None  # accounting is off on this cluster: the controller was the only source
-    if rec is None:
-        return {"state": "UNKNOWN"}, None
-    return _from_sacct(rec), rec.work_dir
-
-
-def _latest_job_id(run_dir: Path, records: list[JobRecord]) -> str | None:
+def latest_job_id(run_dir: Path, records: list[JobRecord]) -> str | None:
     """The newest job of a run folder: remembered, or resubmitted by hand (``sbatch job.sbatch``),
     which only its log names. Job ids grow, so the largest is the newest."""
     ids = {r.job_id for r in records if Path(r.run_dir) == run_dir}
@@ -343,69 +297,105 @@ def resolve_ref(ref: str) -> tuple[str | None, Path | None, JobRecord | None]:
     if not (run_dir / JOB_FILE).is_file():
         raise UsageError(f"{ref!r} is neither a job id nor a run folder (no {JOB_FILE} there)",
                          "run `hfhpc status` to list submitted jobs")
-    job_id = _latest_job_id(run_dir, records)
+    job_id = latest_job_id(run_dir, records)
     record = next((r for r in reversed(records) if r.job_id == job_id), None)
     return job_id, run_dir, record
 
 
-def job_status(ref: str, *, env: Mapping[str, str] | None = None) -> JobStatus:
-    """Status of a job given by id or run folder: SLURM's state, time used and left, progress."""
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    # The scheduler records the submitting process's working folder with links resolved.
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _fields(found: SchedulerState | None, run_dir: Path | None) -> dict:
+    """JobStatus fields from the scheduler's view. A job of another folder under the same id (ids
+    start again on a rebuilt cluster) is not this job: for it the scheduler knows nothing."""
+    if found is None or (run_dir is not None and found.work_dir and not _same_folder(found.work_dir, run_dir)):
+        return {"state": "UNKNOWN"}
+    return dict(state=found.state, reason=found.reason, exit_code=found.exit_code, elapsed_s=found.elapsed_s,
+                time_limit_s=found.time_limit_s, nodelist=found.nodelist, restarts=found.restarts)
+
+
+def job_status(ref: str, executor: Executor | None = None) -> JobStatus:
+    """Status of a job given by id or run folder: the scheduler's state, time used and left, progress."""
+    from hfhpc.launch.executor import LocalExecutor, scheduler
+
     job_id, run_dir, record = resolve_ref(ref)
     if job_id is None:
         assert run_dir is not None
-        return JobStatus(None, _name_of(run_dir) or run_dir.name, run_dir, "LOCAL", progress=read_progress(run_dir))
-    fields, work_dir = _slurm_fields(job_id, env)
-    if run_dir is None and work_dir and (Path(work_dir) / JOB_FILE).is_file():
-        run_dir = Path(work_dir)
+        name = _name_of(run_dir) or run_dir.name
+        return JobStatus(None, name, run_dir, "LOCAL", progress=read_progress(run_dir),
+                         log_path=LocalExecutor().log_path(run_dir, None, name))
+    executor = executor or scheduler(record.scheduler if record else None)
+    found = executor.query([job_id]).get(job_id)
+    if run_dir is None and found is not None and found.work_dir and (Path(found.work_dir) / JOB_FILE).is_file():
+        run_dir = Path(found.work_dir)
+    fields = _fields(found, run_dir)
     if record is None and run_dir is None and fields["state"] == "UNKNOWN":
-        raise HfhpcError(f"job {job_id} is unknown to SLURM and was not submitted by hfhpc here",
+        raise HfhpcError(f"job {job_id} is unknown to {executor.name.upper()} and was not submitted by hfhpc here",
                          "run `hfhpc status` to list submitted jobs")
     if fields.get("time_limit_s") is None and record is not None:
         fields["time_limit_s"] = record.time_limit_s
     name = record.name if record else (_name_of(run_dir) or "?")
-    progress = read_progress(run_dir) if run_dir else None
-    return JobStatus(job_id, name, run_dir, progress=progress, **fields)
+    return JobStatus(job_id, name, run_dir, progress=read_progress(run_dir) if run_dir else None,
+                     log_path=executor.log_path(run_dir, job_id, name) if run_dir else None, **fields)
 
 
-def job_statuses(records: list[JobRecord], *, env: Mapping[str, str] | None = None) -> list[JobStatus]:
-    """Statuses of many remembered jobs with one ``sacct`` call (plus ``scontrol`` for the jobs
-    accounting does not know yet)."""
-    try:
-        accounted = slurm.sacct_info([r.job_id for r in records], env=env)
-    except SlurmError:
-        accounted = {}
+def job_statuses(records: list[JobRecord], executor: Executor | None = None) -> list[JobStatus]:
+    """Statuses of many remembered jobs, with one query of each scheduler."""
+    from hfhpc.launch.executor import scheduler
+
+    executors: dict[str, Executor] = {}
+    found: dict[tuple[str, str], SchedulerState] = {}
+    for name in dict.fromkeys(r.scheduler for r in records):
+        executors[name] = executor if executor is not None and executor.name == name else scheduler(name)
+        answers = executors[name].query([r.job_id for r in records if r.scheduler == name])
+        found.update({(name, job_id): state for job_id, state in answers.items()})
     statuses = []
     for r in records:
-        rec = accounted.get(r.job_id)
-        if rec is not None and rec.state not in ACTIVE_STATES:
-            fields = _from_sacct(rec)
-        else:
-            # Live jobs from the controller: fresher than accounting, and it knows restarts.
-            fields, _ = _slurm_fields(r.job_id, env)
+        run_dir = Path(r.run_dir)
+        fields = _fields(found.get((r.scheduler, r.job_id)), run_dir)
         if fields.get("time_limit_s") is None:
             fields["time_limit_s"] = r.time_limit_s
-        statuses.append(JobStatus(r.job_id, r.name, Path(r.run_dir), progress=read_progress(Path(r.run_dir)), **fields))
+        statuses.append(JobStatus(r.job_id, r.name, run_dir, progress=read_progress(run_dir),
+                                  log_path=executors[r.scheduler].log_path(run_dir, r.job_id, r.name), **fields))
     return statuses
 
 
-def cancel(ref: str, *, env: Mapping[str, str] | None = None) -> str:
+def jobs_of_this_cluster(records: list[JobRecord], executor: Executor) -> list[JobRecord]:
+    """The records of jobs submitted to the cluster ``executor`` talks to. Job ids are unique
+    within a cluster only: another cluster's job 42 is not this one's. Records from before
+    hfhpc remembered the cluster are kept (nothing says they are another's)."""
+    here = executor.cluster()
+    if here is None:
+        return records
+    return [r for r in records if r.scheduler == executor.name and r.cluster in (None, here)]
+
+
+def cancel(ref: str, executor: Executor | None = None) -> str:
     """Cancel the job given by id or run folder; return its id."""
-    job_id, run_dir, _ = resolve_ref(ref)
+    from hfhpc.launch.executor import scheduler
+
+    job_id, run_dir, record = resolve_ref(ref)
     if job_id is None:
-        raise UsageError(f"no SLURM job is known for {run_dir}", "give the job id (see `hfhpc status`)")
-    slurm.scancel(job_id, env=env)
+        raise UsageError(f"no submitted job is known for {run_dir}", "give the job id (see `hfhpc status`)")
+    (executor or scheduler(record.scheduler if record else None)).cancel(job_id)
     return job_id
 
 
 # -- logs -------------------------------------------------------------------------------------
 
-def follow_log(status: JobStatus, *, poll_s: float = 1.0, check_every_s: float = 5.0,
-               env: Mapping[str, str] | None = None) -> Iterator[bytes]:
+def follow_log(status: JobStatus, executor: Executor | None = None, *, poll_s: float = 1.0,
+               check_every_s: float = 5.0) -> Iterator[bytes]:
     """The job's log as it grows, until the job has ended (a requeued job keeps appending to the
     same file, so following goes on through requeues). Without a job id, until interrupted."""
     path = status.log_path
     if path is None:
         raise HfhpcError(f"{status.run_dir} has no log yet", "start the job with `hfhpc submit` or `hfhpc run`")
+    if status.job_id is not None and executor is None:
+        from hfhpc.launch.executor import scheduler
+
+        executor = scheduler()
     offset, next_check = 0, 0.0
     while True:
         chunk = _read_from(path, offset)
@@ -413,10 +403,10 @@ def follow_log(status: JobStatus, *, poll_s: float = 1.0, check_every_s: float =
         if chunk:
             yield chunk
         now = time.monotonic()
-        if status.job_id is not None and now >= next_check:
+        if status.job_id is not None and executor is not None and now >= next_check:
             next_check = now + check_every_s
-            state = slurm.squeue_state(status.job_id, env=env)
-            if state is None or state not in ACTIVE_STATES:
+            found = executor.query([status.job_id]).get(status.job_id)
+            if found is None or found.state not in ACTIVE_STATES:
                 rest = _read_from(path, offset)  # what the job wrote while it ended
                 if rest:
                     yield rest

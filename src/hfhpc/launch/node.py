@@ -1,9 +1,9 @@
 """The per-node entry point: ``python -m hfhpc.launch.node RUN_DIR [--local]``.
 
 One runs on every node of a job (``srun --ntasks-per-node=1``), or once for ``hfhpc run``. It works
-out what hand-written scripts get wrong: the machine rank (``SLURM_NODEID``), the head node (first
-of ``SLURM_JOB_NODELIST``), a rendezvous port derived from the job id and checked free, the total
-process count. It copies the job's assets to node-local disk, then starts the ranks: ``accelerate
+out what hand-written scripts get wrong: the machine rank and the head node (from the job environment,
+:mod:`hfhpc.scheduler.environment`, which it hands on to the ranks), a rendezvous port derived from the
+job id and checked free, the total process count. It copies the job's assets to node-local disk, then starts the ranks: ``accelerate
 launch`` on GPUs, ``torchrun`` for CPU ranks (``accelerate launch --cpu`` starts one process only),
 or the process itself when the job has one rank. Signals are forwarded to every rank, and the ranks'
 exit status is the node's.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hfhpc import env as hfenv
 from hfhpc.launch.jobfile import JobFile, load_job
+from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment, without_handed_down
 from hfhpc.store.atomic import atomic_write_text
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -45,21 +46,17 @@ class Topology:
         return self.nodes * self.procs_per_node
 
 
-def topology(job: JobFile, environ: dict[str, str], *, local: bool) -> Topology:
+def topology(job: JobFile, jobenv: JobEnvironment, *, local: bool) -> Topology:
     procs = job.spec.resources.procs
-    if local or "SLURM_JOB_ID" not in environ:
-        return Topology(1, 0, procs, "127.0.0.1", None, 0)
-    from hfhpc.offline.seal import expand_hostlist
-
-    hosts = expand_hostlist(environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", ""))
-    nodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or len(hosts) or 1)
+    if local or not jobenv.in_job:
+        return Topology(1, 0, procs, LOOPBACK, None, 0)
     return Topology(
-        nodes=nodes,
-        node_rank=int(environ.get("SLURM_NODEID", "0")),
+        nodes=jobenv.num_nodes,
+        node_rank=jobenv.node_rank,
         procs_per_node=procs,
-        head=hosts[0] if hosts else "127.0.0.1",
-        job_id=environ["SLURM_JOB_ID"],
-        restart=int(environ.get("SLURM_RESTART_COUNT", "0")),
+        head=jobenv.head,
+        job_id=jobenv.job_id,
+        restart=jobenv.restart_count,
     )
 
 
@@ -103,11 +100,11 @@ def rendezvous_port(job: JobFile, topo: Topology, *, timeout_s: float = 600) -> 
     raise SystemExit(f"hfhpc: node {topo.node_rank}: the head node never announced its port ({announce})")
 
 
-def node_local_store(job: JobFile, environ: dict[str, str], log) -> Path:
+def node_local_store(job: JobFile, jobenv: JobEnvironment, log) -> Path:
     """Where the job reads its assets: a node-local copy when there is node-local disk, else the store."""
     if not job.spec.launch.node_local:
         return job.store
-    base = job.spec.site.local_dir or environ.get("SLURM_TMPDIR")
+    base = job.spec.site.local_dir or jobenv.tmpdir
     if not base:
         return job.store
     from hfhpc.store.local import copy_assets
@@ -155,17 +152,22 @@ def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[
     return [py, "-m", "accelerate.commands.launch", "--config_file", str(cfg_path), *module, *target]
 
 
-def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str]) -> dict[str, str]:
+def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str],
+                  jobenv: JobEnvironment | None = None) -> dict[str, str]:
+    """The ranks' environment: sealed and offline, with the job environment as ``HFHPC_*``
+    variables (the scheduler's own variables are read once, by the agent)."""
     spec = job.spec
-    env = hfenv.offline_environ(store, base=base, allow_hosts=spec.site.allow_hosts)
+    env = hfenv.offline_environ(store, base=without_handed_down(base), allow_hosts=spec.site.allow_hosts)
     from hfhpc.store import readonly
 
     if not readonly.is_writable(store):
         # A read-only store: datasets' locks and caches go to node-local scratch (store/readonly.py).
         env.update(readonly.scratch_environ(store, readonly.scratch_dir(base, f"job-{topo.job_id or os.getpid()}")))
-    env["HFHPC_RUN_DIR"] = str(job.run_dir)
-    env["HFHPC_NODE_RANK"] = str(topo.node_rank)
-    env["HFHPC_RESTART_COUNT"] = str(topo.restart)
+    if jobenv is not None and topo.job_id is not None:
+        env.update(jobenv.rank_variables())
+    env[hfenv.HFHPC_RUN_DIR] = str(job.run_dir)
+    env[hfenv.HFHPC_NODE_RANK] = str(topo.node_rank)
+    env[hfenv.HFHPC_RESTART_COUNT] = str(topo.restart)
     # One thread per core the rank owns: never more than this node has for each rank (a laptop or
     # a test machine has fewer cores than a cluster node's cpus_per_gpu).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -342,7 +344,8 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
     started = time.time()
     environ = dict(os.environ if environ is None else environ)
     job = load_job(run_dir)
-    topo = topology(job, environ, local=local)
+    jobenv = JobEnvironment.from_environ(environ, strict=not local, handed_down=False)
+    topo = topology(job, jobenv, local=local)
     prefix = f"hfhpc[node {topo.node_rank}/{topo.nodes} {socket.gethostname()}]"
 
     def log(msg: str) -> None:
@@ -352,12 +355,12 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
             with open(tee, "a") as f:
                 f.write(line + "\n")
 
-    store = node_local_store(job, environ, log)
+    store = node_local_store(job, jobenv, log)
     port = rendezvous_port(job, topo)
     cmd = ranks_command(job, topo, port, store)
     launcher = topo.world_size > 1
-    env = ranks_environ(job, topo, store, environ)
-    env["HFHPC_NODE_STARTED"] = f"{started:.3f}"  # the ranks log their start-up against it
+    env = ranks_environ(job, topo, store, environ, jobenv)
+    env[hfenv.HFHPC_NODE_STARTED] = f"{started:.3f}"  # the ranks log their start-up against it
     cwd = job.spec.base_dir() if job.spec.recipe == "script" else job.run_dir
     log(f"{topo.world_size} rank(s), head {topo.head}:{port}, assets from {store}")
     log("start: " + " ".join(cmd))

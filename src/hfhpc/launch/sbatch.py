@@ -16,11 +16,11 @@ from pathlib import Path
 from hfhpc import __version__
 from hfhpc import env as hfenv
 from hfhpc.errors import SpecError
+from hfhpc.launch.executor import LOG_DIR
 from hfhpc.launch.jobfile import JobFile
 from hfhpc.spec import JobSpec
 
 SCRIPT_NAME = "job.sbatch"
-LOG_DIR = "logs"
 # sbatch runs with the run dir as its working folder, so this resolves inside it.
 LOG_PATTERN = f"{LOG_DIR}/%x-%j.out"
 
@@ -135,7 +135,7 @@ def _directives(job: JobFile) -> list[str]:
     opts.append(f"--cpus-per-task={res.cpus_per_gpu * res.procs}")
     # Always --mem: without it the job gets the site's default, often a few GB per core.
     if res.mem_gb is None:
-        from hfhpc.plan import host_memory_gb
+        from hfhpc.plan.host import host_memory_gb
 
         opts.append(f"--mem={host_memory_gb(job.spec, job.store)}G")
     else:

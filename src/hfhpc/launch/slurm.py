@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hfhpc import env as hfenv
 from hfhpc.errors import SlurmError
+from hfhpc.scheduler.environment import without_handed_down
 
 TIMEOUT_S = 60
 TERMINAL_STATES = frozenset({
@@ -63,8 +64,9 @@ def _time_or_none(text: str) -> str | None:
 
 def _command_env(env: Mapping[str, str] | None) -> dict[str, str]:
     # The SLURM clients copy their environment into the job (sbatch's --export=ALL) and the
-    # controller stores it: a token must never reach them.
-    base = os.environ if env is None else env
+    # controller stores it: a token must never reach them, nor the job variables of the job
+    # this command may run in (a job that submits the next one).
+    base = without_handed_down(os.environ if env is None else env)
     return {k: v for k, v in base.items() if k not in hfenv.SECRET_VARS}
 
 
@@ -112,14 +114,6 @@ def sbatch(script_path: Path, cwd: Path, *, env: Mapping[str, str] | None = None
     if not job_id.isdigit():
         raise SlurmError("sbatch", f"unexpected output {out.strip()!r}", "submit by hand to see what sbatch says")
     return job_id
-
-
-def squeue_state(job_id: str, *, env: Mapping[str, str] | None = None) -> str | None:
-    """The state word of a queued or running job (``PENDING``, ``RUNNING``, …); None once the
-    queue has forgotten it."""
-    out = run_slurm(["squeue", "--noheader", "--jobs", str(job_id), "--format=%T"], env=env, ok_unknown_job=True)
-    words = (out or "").split()
-    return words[0] if words else None
 
 
 def parse_sacct(text: str) -> dict[str, SacctRecord]:
@@ -177,3 +171,14 @@ def scontrol_show_job(job_id: str, *, env: Mapping[str, str] | None = None) -> d
     ``Restarts``, ``Reason``, …); None once the controller has forgotten the job."""
     out = run_slurm(["scontrol", "show", "job", "-o", str(job_id)], env=env, ok_unknown_job=True)
     return parse_scontrol(out) if out else None
+
+
+def parse_cluster_name(text: str) -> str | None:
+    """``ClusterName`` from ``scontrol show config`` (``ClusterName             = narval``)."""
+    m = re.search(r"^ClusterName\s*=\s*(\S+)", text, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def cluster_name(*, env: Mapping[str, str] | None = None) -> str | None:
+    """The name of the cluster the clients talk to: job ids are only unique within one."""
+    return parse_cluster_name(run_slurm(["scontrol", "show", "config"], env=env) or "")

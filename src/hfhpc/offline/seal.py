@@ -17,10 +17,12 @@ This module is also loaded by the guard *by file path*, in children that may not
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import ipaddress
-import itertools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 
 GUARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_guard")
@@ -31,15 +33,11 @@ REFUSAL_LINE = (
     "(a file, dataset or metric is probably missing from the store: run `hfhpc check`)"
 )
 
-# The variables the guard reads at run time (the job's variables, not hfhpc's).
-NODELIST_VARS = ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST")
-NODE_NAME_VARS = ("SLURMD_NODENAME", "MASTER_ADDR", "SLURM_LAUNCH_NODE_IPADDR")
-
-MAX_HOSTLIST = 1_000_000  # a larger expansion is a typo, not a cluster
+# Besides the job environment's variables, the guard reads these at run time.
+SEAL_VARS = ("MASTER_ADDR", "HFHPC_SEAL_ALLOW")
 
 _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _NAME_RE = re.compile(r"^(\*\.)?[a-z0-9_]([a-z0-9_-]*)(\.[a-z0-9_]([a-z0-9_-]*))*$")
-_BRACKET_RE = re.compile(r"(\[[^\[\]]*\])")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -48,88 +46,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 def refusal_line(host: str) -> str:
     """The line a sealed process writes to stderr the first time it refuses ``host``."""
     return REFUSAL_LINE.format(host=host)
-
-
-# --- SLURM host lists ------------------------------------------------------------------------------
-
-
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand a SLURM host list (``n[01-03,7],gpu5``) into host names, in order, without duplicates.
-
-    Follows ``scontrol show hostnames``: commas inside brackets separate ranges, several bracket
-    groups in one name expand as a product (``r[1-2]n[1-2]``), and a range keeps the zero padding of
-    its lower bound (``[08-10]`` gives ``08 09 10``). Raises ``ValueError`` on malformed input.
-    """
-    hosts: list[str] = []
-    seen: set[str] = set()
-    for item in _split_top_level(hostlist):
-        for host in _expand_item(item):
-            if host not in seen:
-                seen.add(host)
-                hosts.append(host)
-                if len(hosts) > MAX_HOSTLIST:
-                    raise ValueError(f"host list {hostlist[:80]!r} expands to more than {MAX_HOSTLIST} hosts")
-    return hosts
-
-
-def _split_top_level(hostlist: str) -> list[str]:
-    """Split on commas and spaces that are not inside brackets."""
-    items: list[str] = []
-    depth = 0
-    current: list[str] = []
-    for char in hostlist:
-        if char == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"nested brackets in host list {hostlist!r}")
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in host list {hostlist!r}")
-        if depth == 0 and (char == "," or char.isspace()):
-            if current:
-                items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise ValueError(f"unbalanced '[' in host list {hostlist!r}")
-    if current:
-        items.append("".join(current))
-    return items
-
-
-def _expand_item(item: str) -> list[str]:
-    parts = _BRACKET_RE.split(item)
-    choices: list[list[str]] = []
-    for index, part in enumerate(parts):
-        if index % 2 == 0:  # literal text between bracket groups
-            if "[" in part or "]" in part:
-                raise ValueError(f"malformed host list item {item!r}")
-            choices.append([part])
-        else:
-            choices.append(_expand_ranges(part[1:-1], item))
-    return ["".join(combo) for combo in itertools.product(*choices)]
-
-
-def _expand_ranges(spec: str, item: str) -> list[str]:
-    values: list[str] = []
-    for chunk in spec.split(","):
-        chunk = chunk.strip()
-        low, sep, high = chunk.partition("-")
-        if not low.isdigit() or (sep and not high.isdigit()):
-            raise ValueError(f"malformed range {chunk!r} in host list item {item!r}")
-        if not sep:
-            values.append(low)
-            continue
-        start, stop = int(low), int(high)
-        if stop < start:
-            raise ValueError(f"descending range {chunk!r} in host list item {item!r}")
-        if stop - start >= MAX_HOSTLIST:
-            raise ValueError(f"range {chunk!r} in host list item {item!r} is too large")
-        width = len(low)  # SLURM pads to the width of the lower bound
-        values.extend(f"{number:0{width}d}" for number in range(start, stop + 1))
-    return values
 
 
 # --- Allowed hosts ----------------------------------------------------------------------------------
@@ -231,27 +147,35 @@ class AllowList:
 # --- The policy -------------------------------------------------------------------------------------
 
 
+def _scheduler_environment():
+    """:mod:`hfhpc.scheduler.environment`, also where this file was loaded by path by the guard of
+    a Python that cannot import hfhpc: the package is then loaded from the files next to this one."""
+    try:
+        return importlib.import_module("hfhpc.scheduler.environment")
+    except ImportError:
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location("hfhpc", os.path.join(package, "__init__.py"),
+                                                      submodule_search_locations=[package])
+        if spec is None or spec.loader is None:
+            raise
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["hfhpc"] = module
+        spec.loader.exec_module(module)
+        return importlib.import_module("hfhpc.scheduler.environment")
+
+
 def job_host_names(environ: Mapping[str, str]) -> list[str]:
-    """The job's own nodes as the job's variables name them (names or IPs). A malformed node list is
-    ignored rather than raised: the guard runs in every process and must not break start-up."""
-    names: list[str] = []
-    for var in NODELIST_VARS:
-        value = environ.get(var, "").strip()
-        if value:
-            try:
-                names.extend(expand_hostlist(value))
-            except ValueError:
-                continue
-    for var in NODE_NAME_VARS:
-        value = environ.get(var, "").strip()
-        if value:
-            names.append(value)
-    return names
+    """The job's own nodes as the job environment names them (names or IPs), and ``MASTER_ADDR``.
+    A malformed node list is ignored rather than raised: the guard runs in every process and must
+    not break start-up."""
+    names = _scheduler_environment().JobEnvironment.from_environ(environ).peer_hosts()
+    master = environ.get("MASTER_ADDR", "").strip()
+    return names + [master] if master else names
 
 
 def policy_key(environ: Mapping[str, str]) -> tuple[str | None, ...]:
     """The variables a policy is built from: a script may set ``MASTER_ADDR`` after start-up."""
-    return tuple(environ.get(var) for var in (*NODELIST_VARS, *NODE_NAME_VARS, "HFHPC_SEAL_ALLOW"))
+    return (*_scheduler_environment().variables_read(environ), *(environ.get(var) for var in SEAL_VARS))
 
 
 Resolver = Callable[[str], Iterable[str]]

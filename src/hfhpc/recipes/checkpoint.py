@@ -388,10 +388,13 @@ def install(trainer, stop=None):
                 _fsync_tree(staged)
                 stop_info = None
                 if stop is not None and stop.stopped:
+                    from hfhpc.scheduler.environment import JobEnvironment
+
+                    jobenv = JobEnvironment.from_environ(os.environ)
                     stop_info = {
                         "signal": signal.Signals(stop.signum).name if stop.signum else "peer",
-                        "job_id": os.environ.get("SLURM_JOB_ID"),
-                        "restart": int(os.environ.get("SLURM_RESTART_COUNT") or os.environ.get("HFHPC_RESTART_COUNT") or 0),
+                        "job_id": jobenv.job_id,
+                        "restart": jobenv.restart_count,
                     }
                 write_marker(
                     staged, step,
