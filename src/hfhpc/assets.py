@@ -85,13 +85,9 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def unknown_training_keys(recipe: str, keys: list[str]) -> list[str]:
-    """The ``train:`` keys that the recipe's trainer config does not have (they would fail at run time)."""
-    import dataclasses
+def unknown_training_keys(trainer_config: str, keys: list[str]) -> list[str]:
+    """The ``train:`` keys that the trainer config (``"module:Class"``) does not have."""
+    from hfhpc.recipes.registry import dataclass_fields
 
-    if recipe == "sft":
-        from trl import SFTConfig as config
-    else:
-        from transformers import TrainingArguments as config
-    names = {f.name for f in dataclasses.fields(config)}
+    names = set(dataclass_fields(trainer_config))
     return sorted(k for k in keys if k not in names)

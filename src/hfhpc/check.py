@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfhpc import env as hfenv
+from hfhpc.recipes import registry
 from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store import readonly
 from hfhpc.store.cache import snapshot_dir
-from hfhpc.store.layout import read_ref
+from hfhpc.store.layout import dataset_arrow_dir, read_ref
 from hfhpc.store.lock import LockedAsset, load_lock
 from hfhpc.store.prepare import metric_module_dir, prepared_splits
 from hfhpc.store.stage import requests_from_spec
@@ -50,7 +51,7 @@ class _Plan:
     models: list[dict] = field(default_factory=list)
     datasets: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
-    train: dict | None = None  # {"recipe", "keys"}: pass-through train keys to check against the trainer
+    train: dict | None = None  # {"config", "keys"}: pass-through train keys to check against the trainer config
     fixes: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, id) → fix command
     # Assets that staging again would leave as they are: their load failures need another fix.
     staged_as_is: set[tuple[str, str]] = field(default_factory=set)
@@ -78,9 +79,9 @@ def _spec_fix(spec: JobSpec, flag: str = "") -> str:
     return f"hfhpc stage {shlex.quote(path)}{flag}"
 
 
-def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan) -> None:
+def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, full: bool = False) -> None:
     lock = load_lock(spec.lock_path(), missing_ok=True)
-    cache = VerifyCache(store)
+    cache = VerifyCache(store, full=full)
     dataset_refs = {d.id: d for d in spec.all_datasets()}
     for req in requests_from_spec(spec):
         locked = lock.get(*req.key)
@@ -264,7 +265,7 @@ def _detail_field(detail: str | None, key: str) -> str | None:
 
 
 def _dataset_ready(store: Path, repo_id: str, config: str | None) -> bool:
-    base = Path(store) / "datasets" / repo_id.replace("/", "___") / (config or "default")
+    base = dataset_arrow_dir(store, repo_id, config)
     return any((p / "dataset_info.json").is_file() for p in base.glob("*/*"))
 
 
@@ -285,7 +286,9 @@ def check(
     scripts: list[Path] | None = None,
     *,
     probe: bool = True,
+    full: bool = False,
 ) -> CheckReport:
+    """``full``: re-hash every file instead of trusting the hashes remembered by (size, mtime, inode)."""
     t0 = time.perf_counter()
     report = CheckReport()
     plan = _Plan()
@@ -293,11 +296,12 @@ def check(
     allow: list[str] = []
     if spec is not None:
         allow = list(spec.site.allow_hosts)
-        _check_locked(spec, store, report, plan)
-        extra = sorted((spec.train.model_extra or {}).keys())
-        if spec.recipe in ("sft", "classify") and extra:
-            plan.train = {"recipe": spec.recipe, "keys": extra}
-        if spec.recipe == "script" and spec.script:
+        _check_locked(spec, store, report, plan, full=full)
+        extra = sorted((getattr(spec.train, "model_extra", None) or {}).keys())
+        trainer_config = registry.get(spec.recipe).trainer_config
+        if trainer_config and extra:
+            plan.train = {"config": trainer_config, "keys": extra}
+        if spec.script:
             scripts.insert(0, spec.resolve_path(spec.script))
     if scripts:
         from hfhpc.errors import UsageError

@@ -117,8 +117,35 @@ def resolve_store(cli_value: str | os.PathLike[str] | None, environ: Mapping[str
     return default_store(environ).absolute()
 
 
-def endpoint(environ: Mapping[str, str] = os.environ) -> str:
-    return environ.get(HF_ENDPOINT, DEFAULT_ENDPOINT).rstrip("/")
+def endpoint_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a Hub endpoint (an http or https URL with a host and nothing after the
+    path), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        return str(e)
+    if parts.scheme not in ("http", "https"):
+        return "it does not start with http:// or https://"
+    if not parts.hostname:
+        return "it names no host"
+    if parts.query or parts.fragment or any(c.isspace() for c in url):
+        return "it has a query, a fragment or whitespace"
+    return None
+
+
+def endpoint(environ: Mapping[str, str] = os.environ, given: str | None = None) -> str:
+    """The Hub or mirror to download from: ``given`` (``--endpoint``), else ``HF_ENDPOINT``, else the Hub."""
+    from hfhpc.errors import UsageError
+
+    name = "--endpoint" if given else HF_ENDPOINT
+    value = given if given else environ.get(HF_ENDPOINT, DEFAULT_ENDPOINT)
+    problem = endpoint_problem(value)
+    if problem:
+        raise UsageError(f"{name} {value!r} is not a URL: {problem}", "give the Hub's or a mirror's address, e.g. https://huggingface.co")
+    return value.rstrip("/")
 
 
 def token(environ: Mapping[str, str] = os.environ) -> str | None:

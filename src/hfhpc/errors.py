@@ -98,15 +98,22 @@ class ChecksumError(HfhpcError):
     def __init__(self, repo_id: str, filename: str, expected: str, actual: str):
         self.repo_id, self.filename, self.expected, self.actual = repo_id, filename, expected, actual
         super().__init__(
-            f"checksum mismatch for {repo_id}/{filename}: expected {expected[:12]}…, got {actual[:12]}…",
+            f"checksum mismatch for {repo_id}/{filename}: expected {_short(expected)}, got {_short(actual)}",
             "the file was not kept; run the stage command again",
         )
 
 
+def _short(value: str) -> str:
+    """A hash cut to 12 digits (enough to tell two apart); anything else whole, never mid-word."""
+    if len(value) > 12 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"
+    return value
+
+
 class DiskFullError(HfhpcError):
-    def __init__(self, path: str, needed: int | None = None):
+    def __init__(self, path: str, needed: int | None = None, detail: str | None = None):
         self.path, self.needed = path, needed
-        need = f" ({needed / 2**30:.2f} GiB needed)" if needed else ""
+        need = f" ({detail})" if detail else f" ({needed / 2**30:.2f} GiB needed)" if needed else ""
         super().__init__(
             f"no space left on the device holding {path}{need}",
             "free space or point --store / HFHPC_STORE at a larger filesystem",
@@ -128,31 +135,7 @@ class LockfileError(UsageError):
         super().__init__(f"{path}: {problem}", fix or "run `hfhpc stage` on the spec to write it again")
 
 
-class NotReadyError(HfhpcError):
-    """``check`` found missing or corrupt assets; ``problems`` lists them with their fixes."""
-
-    def __init__(self, problems: list):
-        self.problems = problems
-        n = len(problems)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''} found: the job would fail offline", None)
-
-
-class NetworkSealedError(HfhpcError):
-    def __init__(self, host: str):
-        self.host = host
-        super().__init__(
-            f"network access to {host!r} refused: this process is sealed",
-            "stage the missing asset on a login node (`hfhpc check` lists it) or allow the host in the spec",
-        )
-
-
 class SlurmError(HfhpcError):
     def __init__(self, command: str, detail: str, fix: str | None = None):
         self.command, self.detail = command, detail
         super().__init__(f"{command} failed: {detail}", fix)
-
-
-class JobFailedError(HfhpcError):
-    def __init__(self, message: str, fix: str | None = None, exit_code: int = EXIT_FAILED):
-        super().__init__(message, fix)
-        self.exit_code = exit_code

@@ -507,10 +507,10 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Report:
     eta = None
     limit = (run.spec.get("resources") or {}).get("time")
     if not run.finished and limit:
-        from hfhpc.spec import parse_slurm_time
+        from hfhpc import slurmtime
 
         try:
-            eta = eta_report(run.run_dir, parse_slurm_time(str(limit)))
+            eta = eta_report(run.run_dir, slurmtime.parse(str(limit)))
         except ValueError:
             eta = None
     page = out / REPORT_FILE

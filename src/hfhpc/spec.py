@@ -1,24 +1,33 @@
 """The job spec: YAML validated into typed models.
 
 One model per concern; field descriptions drive the starter files and error messages. Unknown keys
-are an error that lists the valid ones. ``train:`` and ``infer:`` pass extra keys through to TRL /
-transformers, which validate them at run time.
+are an error that lists the valid ones. ``train:`` and ``infer:`` belong to the recipe: each recipe
+(``hfhpc.recipes.registry``) names the model of its ``train:`` (a ``TrainBase``) and ``infer:``
+sections; a key of another recipe's model is an error naming that recipe. Other ``train:`` keys pass
+through to the recipe's trainer config, checked against its fields before a job is queued or started
+(``hfhpc.preflight``); ``infer:`` keys pass through to the pipeline call.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
+from hfhpc import slurmtime
 from hfhpc.errors import SpecError
+from hfhpc.recipes import registry
 from hfhpc.store.layout import repo_id_problem, revision_problem
 
-RECIPES = ("sft", "infer", "evaluate", "classify", "script")
-_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$|^(\d+)$")
+# Sanity bounds: far above any cluster, far below what a typo (an extra zero or ten) produces.
+MAX_NODES = 10_000
+MAX_PROCS_PER_NODE = 1_024
+MAX_MEM_GB = 100_000
 
 
 class _Strict(BaseModel):
@@ -91,14 +100,12 @@ def canonical_metric_id(name: str) -> str:
     return name if "/" in name else f"evaluate-metric/{name}"
 
 
-class TrainSpec(BaseModel):
-    """Training settings. Known keys are checked here; any other key passes through to TRL's
-    ``SFTConfig`` / transformers' ``TrainingArguments``."""
+class TrainBase(BaseModel):
+    """Training settings every training recipe shares. A recipe's ``train`` model subclasses it and
+    adds its own; any other key passes through to the recipe's trainer config."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, validate_assignment=True)
 
-    max_length: int = Field(1024, ge=8, description="tokens per packed sequence")
-    packing: bool = Field(True, description="pack documents; they never attend to each other")
     epochs: float = Field(1.0, gt=0, description="passes over the training split")
     max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: from epochs)")
     learning_rate: float = Field(2.0e-5, gt=0, description="peak learning rate")
@@ -109,21 +116,14 @@ class TrainSpec(BaseModel):
     save_steps: int = Field(500, ge=1, description="checkpoint every N steps")
     save_total_limit: int = Field(2, ge=1, description="complete checkpoints kept")
     eval_steps: int | None = Field(None, ge=1)
-    assistant_only_loss: bool | None = Field(None, description="train on assistant turns only (default: when the template allows)")
-    chat_template: str | None = Field(None, description="template for base models without one: a name or a Jinja string")
     lora: dict[str, Any] | None = Field(None, description="peft LoraConfig fields; enables LoRA")
-    attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
-        "auto", description="auto: variable-length FlashAttention over packed documents (PyTorch's, on GPU), else sdpa")
 
-
-class InferSpec(BaseModel):
-    """Inference settings: the pipeline task plus generation arguments passed through."""
-
-    model_config = ConfigDict(extra="allow")
-
-    task: str = Field("text-generation", description="transformers pipeline task")
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"{v} steps: use -1 (from epochs) or a number of steps >= 1")
+        return v
 
 
 class LaunchSpec(_Strict):
@@ -138,24 +138,36 @@ class LaunchSpec(_Strict):
 
 
 class Resources(_Strict):
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(1, ge=0, description="0 runs CPU ranks on gloo")
-    procs_per_node: int | None = Field(None, ge=1, description="processes per node (default: one per GPU, 1 on CPU)")
+    nodes: int = Field(1, ge=1, le=MAX_NODES)
+    gpus_per_node: int = Field(1, ge=0, le=MAX_PROCS_PER_NODE, description="0 runs CPU ranks on gloo")
+    procs_per_node: int | None = Field(None, ge=1, le=MAX_PROCS_PER_NODE, description="processes per node (default: one per GPU, 1 on CPU)")
     gpu_type: str | None = Field(None, description="e.g. a100 → --gres=gpu:a100:N")
-    cpus_per_gpu: int = Field(8, ge=1, description="CPU cores per process")
-    mem_gb: int | None = Field(None, ge=0, description="memory per node in GB (absent: estimated from the model and ranks; 0: all of each node's memory, as SLURM's --mem=0)")
-    time: str = Field("0-01:00:00", description="wall time, D-HH:MM:SS or minutes")
+    cpus_per_gpu: int = Field(8, ge=1, le=MAX_PROCS_PER_NODE, description="CPU cores per process")
+    mem_gb: int | None = Field(None, ge=0, le=MAX_MEM_GB, description="memory per node in GB (absent: estimated from the model and ranks; 0: all of each node's memory, as SLURM's --mem=0)")
+    time: str = Field("0-01:00:00", description="wall time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     account: str | None = Field(None, description="SLURM account (--account)")
     partition: str | None = None
     qos: str | None = None
     extra_sbatch: list[str] = Field(default_factory=list, description="more #SBATCH options, verbatim")
 
-    @field_validator("time")
+    @field_validator("time", mode="before")
     @classmethod
-    def _time(cls, v: str) -> str:
-        if not _TIME_RE.match(v.strip()):
-            raise ValueError(f"{v!r} is not a SLURM time: use D-HH:MM:SS, HH:MM:SS or minutes")
+    def _time(cls, v: Any) -> str:
+        # `time: 60` is a YAML integer: minutes, as sbatch reads it.
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            raise ValueError(f"{v!r} is not a SLURM time: use {slurmtime.FORMS}")
+        slurmtime.parse(v)
         return v.strip()
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu_type(cls, v: str | None) -> str | None:
+        # It becomes one field of --gres=gpu:TYPE:N: a ':' or ',' would write another request.
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError(f"{v!r} is not a GPU type: use one name like a100 or h100_80gb (letters, digits, '_', '.', '-')")
+        return v
 
     @property
     def procs(self) -> int:
@@ -169,17 +181,7 @@ class Resources(_Strict):
 
     @property
     def time_s(self) -> int:
-        return parse_slurm_time(self.time)
-
-
-def parse_slurm_time(value: str) -> int:
-    m = _TIME_RE.match(value.strip())
-    if not m:
-        raise ValueError(value)
-    if m.group(5):
-        return int(m.group(5)) * 60
-    days = int(m.group(1) or 0)
-    return ((days * 24 + int(m.group(2))) * 60 + int(m.group(3))) * 60 + int(m.group(4))
+        return slurmtime.parse(self.time)
 
 
 class SiteSpec(_Strict):
@@ -193,14 +195,15 @@ class SiteSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field(description="job name (letters, digits, '-', '_', '.')")
-    recipe: Literal["sft", "infer", "evaluate", "classify", "script"] = Field(description="sft | infer | evaluate | classify | script")
+    recipe: str = Field(description="what the job runs: `hfhpc init --help` lists the recipes")
     model: ModelRef | None = None
     dataset: DatasetRef | None = None
     datasets: list[DatasetRef] = Field(default_factory=list, description="more datasets (script recipe)")
     models: list[ModelRef] = Field(default_factory=list, description="more models (script recipe)")
     metrics: list[MetricRef] = Field(default_factory=list)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    infer: InferSpec = Field(default_factory=InferSpec)
+    # The recipe's own models (see job_model); None where the recipe takes no such section.
+    train: TrainBase | None = Field(None, description="training settings (the recipe's own; other keys pass through to its trainer config)")
+    infer: BaseModel | None = Field(None, description="pipeline settings (recipes infer and evaluate)")
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     resources: Resources = Field(default_factory=Resources)
     site: SiteSpec = Field(default_factory=SiteSpec)
@@ -247,23 +250,29 @@ class JobSpec(_Strict):
             return [{"id": x} if isinstance(x, str) else x for x in v]
         return v
 
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> JobSpec:
+        # JobSpec itself validates as the model of the spec's recipe, whoever calls it.
+        if cls is JobSpec and isinstance(obj, dict) and isinstance(obj.get("recipe"), str) and obj["recipe"] in registry.names():
+            return job_model(obj["recipe"]).model_validate(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, v: str) -> str:
+        known = registry.names()
+        if v not in known:
+            raise ValueError(f"must be {_either(known)}{did_you_mean(v, known)}")
+        return v
+
     @model_validator(mode="after")
     def _recipe_needs(self) -> JobSpec:
-        need: dict[str, tuple[str, ...]] = {
-            "sft": ("model", "dataset"),
-            "infer": ("model", "dataset"),
-            "classify": ("model", "dataset"),
-            "evaluate": (),
-            "script": ("script",),
-        }
-        for key in need[self.recipe]:
-            if getattr(self, key) is None:
+        recipe = registry.get(self.recipe)
+        for key in recipe.needs:
+            if getattr(self, key) in (None, [], ""):
                 raise ValueError(f"recipe {self.recipe!r} needs `{key}:`")
-        if self.recipe == "evaluate":
-            if not self.metrics:
-                raise ValueError("recipe 'evaluate' needs `metrics:`")
-            if not self.predictions and not (self.model and self.dataset):
-                raise ValueError("recipe 'evaluate' needs `predictions:` or both `model:` and `dataset:`")
+        if recipe.check is not None:
+            recipe.check(self)
         if self.launch.strategy == "fsdp" and self.resources.gpus_per_node == 0:
             raise ValueError("launch.strategy 'fsdp' needs GPUs: set resources.gpus_per_node, or use ddp on CPU")
         return self
@@ -276,14 +285,7 @@ class JobSpec(_Strict):
         LoRA (a frozen half-precision base beside fp32 adapters, measured with FSDP1 only)."""
         if self.launch.fsdp_version is not None:
             return self.launch.fsdp_version
-        return 1 if self.recipe == "script" or self.train.lora is not None else 2
-
-    @property
-    def per_layer_fsdp(self) -> bool:
-        """Whether the sft recipe checkpoints and compiles each decoder layer itself (FSDP2, no LoRA:
-        hfhpc.recipes.layers); only then does ``launch.keep_activations`` apply."""
-        return (self.recipe == "sft" and self.launch.strategy == "fsdp" and self.fsdp_version == 2
-                and self.train.lora is None)
+        return 1 if getattr(self.train, "lora", None) is not None else registry.get(self.recipe).fsdp_version
 
     def all_models(self) -> list[ModelRef]:
         return ([self.model] if self.model else []) + list(self.models)
@@ -351,47 +353,112 @@ def _loc_str(loc: tuple) -> str:
     return out
 
 
-def spec_error_from(exc: ValidationError, path: str) -> SpecError:
+def did_you_mean(word: Any, choices: list[str]) -> str:
+    """``" (did you mean `x`?)"`` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _either(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _both(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+@cache
+def job_model(recipe: str) -> type[JobSpec]:
+    """JobSpec with the ``train:`` and ``infer:`` sections of ``recipe``'s own models."""
+    r = registry.get(recipe)
+    fields: dict[str, Any] = {}
+    for section in ("train", "infer"):
+        model = getattr(r, section)
+        if model is not None:
+            fields[section] = (model, Field(default_factory=model, description=JobSpec.model_fields[section].description))
+        else:
+            fields[section] = (None, None)
+    return create_model(f"{recipe.title().replace('_', '')}JobSpec", __base__=JobSpec, __module__=__name__, **fields)
+
+
+def _foreign_keys(data: dict, path: str) -> None:
+    """Refuse ``train:``/``infer:`` keys the recipe does not own: name the recipe that does."""
+    name = data.get("recipe")
+    if not isinstance(name, str) or name not in registry.names():
+        return
+    recipe = registry.get(name)
+    for section in ("train", "infer"):
+        value = data.get(section)
+        if value is None:
+            continue
+        model = getattr(recipe, section)
+        if model is None:
+            owners = [n for n, r in registry.recipes().items() if getattr(r, section) is not None]
+            raise SpecError(path, section, f"`{section}:` belongs to recipe {_both(owners)}, not {name}",
+                            f"remove `{section}:`" + (" (a seed goes in `infer: {seed: …}`)" if section == "train" and recipe.infer else ""))
+        if not isinstance(value, dict):
+            continue
+        for key in value:
+            if not isinstance(key, str) or key in model.model_fields:
+                continue
+            owners = [n for n in registry.owners(section, key) if n != name]
+            if owners:
+                raise SpecError(path, f"{section}.{key}", f"`{key}` belongs to recipe {_both(owners)}, not {name}",
+                                f"remove it; {name}'s own keys: {', '.join(model.model_fields)}")
+            if section == "train" and recipe.trainer_config is None:
+                raise SpecError(path, f"{section}.{key}", f"unknown key{did_you_mean(key, list(model.model_fields))}",
+                                f"valid keys here: {', '.join(model.model_fields)}")
+
+
+def spec_error_from(exc: ValidationError, path: str, root: type[BaseModel] = JobSpec) -> SpecError:
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = _loc_str(loc)
     if err["type"] == "extra_forbidden":
-        owner = _model_at(loc) or JobSpec
-        valid = ", ".join(_valid_keys(owner))
-        return SpecError(path, key, "unknown key", f"valid keys here: {valid}")
+        owner = _model_at(loc, root) or root
+        valid = _valid_keys(owner)
+        return SpecError(path, key, f"unknown key{did_you_mean(loc[-1], valid)}", f"valid keys here: {', '.join(valid)}")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return SpecError(path, key, "required key is missing", f"add `{loc[-1]}:` (see `hfhpc init`)")
     if err["type"] == "literal_error":
         return SpecError(path, key, msg.replace("Input should be", "must be"))
+    if err["type"] == "finite_number":
+        return SpecError(path, key, "must be a finite number")
     return SpecError(path, key, msg)
 
 
 def parse_spec(data: Any, path: str = "<spec>") -> JobSpec:
     if not isinstance(data, dict):
-        raise SpecError(path, "", "a job spec must be a YAML mapping", "start from `hfhpc init sft`")
+        raise SpecError(path, "", "a job spec must be a YAML mapping", "start from `hfhpc init --help`")
+    # `train:` or `infer:` left empty in YAML is null: the recipe's defaults.
+    data = {k: v for k, v in data.items() if not (k in ("train", "infer") and v is None)}
+    _foreign_keys(data, path)
+    recipe = data.get("recipe")
+    model = job_model(recipe) if isinstance(recipe, str) and recipe in registry.names() else JobSpec
     try:
-        return JobSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise spec_error_from(e, path) from None
+        raise spec_error_from(e, path, model) from None
 
 
 def load_spec(path: str | Path) -> JobSpec:
-    import yaml
+    from hfhpc.specyaml import YamlProblem, loads
 
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise SpecError(str(p), "", "no such file", "write one with `hfhpc init RECIPE -o FILE`") from None
     except IsADirectoryError:
         raise SpecError(str(p), "", "is a folder, not a spec file") from None
+    except OSError as e:
+        raise SpecError(str(p), "", f"cannot be read ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        raise SpecError(str(p), where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
+        data = loads(raw)
+    except YamlProblem as e:
+        raise SpecError(str(p), f"line {e.line}" if e.line else "", e.problem) from None
     spec = parse_spec(data, str(p))
     spec._source = p.absolute()
     return spec

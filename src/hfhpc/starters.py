@@ -1,5 +1,6 @@
-"""Commented starter specs for ``hfhpc init``, rendered from the spec models' field descriptions,
-so the comments can never drift from what the validator accepts."""
+"""Commented starter specs for ``hfhpc init``: each recipe's ``starter`` (its ``RECIPE``), rendered
+with the spec models' field descriptions, so the comments can never drift from what the validator
+accepts."""
 
 from __future__ import annotations
 
@@ -8,66 +9,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from hfhpc.spec import JobSpec, parse_spec
-
-STARTERS: dict[str, dict[str, Any]] = {
-    "sft": {
-        "name": "zephyr-sft",
-        "recipe": "sft",
-        "model": {"id": "HuggingFaceH4/zephyr-7b-beta", "revision": "main"},
-        "dataset": {"id": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "eval_split": "test_sft"},
-        "train": {"max_length": 2048, "packing": True, "epochs": 1, "learning_rate": 2.0e-5,
-                  "per_device_batch_size": 8, "save_steps": 200},
-        "launch": {"strategy": "fsdp", "mixed_precision": "bf16"},
-        "resources": {"nodes": 1, "gpus_per_node": 4, "cpus_per_gpu": 12, "time": "0-03:00:00",
-                      "account": "def-someone"},
-        "site": {"preamble": ["module load python/3.11 gcc arrow"]},
-        "output_dir": "runs/zephyr-sft",
-    },
-    "infer": {
-        "name": "sentiment-infer",
-        "recipe": "infer",
-        "model": "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
-        "dataset": {"id": "stanfordnlp/imdb", "split": "test", "text_column": "text"},
-        "infer": {"task": "text-classification", "batch_size": 64},
-        "launch": {"strategy": "ddp"},
-        "resources": {"nodes": 1, "gpus_per_node": 1, "time": "0-00:30:00", "account": "def-someone"},
-        "output_dir": "runs/sentiment-infer",
-    },
-    "evaluate": {
-        "name": "sentiment-eval",
-        "recipe": "evaluate",
-        "model": "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
-        "dataset": {"id": "stanfordnlp/imdb", "split": "test", "text_column": "text", "label_column": "label"},
-        "metrics": ["accuracy", "f1"],
-        "resources": {"nodes": 1, "gpus_per_node": 1, "time": "0-00:30:00", "account": "def-someone"},
-        "output_dir": "runs/sentiment-eval",
-    },
-    "classify": {
-        "name": "imdb-classify",
-        "recipe": "classify",
-        "model": "google-bert/bert-base-uncased",
-        "dataset": {"id": "stanfordnlp/imdb", "split": "train", "eval_split": "test",
-                    "text_column": "text", "label_column": "label"},
-        "metrics": ["accuracy"],
-        "train": {"max_length": 512, "epochs": 2, "learning_rate": 3.0e-5, "per_device_batch_size": 16},
-        "launch": {"strategy": "ddp"},
-        "resources": {"nodes": 1, "gpus_per_node": 2, "time": "0-02:00:00", "account": "def-someone"},
-        "output_dir": "runs/imdb-classify",
-    },
-    "script": {
-        "name": "cifar10",
-        "recipe": "script",
-        "script": "cifar10_train.py",
-        "args": ["--epochs", "5"],
-        "launch": {"strategy": "ddp"},
-        "resources": {"nodes": 2, "gpus_per_node": 4, "time": "0-01:00:00", "account": "def-someone"},
-        "output_dir": "runs/cifar10",
-    },
-}
+from hfhpc.recipes import registry
+from hfhpc.spec import job_model, parse_spec
 
 HEADER = """\
-# hfhpc job spec ({recipe}). Unknown keys are an error that lists the valid ones.
+# hfhpc job spec, recipe {recipe}: {summary}.
+# Unknown keys are an error that lists the valid ones.
 # Next: `hfhpc stage {file}` on a login node, `hfhpc check {file}`, then `hfhpc submit {file}`
 # (or `hfhpc run {file}` to run it here without SLURM).
 """
@@ -117,8 +64,8 @@ def _render(data: dict[str, Any], model: type[BaseModel] | None, indent: int) ->
 
 
 def render_starter(recipe: str, filename: str = "job.yaml") -> str:
-    data = STARTERS[recipe]
-    text = HEADER.format(recipe=recipe, file=filename) + "\n".join(_render(data, JobSpec, 0)) + "\n"
+    r = registry.get(recipe)
+    text = HEADER.format(recipe=recipe, summary=r.summary, file=filename) + "\n".join(_render(r.starter, job_model(recipe), 0)) + "\n"
     # The starter must always be a valid spec.
     import yaml
 

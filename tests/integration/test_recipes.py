@@ -133,7 +133,7 @@ def test_infer_writes_one_prediction_per_row_in_order(staged: dict[str, Path], o
 
 
 def test_two_ranks_give_the_same_rows_in_the_same_order(staged: dict[str, Path], one_rank_predictions) -> None:
-    # 24 rows, batches of 4: each rank's 12 rows form the same batches as in the one-rank run.
+    # 24 rows, 12 a rank: greedy tokens do not depend on which rows share a decode step.
     spec = _variant(staged["infer"], "infer-2ranks", resources={"gpus_per_node": 0, "procs_per_node": 2, "cpus_per_gpu": 1})
     _ok(_run(spec, staged["store"]))
     assert _lines(_run_dir(spec) / "predictions.jsonl") == one_rank_predictions
@@ -161,6 +161,40 @@ def test_infer_resumes_after_the_last_complete_line(staged: dict[str, Path], one
     assert _lines(run_dir / "predictions.jsonl") == rows
 
 
+def test_the_engine_writes_what_the_pipeline_writes_and_logs_progress(staged: dict[str, Path], one_rank_predictions) -> None:
+    # Greedy: the pipeline (batches of 8, left padding) and the engine give the same text for every row.
+    spec = _variant(staged["infer"], "infer-pipeline", infer={**yaml.safe_load(staged["infer"].read_text())["infer"],
+                                                              "engine": "pipeline"},
+                    resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
+    _ok(_run(spec, staged["store"]))
+    assert _lines(_run_dir(spec) / "predictions.jsonl") == one_rank_predictions
+    assert json.loads((_run_dir(spec) / "summary.json").read_text())["engine"] == "pipeline"
+    piped = _lines(_run_dir(spec) / "metrics.jsonl")[-1]  # rows counted; the pipeline's tokens are not
+    assert piped["step"] == INFER_ROWS and piped["tokens_per_s"] is None and piped["rows_per_s"] > 0
+
+    run_dir = _run_dir(staged["infer"].with_name("infer-1rank.yaml"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine"] == "generate" and summary["new_tokens"] > 0 and summary["first_row_s"] > 0
+    # What `hfhpc status` reads: rows done of rows as step/max_steps, new tokens/s, seconds per row.
+    last = _lines(run_dir / "metrics.jsonl")[-1]
+    assert last["step"] == last["max_steps"] == INFER_ROWS and last["eta_s"] == 0
+    assert last["new_tokens"] == summary["new_tokens"] and last["tokens_per_s"] > 0 and last["step_s"] > 0
+
+
+def test_sampled_predictions_depend_on_the_seed_not_on_the_ranks(staged: dict[str, Path]) -> None:
+    infer = {**yaml.safe_load(staged["infer"].read_text())["infer"], "do_sample": True, "temperature": 1.0}
+    one = _variant(staged["infer"], "infer-sample-1", infer=infer, resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
+    two = _variant(staged["infer"], "infer-sample-2", infer=infer,
+                   resources={"gpus_per_node": 0, "procs_per_node": 2, "cpus_per_gpu": 1})
+    other = _variant(staged["infer"], "infer-sample-seed", infer=infer, train={"seed": 1234},
+                     resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
+    for spec in (one, two, other):
+        _ok(_run(spec, staged["store"]))
+    rows = _lines(_run_dir(one) / "predictions.jsonl")
+    assert _lines(_run_dir(two) / "predictions.jsonl") == rows
+    assert [r["prediction"] for r in _lines(_run_dir(other) / "predictions.jsonl")] != [r["prediction"] for r in rows]
+
+
 def test_a_rank_file_keeps_only_its_exact_complete_prefix(tmp_path: Path) -> None:
     from hfhpc.recipes.infer import keep_complete_prefix
 
@@ -177,13 +211,19 @@ def test_a_rank_file_keeps_only_its_exact_complete_prefix(tmp_path: Path) -> Non
     assert keep_complete_prefix(tmp_path / "missing.jsonl", 0, 6) == 0
 
 
-def test_sigterm_stops_infer_with_exit_3_and_a_rerun_completes(staged: dict[str, Path]) -> None:
-    # Batches of one long generation each: the run lasts long enough to be interrupted mid-way.
+# One long generation at a time (a pipeline batch of one; an engine of one row at once): the run
+# lasts long enough to be interrupted mid-way.
+ONE_AT_A_TIME = {"pipeline": {"engine": "pipeline", "batch_size": 1}, "engine": {"max_concurrent": 1}}
+
+
+@pytest.mark.parametrize("path", ONE_AT_A_TIME)
+def test_sigterm_stops_infer_with_exit_3_and_a_rerun_completes(staged: dict[str, Path], path: str) -> None:
     rows = 48
     spec = _variant(
-        staged["infer"], "infer-sigterm",
+        staged["infer"], f"infer-sigterm-{path}",
         dataset={**yaml.safe_load(staged["infer"].read_text())["dataset"], "max_samples": rows},
-        infer={"task": "text-generation", "batch_size": 1, "max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False},
+        infer={"task": "text-generation", "max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False,
+               **ONE_AT_A_TIME[path]},
         resources={"gpus_per_node": 0, "cpus_per_gpu": 1},
     )
     part = _run_dir(spec) / "predictions.rank0.jsonl"

@@ -16,7 +16,7 @@ import pytest
 
 from hfhpc.demo.build import CHAT_DATASET_ID, METRIC_ID, MINILM_ID, MODEL_ID
 from hfhpc.store.importer import import_folder
-from hfhpc.store.layout import sha256_file
+from hfhpc.store.layout import dataset_arrow_dir, dataset_arrow_root, sha256_file
 from hfhpc.store.server import StoreServer
 from tests.conftest import hfhpc, offline_python
 from tests.helpers import tree_digest, write_spec
@@ -57,6 +57,10 @@ def test_stage_spec_then_unchanged_libraries_load_offline(hub, store: Path, spec
     for f in model["files"]:
         assert (snap / f["path"]).stat().st_size == f["size"]
         assert sha256_file(snap / f["path"]) == f["sha256"]
+    # The store's layout module names the folder where `load_dataset` really wrote its Arrow cache.
+    data_commit = kinds[CHAT_DATASET_ID]["commit"]
+    arrow = [p.parent for p in dataset_arrow_dir(store, CHAT_DATASET_ID, None).glob(f"*/{data_commit}/dataset_info.json")]
+    assert arrow and arrow[0].parent.parent.parent == dataset_arrow_root(store, CHAT_DATASET_ID)
 
     code = f"""
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -232,6 +232,25 @@ def test_paths_info(served: Served) -> None:
     assert entry["lastCommit"]["id"] == served.model_commit
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"paths": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b'{"paths": {"a": 1}}',
+     b'{"paths": [1, 2]}', b'{"paths": 7}', b"{not json"],
+    ids=["deep-array", "deep-paths", "paths-object", "paths-numbers", "paths-number", "not-json"],
+)
+def test_a_malformed_paths_info_body_is_a_400_not_a_500(served: Served, body: bytes) -> None:
+    path = "/api/models/org/tiny/paths-info/main"
+    status, headers, answer = _raw(served.url, "POST", path, {"Content-Type": "application/json"}, body)
+    assert status == 400, answer
+    assert "error" in json.loads(answer)
+
+
+def test_server_refuses_a_port_that_is_not_a_port(served: Served) -> None:
+    for port in (99999, -1):
+        with pytest.raises(UsageError, match="is not a TCP port"):
+            StoreServer(served.store, port=port)
+
+
 def test_file_metadata_has_etag_commit_and_size(served: Served) -> None:
     url = hf_hub_url("org/tiny", "model.safetensors", endpoint=served.url)
     meta = get_hf_file_metadata(url)

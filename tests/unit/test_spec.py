@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from hfhpc.errors import SpecError
-from hfhpc.spec import load_spec, lock_path_for, parse_slurm_time, parse_spec
-from hfhpc.starters import STARTERS, render_starter
+from hfhpc.recipes import registry
+from hfhpc.spec import load_spec, lock_path_for, parse_spec
+from hfhpc.starters import render_starter
 from tests.conftest import hfhpc
 
 GOOD = {"name": "j", "recipe": "sft", "model": "org/m", "dataset": "org/d"}
@@ -30,7 +31,9 @@ def test_short_forms_expand_and_defaults_fill():
         ({"bogus": 1}, "bogus", "unknown key; valid keys here: name, recipe, model"),
         ({"resources": {"gpu": 4}}, "resources.gpu", "valid keys here: nodes, gpus_per_node"),
         ({"model": {"id": "org/m", "rev": "x"}}, "model.rev", "valid keys here: id, revision, include"),
-        ({"recipe": "train"}, "recipe", "must be 'sft', 'infer', 'evaluate', 'classify' or 'script'"),
+        ({"recipe": "train"}, "recipe", "must be 'classify', 'evaluate', 'infer', 'script' or 'sft'"),
+        ({"recipe": "stf"}, "recipe", "(did you mean `sft`?)"),
+        ({"resources": {"gpus_per_nod": 4}}, "resources.gpus_per_nod", "unknown key (did you mean `gpus_per_node`?)"),
         ({"model": "../etc"}, "model.id", "invalid repository id '../etc'"),
         ({"resources": {"time": "3 hours"}}, "resources.time", "is not a SLURM time"),
         ({"resources": {"nodes": 0}}, "resources.nodes", "greater than or equal to 1"),
@@ -76,12 +79,7 @@ def test_source_is_not_a_yaml_key():
         parse_spec({**GOOD, "source": "/x"})
 
 
-@pytest.mark.parametrize("value, seconds", [("0-03:00:00", 10800), ("1-00:00:01", 86401), ("02:30:00", 9000), ("90", 5400)])
-def test_slurm_times(value, seconds):
-    assert parse_slurm_time(value) == seconds
-
-
-@pytest.mark.parametrize("recipe", sorted(STARTERS))
+@pytest.mark.parametrize("recipe", registry.names())
 def test_every_starter_is_valid_and_commented(recipe):
     text = render_starter(recipe, "x.yaml")
     spec = parse_spec(yaml.safe_load(text))

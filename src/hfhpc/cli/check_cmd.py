@@ -11,6 +11,8 @@ from hfhpc.errors import EXIT_FAILED, UsageError
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", metavar="SPEC|SCRIPT", help="a job spec (.yaml) and/or Python scripts to scan")
     p.add_argument("--no-probe", action="store_true", help="verify files only; skip the sealed load probes")
+    p.add_argument("--full", action="store_true",
+                   help="re-hash every file, trusting no remembered hash (after a crash, or to find bytes changed in place)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +31,6 @@ def run(args: argparse.Namespace) -> int:
         from hfhpc.store.location import store_for_spec
 
         store = store_for_spec(spec, args.store)
-    report = check(store, spec, scripts, probe=not args.no_probe)
+    report = check(store, spec, scripts, probe=not args.no_probe, full=args.full)
     print(render(report))
     return 0 if report.ready else EXIT_FAILED

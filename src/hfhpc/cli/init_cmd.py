@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 from hfhpc.errors import UsageError
-from hfhpc.spec import RECIPES
+from hfhpc.recipes import registry
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", choices=RECIPES, help="sft | infer | evaluate | classify | script")
+    recipes = registry.recipes()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "recipes:\n" + "\n".join(f"  {name:<10} {r.summary}" for name, r in recipes.items())
+    p.add_argument("recipe", choices=list(recipes), help=" | ".join(recipes))
     p.add_argument("-o", "--output", metavar="FILE", help="write here (default: print to stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 

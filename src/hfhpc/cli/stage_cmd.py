@@ -44,6 +44,7 @@ def _adhoc(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hfhpc import env as hfenv
     from hfhpc.store.fetch import AssetRequest
     from hfhpc.store.stage import import_local, stage, stage_spec
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         update=args.update,
         repair=args.repair,
-        endpoint=args.endpoint.rstrip("/") if args.endpoint else None,
+        endpoint=hfenv.endpoint(given=args.endpoint),
         workers=args.workers,
         progress=not args.quiet and sys.stderr.isatty(),
         prepare=not args.no_prepare,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from hfhpc.errors import HfhpcError, SlurmError, UsageError
 from hfhpc.launch.jobfile import JobFile, prepare_run_dir, resolve_job
+from hfhpc.preflight import check_before_start
 from hfhpc.spec import JobSpec
 from hfhpc.store.atomic import atomic_write_text
 
@@ -61,6 +62,7 @@ class Executor(ABC):
         self.env = env  # the environment of the scheduler's commands (None: this process's)
 
     def prepare(self, spec: JobSpec, store: Path) -> JobFile:
+        check_before_start(spec)
         job = resolve_job(spec, store)
         prepare_run_dir(job)
         return job
@@ -109,6 +111,7 @@ class BatchScheduler(Executor):
 
     def prepare(self, spec: JobSpec, store: Path) -> JobFile:
         # start() creates the run folder itself, after refusing a run that is still queued.
+        check_before_start(spec)
         return resolve_job(spec, store)
 
     @abstractmethod
@@ -257,10 +260,11 @@ class SlurmExecutor(BatchScheduler):
 
 def slurm_request(job: JobFile) -> Request:
     """What ``job.sbatch`` asks of every node, in the numbers ``sinfo`` reports."""
+    from hfhpc.launch.sbatch import mem_gb
     from hfhpc.scheduler.partitions import Request
 
     res = job.spec.resources
-    return Request(nodes=res.nodes, cpus_per_node=res.cpus_per_gpu * res.procs, mem_mb=res.mem_gb * 1024,
+    return Request(nodes=res.nodes, cpus_per_node=res.cpus_per_gpu * res.procs, mem_mb=mem_gb(job) * 1024,
                    gpus_per_node=res.gpus_per_node, gpu_type=res.gpu_type, time_s=res.time_s)
 
 

@@ -24,7 +24,7 @@ from hfhpc import env as hfenv
 from hfhpc.errors import HfhpcError, UsageError
 from hfhpc.launch.executor import LOG_DIR
 from hfhpc.launch.jobfile import JOB_FILE, JobFile
-from hfhpc.spec import parse_slurm_time
+from hfhpc import slurmtime
 
 if TYPE_CHECKING:
     from hfhpc.launch.executor import Executor, SchedulerState
@@ -64,7 +64,7 @@ class JobRecord:
 
     @property
     def time_limit_s(self) -> int:
-        return parse_slurm_time(self.time_limit)
+        return slurmtime.parse(self.time_limit)
 
 
 # -- remembering ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 from hfhpc import env as hfenv
 from hfhpc.launch.jobfile import JobFile, load_job
 from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment, without_handed_down
+from hfhpc.recipes import registry
 from hfhpc.store.atomic import atomic_write_text
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -123,7 +124,7 @@ def _model_dir(job: JobFile, store: Path) -> Path | None:
 def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[str]:
     """The command that starts this node's ranks."""
     spec = job.spec
-    if spec.recipe == "script":
+    if registry.get(spec.recipe).user_script:
         target = [str(spec.resolve_path(spec.script)), *spec.args]
         module: list[str] = []
     else:
@@ -361,7 +362,7 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
     launcher = topo.world_size > 1
     env = ranks_environ(job, topo, store, environ, jobenv)
     env[hfenv.HFHPC_NODE_STARTED] = f"{started:.3f}"  # the ranks log their start-up against it
-    cwd = job.spec.base_dir() if job.spec.recipe == "script" else job.run_dir
+    cwd = job.spec.base_dir() if registry.get(job.spec.recipe).user_script else job.run_dir
     log(f"{topo.world_size} rank(s), head {topo.head}:{port}, assets from {store}")
     log("start: " + " ".join(cmd))
     out = subprocess.PIPE if tee else None
@@ -377,7 +378,7 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
             pump.join()
     else:
         code = _wait(proc, fwd)
-    if code not in (0, 3) and job.spec.recipe != "script":
+    if code not in (0, 3) and not registry.get(job.spec.recipe).user_script:
         from hfhpc.recipes.checkpoint import stopped_on_signal
 
         stop = stopped_on_signal(job.run_dir, job_id=topo.job_id, restart=topo.restart,

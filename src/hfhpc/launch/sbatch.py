@@ -120,6 +120,15 @@ def signal_delay_s(spec: JobSpec, run_dir: Path | None = None) -> int:
     return max(10, min(measured or default, spec.resources.time_s // 2))
 
 
+def mem_gb(job: JobFile) -> int:
+    """``--mem`` in GB: the spec's ``resources.mem_gb`` (0: the whole node), else the estimate."""
+    if job.spec.resources.mem_gb is not None:
+        return job.spec.resources.mem_gb
+    from hfhpc.plan.host import host_memory_gb
+
+    return host_memory_gb(job.spec, job.store)
+
+
 def _directives(job: JobFile) -> list[str]:
     res = job.spec.resources
     delay = signal_delay_s(job.spec, job.run_dir)
@@ -134,12 +143,8 @@ def _directives(job: JobFile) -> list[str]:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
     opts.append(f"--cpus-per-task={res.cpus_per_gpu * res.procs}")
     # Always --mem: without it the job gets the site's default, often a few GB per core.
-    if res.mem_gb is None:
-        from hfhpc.plan.host import host_memory_gb
-
-        opts.append(f"--mem={host_memory_gb(job.spec, job.store)}G")
-    else:
-        opts.append(f"--mem={res.mem_gb}G" if res.mem_gb else "--mem=0")
+    mem = mem_gb(job)
+    opts.append(f"--mem={mem}G" if mem else "--mem=0")
     opts.append(f"--time={res.time}")
     for key in ("account", "partition", "qos"):
         value = getattr(res, key)

@@ -19,6 +19,7 @@ from pathlib import Path
 from hfhpc import env as hfenv
 from hfhpc.errors import SlurmError
 from hfhpc.scheduler.environment import without_handed_down
+from hfhpc.slurmtime import parse_reported as parse_duration
 
 TIMEOUT_S = 60
 TERMINAL_STATES = frozenset({
@@ -29,7 +30,6 @@ TERMINAL_STATES = frozenset({
 SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "Elapsed", "Timelimit", "Start", "End", "NodeList", "WorkDir")
 # What squeue/scontrol print (exit status 1) for a job that ended longer ago than MinJobAge.
 _UNKNOWN_JOB = "Invalid job id"
-_DURATION_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)(?:\.\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,6 @@ class SacctRecord:
     end: str | None
     nodelist: str | None
     work_dir: str | None  # where sbatch ran: hfhpc's run dir
-
-
-def parse_duration(text: str) -> int | None:
-    """SLURM's ``[D-]HH:MM:SS`` / ``MM:SS`` (optionally ``.fff``) in seconds; None for
-    ``UNLIMITED``, ``Partition_Limit``, ``INVALID`` and other words."""
-    m = _DURATION_RE.match(text.strip())
-    if not m:
-        return None
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def _time_or_none(text: str) -> str | None:

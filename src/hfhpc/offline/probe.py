@@ -81,7 +81,7 @@ def run_plan(plan: dict) -> list[dict]:
     if train and train.get("keys"):
 
         def fields() -> None:
-            unknown = assets.unknown_training_keys(train["recipe"], train["keys"])
+            unknown = assets.unknown_training_keys(train["config"], train["keys"])
             if unknown:
                 raise SpecMismatch(
                     f"not a field of the trainer's config: {', '.join(unknown)} (check the spelling for this transformers/TRL version)"

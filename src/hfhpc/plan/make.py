@@ -15,6 +15,8 @@ from hfhpc.plan.schedule import SAVE_BYTES_PER_S, Schedule, schedule
 from hfhpc.plan.shape import LINEAR_NAMES, ModelShape, read_model_config
 from hfhpc.plan.throughput import Anchor, Throughput, estimate_throughput, measured_anchors
 from hfhpc.plan.tokens import DatasetTokens, dataset_tokens, job_files
+from hfhpc.recipes.sft import RECIPE as SFT
+from hfhpc.recipes.sft import per_layer_fsdp
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
         shape=shape, strategy=launch.strategy, nodes=res.nodes, gpus_per_node=gpn, micro_batch=t.per_device_batch_size,
         seq_len=t.max_length, grad_accum=t.gradient_accumulation_steps,
         activation_checkpointing=launch.activation_checkpointing, mixed_precision=launch.mixed_precision,
-        kept_layers=launch.keep_activations if spec.per_layer_fsdp else 0,
+        kept_layers=launch.keep_activations if per_layer_fsdp(spec) else 0,
         # The sft recipe keeps fp32 weights for full fine-tuning; LoRA's frozen base is in the compute dtype.
         weights_dtype=weights_dtype or ("bf16" if lora is not None and launch.mixed_precision != "no" else "fp32"),  # type: ignore[arg-type]
         optim=str(extra.get("optim", DEFAULT_OPTIM)), lora_rank=int(lora.get("r", 16)) if lora is not None else None,
@@ -124,8 +126,8 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
               fused_lm_head: bool | None = None) -> Plan:
     """The plan of ``spec``: model shape from its staged config.json (or ``model_config``), data
     from the store, throughput from measured anchors."""
-    if spec.recipe != "sft":
-        raise UsageError(f"plan estimates fine-tuning (recipe: sft); this spec's recipe is {spec.recipe!r}",
+    if spec.recipe != SFT.name:
+        raise UsageError(f"plan estimates fine-tuning (recipe: {SFT.name}); this spec's recipe is {spec.recipe!r}",
                          "size inference jobs by the model's weights (2 bytes per parameter in bf16)")
     from hfhpc.launch.sbatch import signal_delay_s
 
@@ -176,7 +178,7 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         nodes = f"{smallest.nodes} node{'s' if smallest.nodes > 1 else ''}"
         suggestion = f"does not fit {p.world} GPUs; needs {nodes} × {smallest.gpus_per_node} GPUs"
 
-    keep = most_kept_layers(p, kind) if ok and spec.per_layer_fsdp and p.activation_checkpointing else None
+    keep = most_kept_layers(p, kind) if ok and per_layer_fsdp(spec) and p.activation_checkpointing else None
 
     # Time the layout that will run: the spec's when it fits, else the fewest GPUs that fit.
     run_layout = p if ok or smallest is None else smallest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hfhpc import slurmtime
 from hfhpc.plan.memory import PlanInputs
 from hfhpc.plan.throughput import Throughput
 from hfhpc.plan.tokens import DatasetTokens
@@ -34,12 +35,6 @@ class Schedule:
     spec_time_limit: str
     spec_allocations: int
 
-
-
-def slurm_time(seconds: float) -> str:
-    s = int(math.ceil(seconds))
-    days, s = divmod(s, 86400)
-    return f"{days}-{s // 3600:02}:{s % 3600 // 60:02}:{s % 60:02}"
 
 
 def schedule(p: PlanInputs, data: DatasetTokens | None, tp: Throughput, *, epochs: float, max_steps: int,
@@ -80,5 +75,5 @@ def schedule(p: PlanInputs, data: DatasetTokens | None, tp: Throughput, *, epoch
     if needed <= limit_s:
         limit_s = min(limit_s, math.ceil(needed / 900) * 900)  # round up to 15 minutes
     return Schedule(steps=steps, step_s=step_s, train_s=train_s, startup_s=startup_s, save_s=save_s, saves=saves,
-                    total_s=total_s, save_steps=save_steps, time_limit=slurm_time(limit_s), allocations=allocations(limit_s),
-                    spec_time_limit=slurm_time(spec_time_s), spec_allocations=allocations(spec_time_s))
+                    total_s=total_s, save_steps=save_steps, time_limit=slurmtime.format(limit_s), allocations=allocations(limit_s),
+                    spec_time_limit=slurmtime.format(spec_time_s), spec_allocations=allocations(spec_time_s))

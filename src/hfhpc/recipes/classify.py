@@ -11,7 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pydantic import Field
+
 from hfhpc import assets
+from hfhpc.errors import HfhpcError, SpecError
 from hfhpc.launch.jobfile import JobFile
 from hfhpc.recipes import checkpoint, metrics
 from hfhpc.recipes.common import (
@@ -19,18 +22,51 @@ from hfhpc.recipes.common import (
     StopOnSignal,
     is_main,
     log,
+    spec_path,
     train_from_checkpoint,
     trainer_callbacks,
     training_kwargs,
     write_summary,
 )
 from hfhpc.recipes.infer import inputs_of, text_column
+from hfhpc.recipes.registry import Recipe
+from hfhpc.spec import TrainBase
 from hfhpc.store.atomic import atomic_write_json
-
-# Keys of `train:` that only the SFT recipe reads; none is a TrainingArguments field.
-SFT_ONLY = {"max_length", "packing", "assistant_only_loss", "chat_template", "lora"}
 # What Trainer.evaluate() reports besides scores: it belongs in the summary, not in eval.json.
 NOT_SCORES = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
+
+
+class ClassifyTrain(TrainBase):
+    """``train:`` of the classify recipe; any other key passes through to ``TrainingArguments``."""
+
+    max_length: int = Field(1024, ge=8, description="tokens per input (longer ones are truncated)")
+
+
+def _check(spec: Any) -> None:
+    if spec.train.lora is not None:
+        raise ValueError("train.lora: classify trains every weight: remove it")
+
+
+RECIPE = Recipe(
+    name="classify",
+    summary="fine-tune a sequence classifier with the transformers Trainer, scored by Evaluate metrics",
+    needs=("model", "dataset"),
+    train=ClassifyTrain,
+    trainer_config="transformers:TrainingArguments",
+    starter={
+        "name": "imdb-classify",
+        "recipe": "classify",
+        "model": "google-bert/bert-base-uncased",
+        "dataset": {"id": "stanfordnlp/imdb", "split": "train", "eval_split": "test",
+                    "text_column": "text", "label_column": "label"},
+        "metrics": ["accuracy"],
+        "train": {"max_length": 512, "epochs": 2, "learning_rate": 3.0e-5, "per_device_batch_size": 16},
+        "launch": {"strategy": "ddp"},
+        "resources": {"nodes": 1, "gpus_per_node": 2, "time": "0-02:00:00", "account": "def-someone"},
+        "output_dir": "runs/imdb-classify",
+    },
+    check=_check,
+)
 
 
 def main(job: JobFile) -> int:
@@ -41,8 +77,6 @@ def main(job: JobFile) -> int:
     stop = StopOnSignal().install()
     spec, t, dref = job.spec, job.spec.train, job.spec.dataset
     model_id, commit = spec.model.id, job.model_commit
-    if t.lora is not None:
-        raise SystemExit("hfhpc: train.lora applies to the sft recipe; classify trains every weight: remove it")
 
     # -- setup -------------------------------------------------------------------------------------
     tokenizer = assets.load_tokenizer(model_id, commit)
@@ -55,9 +89,9 @@ def main(job: JobFile) -> int:
 
     label_column = dref.label_column or "label"
     if label_column not in train_raw.column_names:
-        raise SystemExit(f"hfhpc: no label column {label_column!r}: set dataset.label_column; "
-                         f"the split has {train_raw.column_names}")
-    column = text_column(train_raw.column_names, dref.text_column, chat=False)
+        raise SpecError(spec_path(job), "dataset.label_column", f"the split has no column {label_column!r}",
+                        f"set dataset.label_column to one of {train_raw.column_names}")
+    column = text_column(train_raw.column_names, dref.text_column, chat=False, source=spec_path(job))
     feature = train_raw.features[label_column]
     # A ClassLabel fixes the names and their ids; plain values are numbered in sorted order.
     if isinstance(feature, ClassLabel):
@@ -70,7 +104,8 @@ def main(job: JobFile) -> int:
         if isinstance(feature, ClassLabel):
             return int(value)
         if str(value) not in label2id:
-            raise SystemExit(f"hfhpc: label {value!r} of the eval split is not among the training split's {names}")
+            raise HfhpcError(f"label {value!r} of the eval split is not among the training split's {names}",
+                             "use an eval split with the training split's labels")
         return label2id[str(value)]
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -87,7 +122,7 @@ def main(job: JobFile) -> int:
     log(f"{len(names)} labels {names}; {len(train_ds)} training rows"
         + (f", {len(eval_ds)} eval rows" if eval_ds is not None else "") + f" (column {column!r})")
 
-    kwargs = {k: v for k, v in training_kwargs(job).items() if k not in SFT_ONLY}
+    kwargs = training_kwargs(job)
     if eval_ds is None:
         kwargs.update(eval_strategy="no")
         kwargs.pop("eval_steps", None)

@@ -68,6 +68,11 @@ def write_summary(job: JobFile, data: dict[str, Any]) -> Path:
     return path
 
 
+def spec_path(job: JobFile) -> str:
+    """The spec file that a recipe's ``SpecError`` names."""
+    return str(job.spec.source or job.spec_path or "the job's spec")
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

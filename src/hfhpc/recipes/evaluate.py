@@ -3,7 +3,8 @@
 (a) ``predictions:`` — a ``predictions.jsonl`` (the infer recipe's output, or any file of that
     format): each line's ``prediction`` against its ``reference``.
 (b) ``model:`` + ``dataset:`` — a pipeline of the model over ``dataset.split`` (every rank takes a
-    contiguous shard; rank 0 gathers them in order), each prediction against ``label_column``.
+    contiguous shard; rank 0 gathers them in order), each prediction against ``label_column``. Text
+    generation runs on the infer recipe's generation engine (:mod:`hfhpc.recipes.generate`).
     Class labels meet as ids: the model's label names go through its ``label2id`` and the dataset's
     names through its ClassLabel. The rows go to ``predictions.jsonl`` too, to see what was missed.
 
@@ -20,13 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from hfhpc import assets
+from hfhpc.errors import HfhpcError, SpecError
 from hfhpc.launch.jobfile import JobFile
 from hfhpc.recipes import metrics
-from hfhpc.recipes.common import is_main, log, rank, world_size, write_summary
+from hfhpc.recipes.common import is_main, log, rank, spec_path, world_size, write_summary
 from hfhpc.recipes.infer import (
     PREDICTIONS,
+    InferSettings,
     build_pipeline,
     call_kwargs,
+    engine_outputs,
+    engine_settings,
     init_distributed,
     inputs_of,
     is_chat,
@@ -37,7 +42,33 @@ from hfhpc.recipes.infer import (
     shard_start,
     text_column,
 )
+from hfhpc.recipes.registry import Recipe
 from hfhpc.store.atomic import atomic_write_json, atomic_write_text
+
+
+def _check(spec: Any) -> None:
+    if not spec.predictions and not (spec.model and spec.dataset):
+        raise ValueError("recipe 'evaluate' needs `predictions:` or both `model:` and `dataset:`")
+
+
+RECIPE = Recipe(
+    name="evaluate",
+    summary="score Evaluate metrics over a predictions.jsonl, or over a model's predictions on a labelled split",
+    needs=("metrics",),
+    train=None,
+    trainer_config=None,
+    infer=InferSettings,
+    starter={
+        "name": "sentiment-eval",
+        "recipe": "evaluate",
+        "model": "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+        "dataset": {"id": "stanfordnlp/imdb", "split": "test", "text_column": "text", "label_column": "label"},
+        "metrics": ["accuracy", "f1"],
+        "resources": {"nodes": 1, "gpus_per_node": 1, "time": "0-00:30:00", "account": "def-someone"},
+        "output_dir": "runs/sentiment-eval",
+    },
+    check=_check,
+)
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -45,8 +76,8 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise SystemExit(f"hfhpc: predictions file {path} does not exist "
-                         "(`predictions:` is relative to the spec's folder)") from None
+        raise HfhpcError(f"predictions file {path} does not exist",
+                         "`predictions:` is relative to the spec's folder: run the infer job first or fix the path") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -54,9 +85,9 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except ValueError:
-            raise SystemExit(f"hfhpc: {path}:{number} is not a JSON line") from None
+            raise HfhpcError(f"{path}:{number} is not a JSON line", "point `predictions:` at an infer job's predictions.jsonl") from None
         if "prediction" not in record or "reference" not in record:
-            raise SystemExit(f"hfhpc: {path}:{number} lacks `prediction` or `reference`: "
+            raise HfhpcError(f"{path}:{number} lacks `prediction` or `reference`",
                              "set dataset.label_column in the infer spec that wrote it")
         records.append(record)
     return records
@@ -84,12 +115,12 @@ def main(job: JobFile) -> int:
         ds = load_rows(job)
         label_column = dref.label_column or ("label" if "label" in ds.column_names else None)
         if label_column not in ds.column_names:
-            raise SystemExit("hfhpc: set dataset.label_column to the column to score against; "
-                             f"the split has {ds.column_names}")
+            raise SpecError(spec_path(job), "dataset.label_column", "no column to score against",
+                            f"set it to one of {ds.column_names}")
         feature = ds.features[label_column]
         tokenizer = assets.load_tokenizer(spec.model.id, job.model_commit)
         chat = is_chat(job, tokenizer)
-        column = text_column(ds.column_names, dref.text_column, chat=chat)
+        column = text_column(ds.column_names, dref.text_column, chat=chat, source=spec_path(job))
         r, world = rank(), world_size()
         distributed = init_distributed(job)
         shard = ds.shard(num_shards=world, index=r, contiguous=True)
@@ -100,7 +131,12 @@ def main(job: JobFile) -> int:
         log(f"{spec.infer.task} with {spec.model.id} on {len(ds)} rows of {dref.id}:{dref.split}, {world} rank(s)")
 
         records = []
-        for lo in range(0, len(shard), batch_size):
+        settings = engine_settings(job, pipe, kwargs)
+        generated = engine_outputs(job, pipe, settings, shard, column, chat=chat, start=start) if settings else ()
+        for lo, text, prediction, _ in generated:
+            records.append({"index": start + lo, "input": text, "prediction": prediction,
+                            "reference": reference_of(shard[lo][label_column], feature)})
+        for lo in range(0, len(shard), batch_size) if not settings else ():
             batch = shard[lo: lo + batch_size]
             inputs = inputs_of(batch[column], chat=chat)
             outputs = pipe(inputs, batch_size=batch_size, **kwargs)

@@ -1,9 +1,15 @@
 """Batch inference: a transformers pipeline over a whole dataset split, on every rank of the job.
 
 setup (this rank's contiguous shard of the split, a pipeline of the staged model and tokenizer at
-the locked commit) → run (batches appended to ``predictions.rank{r}.jsonl``, flushed after each, so
-a rerun resumes after the last complete line) → save (rank 0 joins the shards in rank order, which
-is input order, into ``predictions.jsonl``; ``summary.json``).
+the locked commit) → run (rows appended in input order to ``predictions.rank{r}.jsonl``, flushed as
+they come, so a rerun resumes after the last complete line) → save (rank 0 joins the shards in rank
+order, which is input order, into ``predictions.jsonl``; ``summary.json``).
+
+Text generation runs on the engine of :mod:`hfhpc.recipes.generate` (continuous batching over a KV
+cache sized from free GPU memory) unless ``infer.engine: pipeline`` asks for the pipeline, or the
+model or a setting is one the engine does not implement (the log says which); the pipeline runs every
+other task, in batches of ``infer.batch_size``. Progress (rows, new tokens/s, ETA) goes to
+``metrics.jsonl``.
 
 Each line is ``{"index": i, "input": …, "prediction": …}``, plus ``"score"`` for classifiers and
 ``"reference"`` when the spec names ``dataset.label_column``.
@@ -23,18 +29,24 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from hfhpc import assets
+from hfhpc.errors import HfhpcError, SpecError
 from hfhpc.launch.jobfile import JobFile
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
+    append_jsonl,
     cuda_available,
     is_main,
     log,
     rank,
+    spec_path,
     world_size,
     write_summary,
 )
+from hfhpc.recipes.registry import Recipe
 from hfhpc.store.atomic import fsync_dir, tmp_name
 
 PREDICTIONS = "predictions.jsonl"
@@ -42,23 +54,61 @@ TEXT_COLUMNS = ("text", "prompt", "sentence", "question")
 # Whole-text classifiers: an input longer than the model's window is truncated rather than fatal.
 TRUNCATING_TASKS = ("text-classification", "sentiment-analysis")
 GENERATED_KEYS = ("generated_text", "summary_text", "translation_text")
+# ``infer:`` keys read by the recipe itself, never passed to the pipeline.
+ENGINE_KEYS = ("engine", "max_concurrent")
+PROGRESS_EVERY_S = 10.0
+
+
+class InferSettings(BaseModel):
+    """``infer:`` (recipes infer and evaluate): the pipeline task; any other key passes through to
+    every pipeline call (generation arguments)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    task: str = Field("text-generation", description="transformers pipeline task")
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    seed: int = Field(42, description="same on every rank: sampled generations are reproducible")
+
+
+RECIPE = Recipe(
+    name="infer",
+    summary="any transformers pipeline task over a dataset split, batched across ranks, to predictions.jsonl",
+    needs=("model", "dataset"),
+    train=None,
+    trainer_config=None,
+    infer=InferSettings,
+    starter={
+        "name": "sentiment-infer",
+        "recipe": "infer",
+        "model": "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+        "dataset": {"id": "stanfordnlp/imdb", "split": "test", "text_column": "text"},
+        "infer": {"task": "text-classification", "batch_size": 64},
+        "launch": {"strategy": "ddp"},
+        "resources": {"nodes": 1, "gpus_per_node": 1, "time": "0-00:30:00", "account": "def-someone"},
+        "output_dir": "runs/sentiment-infer",
+    },
+)
 
 
 # -- helpers shared with the evaluate recipe ---------------------------------------------------------
 
-def text_column(columns: list[str], configured: str | None, *, chat: bool) -> str:
+def text_column(columns: list[str], configured: str | None, *, chat: bool, source: str) -> str:
     """The input column: the configured one, else a guess. A chat model generating text prefers the
-    whole conversation (``messages``) to a plain prompt, so that its chat template applies."""
+    whole conversation (``messages``) to a plain prompt, so that its chat template applies.
+    ``source`` is the spec file that errors name."""
     if configured:
         if configured not in columns:
-            raise SystemExit(f"hfhpc: dataset.text_column {configured!r} is not a column; the split has {columns}")
+            raise SpecError(source, "dataset.text_column", f"the split has no column {configured!r}",
+                            f"set it to one of {columns}")
         return configured
     if chat and "messages" in columns:
         return "messages"
     for name in (*TEXT_COLUMNS, "messages"):
         if name in columns:
             return name
-    raise SystemExit(f"hfhpc: cannot tell which column holds the input among {columns}: set dataset.text_column")
+    raise SpecError(source, "dataset.text_column", f"cannot tell which column holds the input among {columns}",
+                    "set dataset.text_column")
 
 
 def _is_conversation(value: Any) -> bool:
@@ -92,7 +142,7 @@ def build_pipeline(job: JobFile, tokenizer: Any) -> Any:
     spec = job.spec
     # Every rank draws the same numbers: a head missing from the checkpoint gets the same random
     # init on all of them, and sampled generations are reproducible.
-    set_seed(spec.train.seed)
+    set_seed(spec.infer.seed)
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
@@ -107,7 +157,7 @@ def call_kwargs(job: JobFile) -> dict[str, Any]:
     """Keyword arguments of every pipeline call: the spec's ``infer:`` extras, plus defaults that
     make the output a prediction (only the new text of a generation)."""
     infer = job.spec.infer
-    kwargs = dict(infer.model_extra or {})
+    kwargs = {k: v for k, v in (infer.model_extra or {}).items() if k not in ENGINE_KEYS}
     if infer.max_new_tokens is not None:
         kwargs["max_new_tokens"] = infer.max_new_tokens
     if infer.task == "text-generation":
@@ -174,6 +224,128 @@ def load_rows(job: JobFile):
     return ds
 
 
+def engine_settings(job: JobFile, pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """(sampling, decoding options) when the generation engine runs this job, else None (the pipeline
+    does: another task, ``infer.engine: pipeline``, or a model or setting the engine lacks; logged)."""
+    from hfhpc.recipes import generate
+
+    infer = job.spec.infer
+    choice = (infer.model_extra or {}).get("engine", "auto")
+    if choice not in ("auto", "pipeline"):
+        raise SystemExit(f"hfhpc: infer.engine is {choice!r}: use auto (the default) or pipeline")
+    if infer.task != "text-generation" or choice == "pipeline":
+        return None
+    try:
+        return generate.generation_settings(pipe, kwargs, job.spec.train.seed)
+    except generate.NotForEngine as e:
+        log(f"generating with the pipeline, batches of {infer.batch_size}: the engine does not implement {e}")
+        return None
+
+
+def encode_prompts(tokenizer: Any, values: Any, options: dict[str, Any], *, chat: bool, chunk: int = 1024):
+    """Token ids (int32 arrays) of every prompt of ``values`` (a dataset column, or a list), prepared as
+    the pipeline prepares them."""
+    import numpy as np
+
+    from hfhpc.recipes import generate
+
+    add = bool(options.get("add_special_tokens", False))
+    out = []
+    for lo in range(0, len(values), chunk):
+        for value in inputs_of(list(values[lo: lo + chunk]), chat=chat):
+            out.append(np.asarray(generate.encode(tokenizer, value, add_special_tokens=add), dtype=np.int32))
+    return out
+
+
+def build_engine(job: JobFile, pipe: Any, sampling: Any, prompts: list[Any]) -> Any:
+    """The engine for these prompts: slot length from the longest, slot count from free memory (at most
+    ``infer.max_concurrent`` when set)."""
+    from hfhpc.recipes import generate
+
+    model = pipe.model
+    max_len = generate.max_len_for(model, sampling, (len(p) for p in prompts))
+    cap = (job.spec.infer.model_extra or {}).get("max_concurrent")
+    if cap is not None and (not isinstance(cap, int) or cap < 1):
+        raise SystemExit(f"hfhpc: infer.max_concurrent is {cap!r}: give a whole number >= 1")
+    slots = generate.plan_slots(model, max_len, len(prompts), cap)
+    if prompts and slots < 1:
+        raise SystemExit(f"hfhpc: the KV cache of one {max_len}-token row does not fit in the GPU memory left "
+                         "after loading the model: lower max_new_tokens or dataset.max_length of the prompts")
+    log(f"generation engine: {max(slots, 1)} rows at once, {max_len} positions each")
+    return generate.Engine(model, sampling, slots=max(slots, 1), max_len=max_len, tokenizer=pipe.tokenizer)
+
+
+def engine_outputs(job: JobFile, pipe: Any, settings: tuple[Any, dict[str, Any]], shard: Any, column: str, *,
+                   chat: bool, start: int = 0, first: int = 0, should_stop: Any = lambda: False,
+                   stats: dict | None = None):
+    """Generate for rows ``first``.. of ``shard`` (whose row 0 is row ``start`` of the split) on the
+    engine; yield (shard row, input, prediction, new tokens) in row order. Rows are named to the
+    engine by their index in the split, so that sampled text depends on the seed alone, not on the
+    ranks or a resume. ``stats`` receives the engine's account of where the time went."""
+    from hfhpc.recipes.generate import decode
+
+    sampling, options = settings
+    todo = shard.select(range(first, len(shard))) if first else shard
+    prompts = encode_prompts(pipe.tokenizer, todo[column], options, chat=chat)
+    engine = build_engine(job, pipe, sampling, prompts)
+    base = start + first
+    for finished in engine.run(((base + k, p) for k, p in enumerate(prompts)), should_stop=should_stop):
+        row = finished.row - start
+        text = inputs_of([shard[row][column]], chat=chat)[0]
+        yield row, text, decode(pipe.tokenizer, finished.tokens, options), len(finished.tokens)
+    if stats is not None:
+        stats.update(slots=engine.slots, max_len=engine.max_len,
+                     **{k: round(v, 3) if isinstance(v, float) else v for k, v in engine.stats.items()})
+        log(f"engine: {stats['prompt_tokens']:,} prompt tokens in {stats['prefill_forwards']} prefills "
+            f"({stats['prefill_s']:.2f} s), {stats['decode_steps']} decode steps of {stats['rows_per_step']:.0f} rows "
+            f"({stats['decode_s']:.2f} s), graphs captured in {stats['capture_s']:.2f} s")
+
+
+class GenerationProgress:
+    """Rows done, new tokens/s and ETA, in the log and in ``metrics.jsonl`` (what ``hfhpc status``
+    reads: ``step``/``max_steps`` are this rank's rows, ``step_s`` its seconds per row)."""
+
+    def __init__(self, job: JobFile, rows: int, resumed: int, *, tokens: bool) -> None:
+        self.path = job.run_dir / "metrics.jsonl"
+        self.rows, self.done, self.resumed = rows, resumed, resumed
+        self.count_tokens = tokens  # the pipeline's outputs are text: its new tokens are not counted
+        self.tokens = 0
+        self.t0 = self.last = time.perf_counter()
+        self.first_row_s: float | None = None
+
+    def add(self, rows: int, tokens: int) -> None:
+        now = time.perf_counter()
+        if self.first_row_s is None and rows:
+            self.first_row_s = now - self.t0
+        self.done += rows
+        self.tokens += tokens
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.write()
+
+    def write(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        self.last = now
+        elapsed = now - self.t0
+        new_rows = self.done - self.resumed
+        per_row = elapsed / new_rows if new_rows else None
+        record = {
+            "step": self.done, "max_steps": self.rows, "rows_done": self.done, "rows": self.rows,
+            "new_tokens": self.tokens if self.count_tokens else None,
+            "tokens_per_s": round(self.tokens / elapsed, 1) if elapsed > 0 and self.count_tokens else None,
+            "rows_per_s": round(new_rows / elapsed, 3) if elapsed > 0 else None,
+            "eta_s": round(per_row * (self.rows - self.done), 1) if per_row is not None else None,
+            "step_s": round(per_row, 5) if per_row is not None else None,
+            "elapsed_s": round(elapsed, 3), "unix_time": round(time.time(), 3),
+        }
+        if is_main():
+            append_jsonl(self.path, record)
+            eta = f", ETA {timedelta(seconds=int(record['eta_s']))}" if record["eta_s"] is not None else ""
+            rate = (f"{record['tokens_per_s']:,.0f} new tokens/s" if record["tokens_per_s"] is not None
+                    else f"{record['rows_per_s'] or 0:,.2f} rows/s")
+            log(f"{self.done}/{self.rows} rows, {rate}{eta}")
+        return record
+
+
 # -- this recipe's own helpers --------------------------------------------------------------------------
 
 def rank_file(job: JobFile, r: int) -> Path:
@@ -229,11 +401,11 @@ def main(job: JobFile) -> int:
         return 0
     tokenizer = assets.load_tokenizer(spec.model.id, job.model_commit)
     chat = is_chat(job, tokenizer)
-    column = text_column(ds.column_names, dref.text_column, chat=chat)
+    column = text_column(ds.column_names, dref.text_column, chat=chat, source=spec_path(job))
     label_column = dref.label_column
     if label_column and label_column not in ds.column_names:
-        raise SystemExit(f"hfhpc: dataset.label_column {label_column!r} is not a column; "
-                         f"the split has {ds.column_names}")
+        raise SpecError(spec_path(job), "dataset.label_column", f"the split has no column {label_column!r}",
+                        f"set it to one of {ds.column_names}")
     label_feature = ds.features[label_column] if label_column else None
 
     # Contiguous shards: joining them in rank order gives back the input order.
@@ -246,30 +418,49 @@ def main(job: JobFile) -> int:
     pipe = build_pipeline(job, tokenizer)
     kwargs = call_kwargs(job)
     batch_size = spec.infer.batch_size
+    t0 = time.perf_counter()
+    settings = engine_settings(job, pipe, kwargs)
     log(f"{spec.infer.task} with {spec.model.id} on {rows} rows of {dref.id}:{dref.split} (column {column!r}), "
-        f"{world} rank(s), batches of {batch_size}")
+        f"{world} rank(s), " + ("the generation engine" if settings else f"batches of {batch_size}"))
+
+    def record_of(lo: int, text: Any, prediction: Any, score: float | None, reference: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {"index": start + lo, "input": text, "prediction": prediction}
+        if score is not None:
+            record["score"] = score
+        if label_column:
+            record["reference"] = reference_of(reference, label_feature)
+        return record
 
     # -- run ---------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    progress = GenerationProgress(job, len(shard), done, tokens=settings is not None)
+    engine_stats: dict[str, Any] = {}
     with open(part, "a") as out:
-        for lo in range(done, len(shard), batch_size):
-            batch = shard[lo: lo + batch_size]
-            inputs = inputs_of(batch[column], chat=chat)
-            outputs = pipe(inputs, batch_size=batch_size, **kwargs)
-            for k, (text, output) in enumerate(zip(inputs, outputs, strict=True)):
-                prediction, score = prediction_of(output)
-                record: dict[str, Any] = {"index": start + lo + k, "input": text, "prediction": prediction}
-                if score is not None:
-                    record["score"] = score
-                if label_column:
-                    record["reference"] = reference_of(batch[label_column][k], label_feature)
-                out.write(json.dumps(record, default=jsonable) + "\n")
-            # Per batch, so that what a killed job leaves is at most one batch short.
-            out.flush()
-            if stop.stopped:
-                print(f"hfhpc: rank {r} stopped after {lo + len(inputs)} of {len(shard)} rows: "
-                      "run the same command again to resume", flush=True)
-                return EXIT_INTERRUPTED
+        if settings:
+            for lo, text, prediction, tokens in engine_outputs(job, pipe, settings, shard, column, chat=chat, start=start, first=done,
+                                                                should_stop=lambda: stop.stopped, stats=engine_stats):
+                reference = shard[lo][label_column] if label_column else None
+                out.write(json.dumps(record_of(lo, text, prediction, None, reference), default=jsonable) + "\n")
+                out.flush()  # per row: a killed job loses only the rows still generating
+                progress.add(1, tokens)
+        else:
+            for lo in range(done, len(shard), batch_size):
+                if stop.stopped:
+                    break
+                batch = shard[lo: lo + batch_size]
+                inputs = inputs_of(batch[column], chat=chat)
+                outputs = pipe(inputs, batch_size=batch_size, **kwargs)
+                for k, (text, output) in enumerate(zip(inputs, outputs, strict=True)):
+                    prediction, score = prediction_of(output)
+                    record = record_of(lo + k, text, prediction, score, batch[label_column][k] if label_column else None)
+                    out.write(json.dumps(record, default=jsonable) + "\n")
+                # Per batch, so that what a killed job leaves is at most one batch short.
+                out.flush()
+                progress.add(len(inputs), 0)
+    if stop.stopped and progress.done < len(shard):
+        print(f"hfhpc: rank {r} stopped after {progress.done} of {len(shard)} rows: "
+              "run the same command again to resume", flush=True)
+        return EXIT_INTERRUPTED
+    final_progress = progress.write()
 
     # -- save --------------------------------------------------------------------------------------
     new_rows = torch.tensor([len(shard) - done])
@@ -289,7 +480,7 @@ def main(job: JobFile) -> int:
         joined_rows = count_lines(tmp)
         if joined_rows != rows:
             tmp.unlink()
-            raise SystemExit(f"hfhpc: the rank files hold {joined_rows} predictions, not {rows}: run again")
+            raise HfhpcError(f"the rank files hold {joined_rows} predictions, not {rows}", "run the job again")
         os.replace(tmp, final)
         fsync_dir(final.parent)
         for i in range(world):
@@ -302,6 +493,11 @@ def main(job: JobFile) -> int:
             "seconds": round(seconds, 3),
             "rows_per_s": round(predicted / seconds, 3) if seconds > 0 else None,
             "task": spec.infer.task,
+            "engine": "generate" if settings else "pipeline",
+            "engine_stats": engine_stats or None,
+            "first_row_s": round(progress.first_row_s, 3) if progress.first_row_s is not None else None,
+            "new_tokens": final_progress["new_tokens"],
+            "new_tokens_per_s": final_progress["tokens_per_s"],
             "text_column": column,
             "world_size": world,
             "predictions": str(final),

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 import signal
 import sys
 from pathlib import Path
 
+from hfhpc.errors import HfhpcError
 from hfhpc.launch.jobfile import load_job
-
-RECIPES = {"sft": "hfhpc.recipes.sft", "infer": "hfhpc.recipes.infer", "evaluate": "hfhpc.recipes.evaluate", "classify": "hfhpc.recipes.classify"}
+from hfhpc.recipes import registry
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    job = load_job(Path(argv[0]))
-    module = importlib.import_module(RECIPES[job.spec.recipe])
-    code = int(module.main(job) or 0)
+    try:
+        job = load_job(Path(argv[0]))
+        code = int(registry.entry_point(job.spec.recipe)(job) or 0)
+    except HfhpcError as e:
+        # Library code raises typed errors; this is the rank's CLI: one line, the error's exit code.
+        print(f"hfhpc: error: {e.render()}", file=sys.stderr, flush=True)
+        code = e.exit_code
     # The work is saved: a second stop signal must not turn this exit into a death by signal
     # (while Python shuts down, its handlers are gone and the default action kills).
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):

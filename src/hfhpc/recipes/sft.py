@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
 
 from hfhpc import assets
 from hfhpc.launch.jobfile import JobFile
@@ -25,12 +28,56 @@ from hfhpc.recipes.common import (
     cuda_available,
     is_main,
     log,
+    spec_path,
     train_from_checkpoint,
     trainer_callbacks,
     training_kwargs,
     write_summary,
 )
+from hfhpc.errors import SpecError
+from hfhpc.recipes.registry import Recipe
+from hfhpc.spec import TrainBase
 from hfhpc.store.atomic import atomic_write_json
+
+
+class SftTrain(TrainBase):
+    """``train:`` of the sft recipe; any other key passes through to TRL's ``SFTConfig``."""
+
+    max_length: int = Field(1024, ge=8, description="tokens per packed sequence")
+    packing: bool = Field(True, description="pack documents; they never attend to each other")
+    assistant_only_loss: bool | None = Field(None, description="train on assistant turns only (default: when the template allows)")
+    chat_template: str | None = Field(None, description="template for base models without one: a name or a Jinja string")
+    attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="auto: variable-length FlashAttention over packed documents (PyTorch's, on GPU), else sdpa")
+
+
+RECIPE = Recipe(
+    name="sft",
+    summary="supervised fine-tuning of a chat model with TRL's SFTTrainer (packed, per-document attention)",
+    needs=("model", "dataset"),
+    train=SftTrain,
+    trainer_config="trl:SFTConfig",
+    starter={
+        "name": "zephyr-sft",
+        "recipe": "sft",
+        "model": {"id": "HuggingFaceH4/zephyr-7b-beta", "revision": "main"},
+        "dataset": {"id": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "eval_split": "test_sft"},
+        "train": {"max_length": 2048, "packing": True, "epochs": 1, "learning_rate": 2.0e-5,
+                  "per_device_batch_size": 8, "save_steps": 200},
+        "launch": {"strategy": "fsdp", "mixed_precision": "bf16"},
+        "resources": {"nodes": 1, "gpus_per_node": 4, "cpus_per_gpu": 12, "time": "0-03:00:00",
+                      "account": "def-someone"},
+        "site": {"preamble": ["module load python/3.11 gcc arrow"]},
+        "output_dir": "runs/zephyr-sft",
+    },
+)
+
+
+def per_layer_fsdp(spec: Any) -> bool:
+    """Whether this recipe checkpoints and compiles each decoder layer itself (FSDP2, no LoRA:
+    hfhpc.recipes.layers); only then does ``launch.keep_activations`` apply."""
+    return (spec.recipe == RECIPE.name and spec.launch.strategy == "fsdp" and spec.fsdp_version == 2
+            and spec.train.lora is None)
 
 
 def _cache_root(job: JobFile, name: str = "prepared") -> Path:
@@ -92,7 +139,8 @@ def main(job: JobFile) -> int:
     if t.chat_template:
         tokenizer.chat_template = t.chat_template
     if not tokenizer.chat_template:
-        raise SystemExit(f"hfhpc: {model_id} has no chat template: set train.chat_template in the spec")
+        raise SpecError(spec_path(job), "train.chat_template", f"{model_id} has no chat template",
+                        "set train.chat_template in the spec")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     assistant_only = t.assistant_only_loss
@@ -103,7 +151,7 @@ def main(job: JobFile) -> int:
     kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
     # Under FSDP2 the recipe checkpoints and compiles each decoder layer itself (hfhpc.recipes.layers).
-    own_layers = spec.per_layer_fsdp
+    own_layers = per_layer_fsdp(spec)
     # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
     # benchmark) after a minute or two of compiling. Not with FSDP1's flat parameters or LoRA.
     compile_model = bool(kwargs.get("torch_compile", gpu and t.lora is None and (spec.launch.strategy != "fsdp" or own_layers)))

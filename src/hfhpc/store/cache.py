@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hfhpc.store.atomic import atomic_symlink, atomic_write_json, atomic_write_text, disk_errors, tmp_name
 from hfhpc.store.layout import FileEntry, link_target, repo_dir, snapshot_dir
+from hfhpc.store.validate import blob_id_problem, commit_problem, contained, repo_path_problem, size_problem
 
 TREE_FORMAT_VERSION = 1
 
@@ -39,14 +40,14 @@ def is_installed(store: Path, repo_type: str, repo_id: str, commit: str, entry: 
 
 def install_blob_from(tmp: Path, store: Path, repo_type: str, repo_id: str, entry: FileEntry) -> Path:
     """Move a complete, verified temporary file to its blob name (a concurrent writer may win: same bytes)."""
-    blob = blob_path(store, repo_type, repo_id, entry.etag)
+    blob = contained(blob_path(store, repo_type, repo_id, entry.etag), repo_dir(store, repo_type, repo_id))
     blob.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, blob)
     return blob
 
 
 def copy_to_blob(src: Path, store: Path, repo_type: str, repo_id: str, entry: FileEntry) -> Path:
-    blob = blob_path(store, repo_type, repo_id, entry.etag)
+    blob = contained(blob_path(store, repo_type, repo_id, entry.etag), repo_dir(store, repo_type, repo_id))
     if blob.exists() and blob.stat().st_size == entry.size:
         return blob
     blob.parent.mkdir(parents=True, exist_ok=True)
@@ -61,8 +62,9 @@ def copy_to_blob(src: Path, store: Path, repo_type: str, repo_id: str, entry: Fi
 
 
 def link_snapshot(store: Path, repo_type: str, repo_id: str, commit: str, entry: FileEntry) -> Path:
-    link = snapshot_file(store, repo_type, repo_id, commit, entry.path)
-    blob = blob_path(store, repo_type, repo_id, entry.etag)
+    folder = repo_dir(store, repo_type, repo_id)
+    link = contained(snapshot_file(store, repo_type, repo_id, commit, entry.path), folder)
+    blob = contained(blob_path(store, repo_type, repo_id, entry.etag), folder)
     target = link_target(link, blob)
     with contextlib.suppress(OSError):
         if os.readlink(link) == target:
@@ -73,7 +75,7 @@ def link_snapshot(store: Path, repo_type: str, repo_id: str, commit: str, entry:
 
 def write_tree(store: Path, repo_type: str, repo_id: str, commit: str, entries: Iterable[FileEntry]) -> None:
     """huggingface_hub's tree cache: lets ``snapshot_download`` work offline and know what is complete."""
-    path = repo_dir(store, repo_type, repo_id) / "trees" / f"{commit}.json"
+    path = contained(repo_dir(store, repo_type, repo_id) / "trees" / f"{commit}.json", repo_dir(store, repo_type, repo_id))
     files = {e.path: e.to_tree_cache() for e in sorted(entries, key=lambda e: e.path)}
     atomic_write_json(path, {"format_version": TREE_FORMAT_VERSION, "files": files})
 
@@ -82,15 +84,26 @@ def read_tree(store: Path, repo_type: str, repo_id: str, commit: str) -> list[Fi
     path = repo_dir(store, repo_type, repo_id) / "trees" / f"{commit}.json"
     try:
         data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+        entries = [
+            FileEntry(path=p, size=info["size"], blob_id=info["blob_id"], lfs_sha256=info.get("lfs_sha256"))
+            for p, info in data["files"].items()
+        ]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         return None
-    return [
-        FileEntry(path=p, size=int(info["size"]), blob_id=info["blob_id"], lfs_sha256=info.get("lfs_sha256"))
-        for p, info in data.get("files", {}).items()
-    ]
+    # The store may be shared and written by others: a listing with one unsafe entry counts as absent
+    # (staging then asks the endpoint again), never as a list of paths to create.
+    for e in entries:
+        if repo_path_problem(e.path) or size_problem(e.size) or blob_id_problem(e.blob_id) or (
+            e.lfs_sha256 is not None and blob_id_problem(e.lfs_sha256)
+        ):
+            return None
+    return entries
 
 
 def write_ref(store: Path, repo_type: str, repo_id: str, revision: str, commit: str) -> None:
     if revision == commit:
         return
-    atomic_write_text(repo_dir(store, repo_type, repo_id) / "refs" / revision, commit)
+    if commit_problem(commit):
+        raise ValueError(f"not a commit id: {commit!r}")  # callers validate first; this is the last guard
+    folder = repo_dir(store, repo_type, repo_id)
+    atomic_write_text(contained(folder / "refs" / revision, folder), commit)

@@ -39,15 +39,18 @@ from hfhpc.store.cache import blob_path, install_blob_from, is_installed, link_s
 from hfhpc.store.layout import (
     REPO_TYPE,
     FileEntry,
+    repo_dir,
     repo_folder_name,
     repo_id_problem,
     revision_problem,
     state_dir,
 )
+from hfhpc.store.validate import contained
 
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 CHUNK = 4 * 1024 * 1024
-RETRIES = 5
+RETRIES = 5  # attempts in a row without progress before a download gives up
+MAX_CONNECTIONS = 50  # requests for one file in all, however each of them ended
 
 # Files a model never needs for PyTorch loading; staged only when an include pattern asks for them.
 MODEL_SKIP = (
@@ -310,6 +313,14 @@ def _open(opener, url: str, headers: dict[str, str], timeout: float = 60.0):
     raise EndpointUnreachableError(origin, "too many redirects")
 
 
+class _ShortBody(Exception):
+    """The connection ended before the listed size: a drop (server, proxy), to be resumed."""
+
+
+class _LongBody(Exception):
+    """The server sent more bytes than the listing says the file has."""
+
+
 def download_file(
     opener,
     url: str,
@@ -320,49 +331,72 @@ def download_file(
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> str:
     """Stream ``url`` into ``dest`` (a temporary name), resuming with Range after a dropped
-    connection; return the sha256 once size and hash match ``entry``."""
+    connection; return the sha256 once size and hash match ``entry``.
+
+    A body that ends before the listed size is a dropped connection, not a wrong file: it is resumed
+    like any other drop. Only a complete body is hashed, so only it can be a checksum mismatch. At
+    most ``RETRIES`` attempts in a row may end without a byte of progress; one that brought bytes
+    starts the count again, up to ``MAX_CONNECTIONS`` requests for one file.
+    """
     import http.client
     import urllib.error
 
-    attempt = 0
+    endpoint = url.split("/resolve/")[0]
+    failures = connections = 0
     with disk_errors(dest.parent), open(dest, "wb", buffering=0) as out:
         sink = _Sink(out, entry, on_bytes)
         try:
             while True:
                 h = dict(headers)
                 sink.flush()
-                if sink.written:
-                    h["Range"] = f"bytes={sink.written}-"
+                before = sink.written
+                if before:
+                    h["Range"] = f"bytes={before}-"
+                connections += 1
                 try:
                     with _open(opener, url, h) as resp:
-                        if sink.written and resp.status != 206:
+                        if before and resp.status != 206:
                             sink.reset()
+                            before = 0
+                        received = sink.written
                         while chunk := resp.read(CHUNK):
+                            received += len(chunk)
+                            if received > entry.size:
+                                raise _LongBody()
                             sink.put(chunk)
                     sink.flush()
+                    if sink.written < entry.size:
+                        raise _ShortBody()
                     break
+                except _LongBody:
+                    raise ChecksumError(
+                        req.repo_id, entry.path, f"{entry.size} bytes", f"more than {entry.size} bytes"
+                    ) from None
                 except urllib.error.HTTPError as e:
                     if e.code == 404:
                         raise EntryNotFoundError(req.kind, req.repo_id, req.revision, entry.path) from None
                     if e.code in (401, 403):
                         raise AuthError(req.kind, req.repo_id) from None
                     if e.code < 500 and e.code != 429:
-                        raise EndpointUnreachableError(url.split("/resolve/")[0], f"HTTP {e.code} on {entry.path}") from None
-                    error: Exception = e
+                        raise EndpointUnreachableError(endpoint, f"HTTP {e.code} on {entry.path}") from None
+                    error = f"HTTP {e.code}"
+                except _ShortBody:
+                    error = "the connection closed early"
                 except (OSError, http.client.HTTPException) as e:
                     if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT: not the network
                         raise
-                    error = e
-                attempt += 1
-                if attempt >= RETRIES:
-                    raise EndpointUnreachableError(url.split("/resolve/")[0], f"{type(error).__name__} on {entry.path}") from None
-                time.sleep(min(2**attempt * 0.25, 5))
+                    error = type(e).__name__
+                sink.flush()
+                failures = 0 if sink.written > before else failures + 1
+                if failures >= RETRIES or connections >= MAX_CONNECTIONS:
+                    raise EndpointUnreachableError(
+                        endpoint, f"{error} on {entry.path} after {sink.written} of {entry.size} bytes, {connections} attempts"
+                    ) from None
+                time.sleep(min(2**failures * 0.25, 5))
         finally:
             sink.close()
     # No fsync per blob (as huggingface_hub, pip and curl): the rename makes it atomic, and
     # `hfhpc check --full` re-hashes everything after a crash of the login node itself.
-    if sink.written != entry.size:
-        raise ChecksumError(req.repo_id, entry.path, f"{entry.size} bytes", f"{sink.written} bytes")
     return sink.hasher.check(req, entry)
 
 
@@ -379,11 +413,36 @@ def asset_lock(store: Path, req: AssetRequest) -> DirLock:
     return DirLock(state_dir(store) / "locks" / f"{repo_folder_name(req.repo_type, req.repo_id)}.lock")
 
 
-def ensure_space(store: Path, needed: int, margin: int = 64 * 1024 * 1024) -> None:
+MIN_MARGIN = 1024 * 1024
+MAX_MARGIN = 1024**3
+
+
+def space_margin(needed: int) -> int:
+    """Room kept free beyond the files themselves: the tree listing, refs, locks, the verification
+    cache and filesystem block rounding grow with the download, so 5 % of it, at least 1 MiB (a
+    few small files), at most 1 GiB (a 1 TB model does not need 50 GB of slack)."""
+    return min(max(needed // 20, MIN_MARGIN), MAX_MARGIN)
+
+
+def space_shortfall(needed: int, free: int) -> int:
+    """How many bytes are missing to download ``needed`` bytes with ``free`` bytes free (0: enough)."""
+    if needed <= 0:
+        return 0
+    return max(0, needed + space_margin(needed) - free)
+
+
+def ensure_space(store: Path, needed: int) -> None:
+    from hfhpc.store.stage import human_bytes
+
     store.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(store).free
-    if needed and free < needed + margin:
-        raise DiskFullError(str(store), needed)
+    if space_shortfall(needed, free):
+        margin = space_margin(needed)
+        detail = (
+            f"{human_bytes(needed + margin)} needed: {human_bytes(needed)} of files and "
+            f"{human_bytes(margin)} to spare; {human_bytes(free)} free"
+        )
+        raise DiskFullError(str(store), needed, detail)
 
 
 def fetch_files(
@@ -472,7 +531,7 @@ def _fetch_with_hub(
         expected = entry.lfs_sha256 or entry.blob_id
         actual = digest if entry.lfs_sha256 else git_sha1_file(path)
         if actual != expected:
-            Path(os.path.realpath(path)).unlink(missing_ok=True)
+            contained(Path(os.path.realpath(path)), repo_dir(store, req.repo_type, req.repo_id)).unlink(missing_ok=True)
             raise ChecksumError(req.repo_id, entry.path, expected, actual)
         digests[entry.path] = digest
     return digests

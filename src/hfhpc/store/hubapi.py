@@ -12,11 +12,19 @@ import json
 import re
 import urllib.error
 import urllib.request
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 from hfhpc import __version__
 from hfhpc.errors import AuthError, EndpointUnreachableError, RepoNotFoundError, RevisionNotFoundError
 from hfhpc.store.layout import FileEntry
+from hfhpc.store.validate import (
+    UnsafeInputError,
+    blob_id_problem,
+    commit_problem,
+    repo_path_problem,
+    sha256_problem,
+    size_problem,
+)
 
 API_PREFIX = {"model": "models", "dataset": "datasets", "space": "spaces"}
 KIND_OF = {"model": "model", "dataset": "dataset", "space": "metric"}
@@ -58,11 +66,43 @@ def _base(endpoint: str, repo_type: str, repo_id: str) -> str:
 def resolve_commit(endpoint: str, repo_type: str, repo_id: str, revision: str, token: str | None) -> str:
     url = f"{_base(endpoint, repo_type, repo_id)}/revision/{quote(revision, safe='')}"
     with _get(url, token, repo_type, repo_id, revision, endpoint) as resp:
-        info = json.loads(resp.read())
-    sha = info.get("sha")
-    if not isinstance(sha, str) or len(sha) != 40:
+        info = _json(resp, endpoint)
+    sha = info.get("sha") if isinstance(info, dict) else None
+    if sha is None:
         raise EndpointUnreachableError(endpoint, "the server did not say which commit the revision is")
+    problem = commit_problem(sha)
+    if problem:
+        raise UnsafeInputError(endpoint, f"commit for {repo_id}@{revision}", sha, problem)
     return sha
+
+
+def _json(resp, endpoint: str):
+    try:
+        return json.loads(resp.read())
+    except (ValueError, RecursionError):
+        raise EndpointUnreachableError(endpoint, "the answer is not JSON: not a Hub endpoint?") from None
+
+
+def tree_entry(item: object, endpoint: str, repo_id: str) -> FileEntry | None:
+    """One tree entry of the Hub's listing as a :class:`FileEntry` (None for a folder), every field checked."""
+    if not isinstance(item, dict):
+        raise UnsafeInputError(endpoint, f"tree entry of {repo_id}", item, "an entry must be a JSON object")
+    if item.get("type") != "file":
+        return None
+    path = item.get("path")
+    lfs = item.get("lfs") or None
+    checks = [("file path", path, repo_path_problem(path)), ("oid", item.get("oid"), blob_id_problem(item.get("oid")))]
+    if lfs is not None:
+        if not isinstance(lfs, dict):
+            raise UnsafeInputError(endpoint, f"lfs of {path!r}", lfs, "lfs must be a JSON object")
+        checks += [("lfs.oid", lfs.get("oid"), sha256_problem(lfs.get("oid"))), ("lfs.size", lfs.get("size"), size_problem(lfs.get("size")))]
+    else:
+        checks.append(("size", item.get("size"), size_problem(item.get("size"))))
+    for what, value, problem in checks:
+        if problem:
+            shown = what if what == "file path" else f"{what} of {path!r}"
+            raise UnsafeInputError(endpoint, f"{shown} in {repo_id}", value, problem)
+    return FileEntry(path=path, size=lfs["size"] if lfs else item["size"], blob_id=item["oid"], lfs_sha256=lfs["oid"] if lfs else None)
 
 
 def list_files(endpoint: str, repo_type: str, repo_id: str, commit: str, token: str | None) -> list[FileEntry]:
@@ -70,18 +110,37 @@ def list_files(endpoint: str, repo_type: str, repo_id: str, commit: str, token: 
     entries: list[FileEntry] = []
     while url:
         with _get(url, token, repo_type, repo_id, commit, endpoint) as resp:
-            page = json.loads(resp.read())
+            page = _json(resp, endpoint)
             link = resp.headers.get("Link", "")
+        if not isinstance(page, list):
+            raise EndpointUnreachableError(endpoint, "the tree listing is not a JSON list: not a Hub endpoint?")
         for item in page:
-            if item.get("type") != "file":
-                continue
-            lfs = item.get("lfs") or None
-            entries.append(FileEntry(
-                path=item["path"],
-                size=int(lfs["size"] if lfs else item["size"]),
-                blob_id=item["oid"],
-                lfs_sha256=lfs["oid"] if lfs else None,
-            ))
+            entry = tree_entry(item, endpoint, repo_id)
+            if entry is not None:
+                entries.append(entry)
         m = _NEXT.search(link)
-        url = m.group(1) if m else None
+        url = _same_origin(url, m.group(1), endpoint) if m else None
+    _check_layout(entries, endpoint, repo_id)
     return entries
+
+
+def _same_origin(current: str, link: str, endpoint: str) -> str:
+    """The next page, only on the endpoint's own host: the token goes with every page request."""
+    nxt = urljoin(current, link)
+    if urlsplit(nxt)[:2] != urlsplit(endpoint)[:2]:
+        raise UnsafeInputError(endpoint, "next-page link", link, "it leads to another host")
+    return nxt
+
+
+def _check_layout(entries: list[FileEntry], endpoint: str, repo_id: str) -> None:
+    """No path listed twice, and no file listed where another entry needs a folder (``a`` and ``a/b``)."""
+    seen: set[str] = set()
+    for e in entries:
+        if e.path in seen:
+            raise UnsafeInputError(endpoint, f"tree listing of {repo_id}", e.path, "the path is listed twice")
+        seen.add(e.path)
+    for e in entries:
+        parts = e.path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in seen:
+                raise UnsafeInputError(endpoint, f"tree listing of {repo_id}", e.path, "a file is listed where it needs a folder")

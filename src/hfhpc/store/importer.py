@@ -15,18 +15,43 @@ from pathlib import Path
 from hfhpc.errors import UsageError
 from hfhpc.store.cache import copy_to_blob, link_snapshot, write_ref, write_tree
 from hfhpc.store.layout import FileEntry, git_sha1_file, is_lfs_path, lfs_pointer, git_blob_sha1, sha256_file
+from hfhpc.store.validate import UnsafeInputError, commit_problem, repo_path_problem
 
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 
 
 def _walk(src: Path) -> list[tuple[str, Path]]:
+    """Every file under ``src`` with its repository path; links that lead out of ``src`` are refused.
+
+    A link inside a clone (``tokenizer_config.json -> ~/secret``) would otherwise copy whatever it
+    points at into the store, where ``hfhpc serve`` hands it to anybody who asks.
+    """
     files: list[tuple[str, Path]] = []
+    real_src = os.path.realpath(src)
     for root, dirs, names in os.walk(src):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        for name in sorted(names):
+        for name in sorted(names) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             full = Path(root) / name
-            files.append((full.relative_to(src).as_posix(), full))
+            rel = full.relative_to(src).as_posix()
+            if full.is_symlink():
+                real = os.path.realpath(full)
+                if not os.path.exists(real):
+                    raise UnsafeInputError(
+                        f"the folder {src}", "link", rel, f"it points at nothing ({os.readlink(full)})",
+                        "remove the link or put the file it should hold there, and import again",
+                    )
+                if not real.startswith(real_src + os.sep):
+                    raise UnsafeInputError(
+                        f"the folder {src}", "link", rel, f"it leads out of the folder (to {os.readlink(full)})",
+                        "replace the link by the file it should hold (cp -L), or remove it, and import again",
+                    )
+                if full.is_dir():
+                    continue  # os.walk does not follow it; its files are imported where they really are
+            problem = repo_path_problem(rel)
+            if problem:
+                raise UnsafeInputError(f"the folder {src}", "file name", rel, problem, "rename the file and import again")
+            files.append((rel, full))
     return files
 
 
@@ -55,7 +80,7 @@ def _git_head(src: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     sha = out.stdout.strip()
-    return sha if len(sha) == 40 else None
+    return None if commit_problem(sha) else sha
 
 
 def content_commit(entries: list[FileEntry]) -> str:

@@ -69,6 +69,24 @@ def state_dir(store: Path) -> Path:
     return Path(store) / "hfhpc"
 
 
+def dataset_arrow_root(store: Path, repo_id: str) -> Path:
+    """The datasets library's Arrow cache of ``repo_id``, every configuration (``org___name``)."""
+    return Path(store) / "datasets" / repo_id.replace("/", "___")
+
+
+def dataset_arrow_dir(store: Path, repo_id: str, config: str | None) -> Path:
+    """The Arrow cache of one configuration; below it ``<version>/<commit>/`` as datasets writes it."""
+    return dataset_arrow_root(store, repo_id) / (config or "default")
+
+
+MODULES_NAMESPACE = "evaluate_modules"
+
+
+def metric_module_dir(store: Path, repo_id: str) -> Path:
+    """Where evaluate's module cache keeps the scripts of metric ``repo_id`` (one folder per hash)."""
+    return Path(store) / "modules" / MODULES_NAMESPACE / "metrics" / repo_id.replace("/", "--")
+
+
 def revision_problem(revision: str) -> str | None:
     if not revision or revision.strip() != revision or any(c.isspace() for c in revision):
         return "it is empty or contains whitespace"

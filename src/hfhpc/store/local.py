@@ -21,9 +21,9 @@ from pathlib import Path
 
 from hfhpc.store.atomic import atomic_write_text
 from hfhpc.store.cache import blob_path
-from hfhpc.store.layout import repo_dir
+from hfhpc.store.layout import dataset_arrow_root, metric_module_dir, repo_dir
 from hfhpc.store.lock import LockedAsset
-from hfhpc.store.prepare import dataset_cache_dir, metric_module_dir
+from hfhpc.store.prepare import dataset_cache_dir
 
 MARKER = ".hfhpc-local-complete"
 
@@ -60,7 +60,7 @@ def _asset_paths(store: Path, asset: LockedAsset) -> Iterator[tuple[Path, Path |
 
 
 def _other_configs(store: Path, asset: LockedAsset) -> list[Path]:
-    base = Path(store) / "datasets" / asset.id.replace("/", "___")
+    base = dataset_arrow_root(store, asset.id)
     if not base.is_dir():
         return []
     return [p for p in base.glob(f"*/*/{asset.commit}") if p.parent.parent.name != "default" and (p / "dataset_info.json").is_file()]

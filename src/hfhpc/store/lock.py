@@ -19,8 +19,9 @@ from pathlib import Path
 
 from hfhpc import __version__
 from hfhpc.errors import LockfileError
-from hfhpc.store.atomic import atomic_write_text
-from hfhpc.store.layout import REPO_TYPE, SHA1_RE, FileEntry
+from hfhpc.store.atomic import DirLock, atomic_write_text
+from hfhpc.store.layout import REPO_TYPE, FileEntry, repo_id_problem, revision_problem
+from hfhpc.store.validate import blob_id_problem, commit_problem, repo_path_problem, sha256_problem, size_problem
 
 LOCK_VERSION = 1
 
@@ -108,6 +109,42 @@ def _bad(path: Path, what: str) -> LockfileError:
     return LockfileError(str(path), f"malformed lockfile ({what})")
 
 
+def _field(path: Path, where: str, name: str, value: object, problem: str | None) -> None:
+    if problem:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "...'"
+        raise _bad(path, f"{where}: {name} {shown}: {problem}")
+
+
+def _asset(path: Path, a: object) -> LockedAsset:
+    """One asset of a lockfile, every field checked: a lockfile is shared and committed, so untrusted."""
+    if not isinstance(a, dict):
+        raise _bad(path, "an asset is not a JSON object")
+    where = f"asset {a.get('id')!r}"
+    _field(path, where, "kind", a["kind"], None if a["kind"] in REPO_TYPE else "not one of " + ", ".join(REPO_TYPE))
+    _field(path, where, "commit", a["commit"], commit_problem(a["commit"]))
+    repo_id = a["id"]
+    _field(path, where, "id", repo_id, repo_id_problem(repo_id) if isinstance(repo_id, str) else "not a string")
+    revision = a["revision"]
+    _field(path, where, "revision", revision, revision_problem(revision) if isinstance(revision, str) else "not a string")
+    include = a.get("include", [])
+    if not isinstance(include, list) or not all(isinstance(p, str) for p in include):
+        raise _bad(path, f"{where}: include is not a list of patterns")
+    if not isinstance(a["files"], list):
+        raise _bad(path, f"{where}: files is not a list")
+    files = []
+    for f in a["files"]:
+        if not isinstance(f, dict):
+            raise _bad(path, f"{where}: a file is not a JSON object")
+        _field(path, where, "path", f["path"], repo_path_problem(f["path"]))
+        at = f"{where} file {f['path']!r}"
+        _field(path, at, "size", f["size"], size_problem(f["size"]))
+        _field(path, at, "sha256", f["sha256"], sha256_problem(f["sha256"]))
+        _field(path, at, "blob_id", f["blob_id"], blob_id_problem(f["blob_id"]))
+        _field(path, at, "lfs", f["lfs"], None if isinstance(f["lfs"], bool) else "not true or false")
+        files.append(LockedFile(f["path"], f["size"], f["sha256"], f["blob_id"], f["lfs"]))
+    return LockedAsset(a["kind"], repo_id, revision, a["commit"], list(include), files)
+
+
 def load_lock(path: Path, *, missing_ok: bool = False) -> Lockfile:
     path = Path(path)
     try:
@@ -116,20 +153,38 @@ def load_lock(path: Path, *, missing_ok: bool = False) -> Lockfile:
         if missing_ok:
             return Lockfile(path)
         raise LockfileError(str(path), "no lockfile: the spec was never staged", "run `hfhpc stage SPEC` on a login node") from None
-    except ValueError as e:
-        raise _bad(path, f"not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise _bad(path, f"not JSON: {str(e)[:80]}") from None
     if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
         raise _bad(path, f"version {data.get('version') if isinstance(data, dict) else '?'}, expected {LOCK_VERSION}")
     assets = []
     try:
+        if not isinstance(data["assets"], list):
+            raise _bad(path, "assets is not a list")
         for a in data["assets"]:
-            if a["kind"] not in REPO_TYPE or not SHA1_RE.match(a["commit"]):
-                raise _bad(path, f"asset {a.get('id')!r}")
-            files = [LockedFile(f["path"], int(f["size"]), f["sha256"], f["blob_id"], bool(f["lfs"])) for f in a["files"]]
-            assets.append(LockedAsset(a["kind"], a["id"], a["revision"], a["commit"], list(a.get("include", [])), files))
+            assets.append(_asset(path, a))
     except (KeyError, TypeError) as e:
         raise _bad(path, f"missing {e}") from None
     return Lockfile(path, assets, _recorded_store(path, data.get("store")))
+
+
+def update_lock(path: Path, assets: list[LockedAsset], store: Path | None = None) -> Lockfile:
+    """Put ``assets`` into the lockfile at ``path``, keeping every other asset in it; record
+    ``store`` as the store they were staged into.
+
+    Read, change and write happen under a ``mkdir`` lock beside the file: several ``hfhpc stage
+    --lock same.lock`` of different assets at once each add theirs instead of the last writer's
+    copy replacing the others'.
+    """
+    path = Path(path)
+    with DirLock(path.with_name(f".{path.name}.writing")):
+        lock = load_lock(path, missing_ok=True)
+        for asset in assets:
+            lock.put(asset)
+        if store is not None:
+            lock.store = Path(store).absolute()
+        lock.save()
+    return lock
 
 
 def _recorded_store(path: Path, value: object) -> Path | None:

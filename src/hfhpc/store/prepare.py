@@ -22,6 +22,7 @@ from pathlib import Path
 from hfhpc.errors import HfhpcError
 from hfhpc.store.atomic import atomic_write_text, tmp_name
 from hfhpc.store.cache import snapshot_dir
+from hfhpc.store.layout import dataset_arrow_dir, metric_module_dir
 from hfhpc.store.lock import LockedAsset
 
 _PREPARE_CHILD = r"""
@@ -86,7 +87,7 @@ def prepare_dataset(
 
 def dataset_cache_dir(store: Path, repo_id: str, config: str | None, commit: str) -> list[Path]:
     """Where ``load_dataset`` keeps the Arrow files of ``repo_id`` at ``commit`` (any version folder)."""
-    base = Path(store) / "datasets" / repo_id.replace("/", "___") / (config or "default")
+    base = dataset_arrow_dir(store, repo_id, config)
     return [p for p in base.glob(f"*/{commit}") if (p / "dataset_info.json").is_file()]
 
 
@@ -114,13 +115,6 @@ def prepared_splits(store: Path, asset: LockedAsset, config: str | None) -> list
 
 
 # -- evaluate metrics --------------------------------------------------------------------------
-
-MODULES_NAMESPACE = "evaluate_modules"
-
-
-def metric_module_dir(store: Path, repo_id: str) -> Path:
-    return Path(store) / "modules" / MODULES_NAMESPACE / "metrics" / repo_id.replace("/", "--")
-
 
 def install_metric(store: Path, asset: LockedAsset) -> str:
     """Copy a metric space's scripts into evaluate's module cache; say what now loads."""

@@ -4,7 +4,7 @@ Compute nodes of an air-gapped cluster cannot reach huggingface.co, but they can
 node. Pointing ``HF_ENDPOINT`` at this server lets ``snapshot_download``, ``hf_hub_download``,
 ``from_pretrained`` and ``load_dataset`` fetch what the store holds as if it were the Hub.
 
-Only what the clients use is answered (see NOTES.md, "What a Hub-compatible endpoint must answer"):
+Only what the clients use is answered (docs/hub-protocol.md says what each client needs and why):
 
 ``GET  /api/{models|datasets|spaces}/{id}[/revision/{rev}]``    repository info with ``sha`` and siblings
 ``GET  /api/{t}/{id}/tree/{rev}[/{path}]?recursive=``           the files and folders of a snapshot
@@ -620,6 +620,8 @@ class _Handler(BaseHTTPRequestHandler):
         paths = form.get("paths", [])
         if isinstance(paths, str):
             paths = [paths]
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise HubError(400, "paths must be a list of strings")
         expand = str(form.get("expand", "false")).lower() in ("true", "1")
         files = self.server.reader.files(repo, commit)
         answer: list[dict] = []
@@ -648,7 +650,7 @@ class _Handler(BaseHTTPRequestHandler):
         if "json" in self.headers.get("Content-Type", ""):
             try:
                 data = json.loads(body or b"{}")
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
                 raise HubError(400, "the request body is not valid JSON") from e
             if not isinstance(data, dict):
                 raise HubError(400, "the request body must be a JSON object")
@@ -757,13 +759,15 @@ class StoreServer:
     """
 
     def __init__(self, store: Path, host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False):
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise UsageError(f"port {port!r} is not a TCP port", "choose a port from 0 (any free one) to 65535")
         self.store = Path(store)
         if not self.store.is_dir():
             raise UsageError(f"{self.store} is not a folder", "pass the store folder (HFHPC_STORE or --store)")
         server_class = _StoreHTTPServer6 if ":" in host else _StoreHTTPServer
         try:
             self._httpd = server_class((host, port), StoreReader(self.store), verbose)
-        except OSError as e:
+        except (OSError, UnicodeError) as e:  # UnicodeError: a host name no resolver accepts
             problem = f"cannot listen on {host}:{port} ({e.strerror or e})"
             raise UsageError(problem, "choose another --port or --host") from e
         self._thread: threading.Thread | None = None

@@ -10,7 +10,9 @@ from hfhpc.spec import JobSpec
 from hfhpc.store import fetch
 from hfhpc.store.cache import blob_path, read_tree
 from hfhpc.store.fetch import AssetRequest, Progress, StagedAsset
-from hfhpc.store.lock import LockedAsset, LockedFile, load_lock
+from hfhpc.store.layout import repo_dir
+from hfhpc.store.lock import LockedAsset, LockedFile, load_lock, update_lock
+from hfhpc.store.validate import contained
 from hfhpc.store.verify import VerifyCache, verify_file
 
 
@@ -76,7 +78,7 @@ def _repair(store: Path, locked: LockedAsset, cache: VerifyCache) -> None:
         reason = verify_file(store, locked, f, cache)
         if reason and not reason.startswith("missing"):
             blob = blob_path(store, locked.repo_type, locked.id, f.etag)
-            blob.unlink(missing_ok=True)
+            contained(blob, repo_dir(store, locked.repo_type, locked.id)).unlink(missing_ok=True)
 
 
 def stage(
@@ -122,10 +124,7 @@ def stage(
     finally:
         bar.close()
         cache.save()
-    for o in outcomes:
-        lock.put(o.asset)
-    lock.store = Path(store).absolute()
-    lock.save()
+    update_lock(lock_path, [o.asset for o in outcomes], store=store)
     return StageReport(lock_path, outcomes)
 
 
@@ -174,9 +173,7 @@ def import_local(store: Path, kind: str, repo_id: str, src: Path, lock_path: Pat
         outcome.prepared = [prep.install_metric(store, asset)]
     elif kind == "dataset":
         outcome.prepared = prep.prepare_dataset(store, asset, [None], endpoint=None, token=None)
-    lock.put(asset)
-    lock.store = Path(store).absolute()
-    lock.save()
+    update_lock(lock_path, [asset], store=store)
     return StageReport(lock_path, [outcome])
 
 

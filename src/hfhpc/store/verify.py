@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hfhpc.store.atomic import atomic_write_json
 from hfhpc.store.cache import blob_path, snapshot_file
-from hfhpc.store.layout import sha256_file, state_dir
+from hfhpc.store.layout import repo_dir, sha256_file, state_dir
 from hfhpc.store.lock import LockedAsset, LockedFile
 
 
@@ -33,7 +33,13 @@ class Problem:
 
 
 class VerifyCache:
-    def __init__(self, store: Path):
+    """``full=True`` trusts no remembered hash: every blob is read again once (``check --full``), which
+    finds what a stamp cannot see: bytes changed in place with the same size, mtime and inode (a
+    bad disk, a crash of the login node before the blob reached the disk, a tampered store)."""
+
+    def __init__(self, store: Path, *, full: bool = False):
+        self.full = full
+        self._rehashed: set[str] = set()
         self.path = state_dir(store) / "verified.json"
         try:
             self.entries: dict[str, dict] = json.loads(self.path.read_text())
@@ -48,9 +54,10 @@ class VerifyCache:
     def sha256(self, blob: Path, st: os.stat_result) -> str:
         key = str(blob)
         hit = self.entries.get(key)
-        if hit and hit.get("stamp") == self._stamp(st):
+        if hit and hit.get("stamp") == self._stamp(st) and (not self.full or key in self._rehashed):
             return hit["sha256"]
         digest = sha256_file(blob)
+        self._rehashed.add(key)
         self.entries[key] = {"stamp": self._stamp(st), "sha256": digest}
         self.dirty = True
         return digest
@@ -106,7 +113,10 @@ def verify_file(store: Path, asset: LockedAsset, f: LockedFile, cache: VerifyCac
         return "missing (dangling link)"
     if st.st_size != f.size:
         return f"wrong size ({st.st_size} bytes, expected {f.size})"
-    digest = cache.sha256(Path(os.path.realpath(link)) if not blob.exists() else blob, st)
+    real = os.path.realpath(link)
+    if not real.startswith(os.path.realpath(repo_dir(store, asset.repo_type, asset.id)) + os.sep):
+        return "corrupt (its link leads out of the store)"
+    digest = cache.sha256(Path(real) if not blob.exists() else blob, st)
     if digest != f.sha256:
         return "corrupt (sha256 mismatch)"
     return None

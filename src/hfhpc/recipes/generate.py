@@ -1,0 +1,660 @@
+"""Text generation at engine speed: a slot KV cache, continuous batching and graph-replayed decode steps.
+
+The ``text-generation`` pipeline pads a batch, generates until its longest row ends and starts the
+next: the GPU waits on Python between small kernels, and every row pays for the slowest. Here:
+
+- **Slots.** One preallocated KV cache per layer, ``[slots, kv_heads, max_len, head_dim]``. The
+  number of slots comes from the GPU memory left after loading the model (``max_len`` is the longest
+  prompt of the shard plus the new tokens), so the user picks no batch size.
+- **Prefill** of length-sorted, right-padded batches of prompts (a token budget per forward) with
+  PyTorch's causal SDPA; each row's keys and values go straight into its slot.
+- **Decode** of every slot at once, one token per step: each row attends to its own slot up to its own
+  position, so rows of any lengths share a step. On CUDA the step is captured once per
+  attention-length bucket as a CUDA graph and replayed (no Python or launch gaps between kernels).
+- **Continuous batching.** A row that ends (EOS, ``max_new_tokens``, a stop string) frees its slot; the
+  next prompts are prefilled into the free slots while the others keep decoding.
+- **Order.** Prompts are taken in windows, sorted by length within a window (similar lengths share
+  prefill batches and attention buckets); finished rows come back in input order, so the output file
+  grows in order and a rerun resumes after its last complete line.
+
+The model is the transformers model itself: its layers, rotary embeddings and projections run as
+written, with two hooks of transformers' own API (a ``Cache`` object's ``update`` and a registered
+attention function). Greedy output equals ``model.generate`` on each prompt alone
+(``tests/integration/test_generate.py``, ``tests/gpu/test_gpu_generate.py``). Sampling draws its
+random numbers from a hash of (seed, input row, token position), so a fixed seed gives the same text
+whatever the batching, the number of ranks or a resume. Speed: ``benchmarks/bench_infer.py``,
+``benchmarks/results/infer_1b_h200.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+# Decoder-only architectures whose attention goes through transformers' attention interface and
+# cache API as Llama's does (rotary positions from position_ids, no logit soft-capping).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION = "hfhpc_slots"
+# Generation settings the engine implements; any other set to a non-default value goes to the pipeline.
+ENGINE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
+                   "top_p", "min_p", "eos_token_id", "stop_strings", "pad_token_id", "bos_token_id")
+# Settings with no effect on the tokens here: output options, beam-search-only ones, the cache choice (the engine has its own).
+NO_EFFECT = ("transformers_version", "use_cache", "cache_implementation", "return_dict_in_generate", "output_scores",
+             "output_logits", "output_attentions", "output_hidden_states", "length_penalty", "early_stopping",
+             "decoder_start_token_id")
+DEFAULT_MAX_SLOTS = {"cuda": 512, "cpu": 64}
+PREFILL_TOKENS = {"cuda": 32768, "cpu": 2048}  # tokens per prefill forward (padding included)
+WINDOW_PER_SLOT = 8  # prompts sorted by length together: this many per slot
+
+
+class NotForEngine(Exception):
+    """This job's model or settings are outside what the engine implements (the pipeline runs it)."""
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    """What the engine needs of a generation config."""
+
+    max_new_tokens: int | None  # None: up to max_length in all
+    max_length: int | None
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    eos: tuple[int, ...]
+    stop_strings: tuple[str, ...]
+    seed: int
+
+    def limit(self, prompt_len: int) -> int:
+        """New tokens allowed after a prompt of ``prompt_len`` tokens."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return max(0, (self.max_length or 20) - prompt_len)
+
+
+def sampling_of(generation_config: Any, seed: int) -> Sampling:
+    """The engine's settings from a (merged) ``GenerationConfig``; raises NotForEngine for any setting
+    the engine does not implement (beam search, repetition penalties, several sequences, …)."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    for name, value in generation_config.to_diff_dict().items():
+        if name in ENGINE_SETTINGS or name in NO_EFFECT or name.startswith("_") or value == getattr(default, name, value):
+            continue
+        raise NotForEngine(f"generation setting {name}={value!r}")
+    eos = generation_config.eos_token_id
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    stops = generation_config.stop_strings
+    stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
+    sample = bool(generation_config.do_sample)
+    top_k = generation_config.top_k if sample and generation_config.top_k else None
+    top_p = generation_config.top_p if sample and generation_config.top_p is not None and generation_config.top_p < 1.0 else None
+    min_p = generation_config.min_p if sample and generation_config.min_p else None
+    temperature = float(generation_config.temperature or 1.0) if sample else 1.0
+    if sample and temperature <= 0:
+        raise NotForEngine(f"temperature {temperature}")
+    return Sampling(
+        max_new_tokens=generation_config.max_new_tokens, max_length=generation_config.max_length,
+        min_new_tokens=int(generation_config.min_new_tokens or 0), do_sample=sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, eos=eos, stop_strings=stops, seed=int(seed),
+    )
+
+
+def check_model(model: Any) -> None:
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise NotForEngine(f"model type {getattr(config, 'model_type', None)!r} (the engine runs "
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotForEngine("an encoder-decoder model")
+
+
+# -- the pieces hooked into the transformers model -----------------------------------------------------
+
+class SlotCache:
+    """Per-layer keys and values of every slot; transformers' attention layers call ``update``.
+
+    Prefill (``prefill_slots`` set): a batch's keys and values are written at positions 0..T-1 of its
+    slots, and attention runs over the batch alone (causal, right padding never seen by a real token).
+    Decode: each slot's new key and value are written at its own position ``pos``, and attention runs
+    over the first ``span`` positions of every slot, masked to each slot's ``pos``.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config: Any, slots: int, max_len: int, dtype: Any, device: Any) -> None:
+        import torch
+
+        self.layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (slots, self.kv_heads, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+        self.slots, self.max_len = slots, max_len
+        self.slot_index = torch.arange(slots, device=device)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=device)
+        self.prefill_slots = None
+        self.span = max_len
+        self.window = getattr(config, "sliding_window", None)
+        # Decode: [slots, span], True where a slot may not attend (past its position; out of its window).
+        self.hidden = self.hidden_window = None
+
+    def set_span(self, span: int) -> None:
+        import torch
+
+        self.span = span
+        distance = self.pos[:, None] - torch.arange(span, device=self.pos.device)[None, :]
+        self.hidden = distance < 0
+        self.hidden_window = (self.hidden | (distance >= self.window)) if self.window else self.hidden
+
+    @staticmethod
+    def bytes_per_token(config: Any, dtype_bytes: int) -> int:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+    def update(self, key, value, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.prefill_slots is not None:
+            t = key.shape[2]
+            self.k[layer_idx][self.prefill_slots, :, :t] = key
+            self.v[layer_idx][self.prefill_slots, :, :t] = value
+            return key, value
+        self.k[layer_idx][self.slot_index, :, self.pos] = key[:, :, 0]
+        self.v[layer_idx][self.slot_index, :, self.pos] = value[:, :, 0]
+        return self.k[layer_idx][:, :, : self.span], self.v[layer_idx][:, :, : self.span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+_CACHE: list[SlotCache] = []  # the engine whose model is running (one per process at a time)
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """transformers attention function (registered as ``hfhpc_slots``): returns [B, T, heads, head_dim]."""
+    import torch
+    import torch.nn.functional as F
+
+    cache = _CACHE[-1]
+    b, heads, t, d = query.shape
+    kv = key.shape[1]
+    scale = scaling if scaling is not None else d ** -0.5
+    if cache.prefill_slots is not None:
+        # Key/value heads repeated for the grouped query heads: a prefill's copy is small beside its
+        # matmuls, and plain causal SDPA (no mask, equal head counts) is what FlashAttention takes.
+        key, value = key.repeat_interleave(heads // kv, dim=1), value.repeat_interleave(heads // kv, dim=1)
+        mask = None
+        if sliding_window and t > sliding_window:
+            i = torch.arange(t, device=query.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < sliding_window)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale)
+        return out.transpose(1, 2), None
+    # Decode: one query per slot. Grouped heads share their key/value head without copying it. Scores
+    # in the model's dtype and softmax in float32, as transformers' eager attention does.
+    q = (query * scale).reshape(b, kv, heads // kv, d)
+    scores = torch.matmul(q, key.transpose(-1, -2))  # [b, kv, group, span]
+    hidden = cache.hidden_window if sliding_window else cache.hidden
+    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value)  # [b, kv, group, d]
+    return out.reshape(b, 1, heads, d), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, slot_attention)
+
+
+# -- sampling ------------------------------------------------------------------------------------------
+
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's constants, as signed 64-bit integers
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(x, s: int):
+    """Logical right shift of int64 values (torch's ``>>`` keeps the sign)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def hash_uniform(seed: int, rows, steps, vocab: int):
+    """Uniform numbers in (0, 1), [len(rows), vocab], a pure function of (seed, row, step, token):
+    a row's draws do not depend on which other rows share its batch."""
+    import torch
+
+    token = torch.arange(vocab, device=rows.device, dtype=torch.long)
+    x = (rows.long() * 0x9E3779B1 + steps.long() * 0x85EBCA77 + seed * 0xC2B2AE3D)[:, None] * 0x100000001B3 + token[None, :]
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    return (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def pick_tokens(logits, counts, rows, s: Sampling, eos):
+    """Next token per row from float32 logits [B, V]: EOS held back before ``min_new_tokens``, then
+    greedy, or temperature / top-k / top-p / min-p and a draw (the Gumbel-max trick on hashed noise)."""
+    import torch
+
+    if s.min_new_tokens and eos is not None:
+        early = (counts < s.min_new_tokens)[:, None]
+        logits = logits.index_put((torch.arange(logits.shape[0], device=logits.device)[:, None], eos[None, :]),
+                                  torch.where(early, float("-inf"), logits[:, eos]))
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) > s.top_p  # keep the smallest head whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if s.min_p is not None:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < s.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    gumbel = -torch.log(-torch.log(hash_uniform(s.seed, rows, counts, logits.shape[-1])))
+    return (logits + gumbel).argmax(dim=-1)
+
+
+# -- the engine ----------------------------------------------------------------------------------------
+
+@dataclass
+class Finished:
+    row: int  # the caller's index of the prompt
+    tokens: list[int]  # the new tokens (EOS included when it ended the row)
+
+
+class Engine:
+    """Continuous-batching generation over one model on one device. ``run`` takes (row, prompt ids)
+    pairs and yields ``Finished`` rows in the order they were given."""
+
+    def __init__(self, model: Any, sampling: Sampling, *, slots: int, max_len: int,
+                 prefill_tokens: int | None = None, graphs: bool | None = None, tokenizer: Any = None) -> None:
+        import torch
+
+        check_model(model)
+        _register_attention()
+        self.model, self.s = model, sampling
+        self.device = next(model.parameters()).device
+        self.cuda = self.device.type == "cuda"
+        self.graphs = self.cuda if graphs is None else graphs
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.slots, self.max_len = slots, max_len
+        self.prefill_tokens = prefill_tokens or PREFILL_TOKENS["cuda" if self.cuda else "cpu"]
+        self.tokenizer = tokenizer  # needed for stop strings only
+        if sampling.stop_strings and tokenizer is None:
+            raise ValueError("stop strings need the tokenizer")
+        dtype = next(model.parameters()).dtype
+        self.cache = SlotCache(model.config, slots, max_len, dtype, self.device)
+        self.max_new = max(1, min(max_len, sampling.max_new_tokens or max_len))
+        dev = self.device
+        self.eos = torch.tensor(sampling.eos, device=dev, dtype=torch.long) if sampling.eos else None
+        # Per-slot state, on the device: what the captured step reads and writes.
+        self.cur = torch.zeros(slots, dtype=torch.long, device=dev)  # the token to feed next
+        self.count = torch.zeros(slots, dtype=torch.long, device=dev)  # new tokens so far
+        self.limit = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.row = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.live = torch.zeros(slots, dtype=torch.bool, device=dev)  # holds a row still generating
+        self.out = torch.zeros(slots, self.max_new, dtype=torch.long, device=dev)
+        self._graphs: dict[int, Any] = {}
+        # Where the time went (seconds; the device synchronised at each boundary).
+        self.stats = {"capture_s": 0.0, "prefill_s": 0.0, "prefill_forwards": 0, "prompt_tokens": 0,
+                      "decode_s": 0.0, "decode_steps": 0, "rows_per_step": 0.0}
+        self.buckets = _buckets(max_len)
+        self._old_attention = model.config._attn_implementation
+
+    def row_limit(self, prompt_len: int) -> int:
+        """New tokens a prompt gets: its setting, cut to what its slot holds (the last new token is
+        never fed back, so a slot holds prompt + limit - 1 positions)."""
+        return max(0, min(self.s.limit(prompt_len), self.max_new, self.max_len - prompt_len + 1))
+
+    # -- one decode step over every slot ---------------------------------------------------------------
+    def _step(self, span: int) -> None:
+        import torch
+
+        c = self.cache
+        c.set_span(span)
+        hidden = self.decoder(input_ids=self.cur[:, None], position_ids=c.pos[:, None], cache=c,
+                              use_cache=True).last_hidden_state[:, -1]
+        tok = pick_tokens(self.head(hidden).float(), self.count, self.row, self.s, self.eos)
+        live = self.live
+        at = self.count.clamp(max=self.max_new - 1)
+        self.out[c.slot_index, at] = torch.where(live, tok, self.out[c.slot_index, at])
+        self.cur.copy_(torch.where(live, tok, self.cur))
+        step = live.long()
+        self.count.add_(step)
+        c.pos.add_(step).clamp_(max=self.max_len - 1)
+        ended = self.count >= self.limit
+        if self.eos is not None:
+            ended = ended | torch.isin(tok, self.eos)
+        self.live.copy_(live & ~ended)
+
+    def _capture(self) -> None:
+        """One CUDA graph per attention bucket, captured with no slot live (so warming up changes nothing)."""
+        import torch
+
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        # capture_begin/end rather than ``torch.cuda.graph``, which runs gc.collect() before each
+        # capture: with transformers and datasets loaded that is ~0.5 s a graph.
+        with torch.cuda.stream(side):
+            for span in self.buckets:
+                self._step(span)  # warm-up: allocations and library handles outside the capture
+            side.synchronize()
+            for span in self.buckets:
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool)
+                try:
+                    self._step(span)
+                finally:
+                    graph.capture_end()
+                self._graphs[span] = graph
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+    def _decode(self, span: int) -> None:
+        graph = self._graphs.get(span)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step(span)
+
+    # -- prefill --------------------------------------------------------------------------------------
+    def _prefill(self, batch: list[tuple[int, int, list[int]]]) -> None:
+        """Prompts ``(slot, row, ids)`` into their slots; their first new token is picked."""
+        import torch
+
+        dev, c = self.device, self.cache
+        width = max(len(ids) for _, _, ids in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (_, _, p) in enumerate(batch):
+            ids[i, : len(p)] = torch.as_tensor(p)
+        lengths = torch.tensor([len(p) for _, _, p in batch], device=dev)
+        slots = torch.tensor([s for s, _, _ in batch], device=dev)
+        rows = torch.tensor([r for _, r, _ in batch], device=dev)
+        limits = torch.tensor([self.row_limit(len(p)) for _, _, p in batch], device=dev)
+        c.prefill_slots = slots
+        try:
+            positions = torch.arange(width, device=dev)[None, :].expand(len(batch), width)
+            hidden = self.decoder(input_ids=ids.to(dev, non_blocking=True), position_ids=positions, cache=c,
+                                  use_cache=True).last_hidden_state
+        finally:
+            c.prefill_slots = None
+        last = hidden[torch.arange(len(batch), device=dev), lengths - 1]
+        zero = torch.zeros(len(batch), dtype=torch.long, device=dev)
+        tok = pick_tokens(self.head(last).float(), zero, rows, self.s, self.eos)
+        self.out[slots, 0] = tok
+        self.cur[slots] = tok
+        self.count[slots] = 1
+        self.limit[slots] = limits
+        self.row[slots] = rows
+        c.pos[slots] = lengths
+        ended = limits <= 1
+        if self.eos is not None:
+            ended = ended | torch.isin(tok, self.eos)
+        self.live[slots] = ~ended
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self, prompts: Iterable[tuple[int, list[int]]], *, should_stop: Callable[[], bool] = lambda: False,
+            check_every: int | None = None) -> Iterator[Finished]:
+        """Generate for every prompt; yield the finished rows in input order. Stops early (yielding
+        nothing more) once ``should_stop()`` is true."""
+        import torch
+
+        _CACHE.append(self.cache)
+        self.model.config._attn_implementation = ATTENTION
+        try:
+            with torch.inference_mode():
+                if self.graphs and not self._graphs:
+                    t0 = time.perf_counter()
+                    try:
+                        self._capture()
+                        self.stats["capture_s"] = round(time.perf_counter() - t0, 3)
+                    except RuntimeError as e:  # a model whose forward cannot be captured still runs, eagerly
+                        print(f"hfhpc: decoding without CUDA graphs ({str(e).splitlines()[0][:200]})", flush=True)
+                        self.graphs, self._graphs = False, {}
+                        torch.cuda.synchronize()
+                yield from self._loop(iter(prompts), should_stop, check_every or (4 if self.cuda else 1))
+        finally:
+            self.model.config._attn_implementation = self._old_attention
+            _CACHE.remove(self.cache)
+
+    def _loop(self, prompts: Iterator[tuple[int, list[int]]], should_stop, check_every: int) -> Iterator[Finished]:
+        import torch
+
+        s = self.s
+        free = list(range(self.slots - 1, -1, -1))  # a stack: the lowest slots are used first
+        busy: dict[int, tuple[int, int, list[int]]] = {}  # slot → (row, prompt length, prompt ids)
+        steps_since: dict[int, int] = {}  # slot → decode steps since its prefill (an upper bound of its count - 1)
+        pending: list[tuple[int, list[int]]] = []  # this window's prompts, longest last
+        order: list[int] = []  # rows in input order, not yet yielded
+        done: dict[int, list[int]] = {}
+        exhausted = False
+        window = self.slots * WINDOW_PER_SLOT
+        nxt = 0  # position in ``order`` of the next row to yield
+        while True:
+            if should_stop():
+                return
+            # Refill: a new window when this one is used up; prefill into free slots.
+            if not pending and not exhausted:
+                for _ in range(window):
+                    item = next(prompts, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    row, ids = item
+                    if len(ids) == 0 or self.row_limit(len(ids)) <= 0:
+                        done[row] = []  # nothing to generate (no room, or nothing allowed)
+                        order.append(row)
+                        continue
+                    order.append(row)
+                    pending.append((row, ids))
+                pending.sort(key=lambda p: len(p[1]), reverse=True)
+            t0 = time.perf_counter()
+            admitted = bool(pending and free)
+            while pending and free:
+                batch: list[tuple[int, int, list[int]]] = []
+                while pending and free:
+                    row, ids = pending[-1]
+                    width = max([len(ids)] + [len(b[2]) for b in batch])
+                    if batch and width * (len(batch) + 1) > self.prefill_tokens:
+                        break
+                    pending.pop()
+                    slot = free.pop()
+                    batch.append((slot, row, ids))
+                    busy[slot] = (row, len(ids), ids)
+                    steps_since[slot] = 0
+                self._prefill(batch)
+                self.stats["prefill_forwards"] += 1
+                self.stats["prompt_tokens"] += sum(len(b[2]) for b in batch)
+            if admitted:
+                self._sync()
+                self.stats["prefill_s"] += time.perf_counter() - t0
+            if not busy:
+                while nxt < len(order) and order[nxt] in done:
+                    row = order[nxt]
+                    yield Finished(row, done.pop(row))
+                    nxt += 1
+                if exhausted and not pending:
+                    return
+                continue
+            # Decode ``check_every`` steps (fewer when a row is due to reach its limit sooner), then look.
+            longest = max(busy[sl][1] + steps_since[sl] for sl in busy)
+            due = min(self.row_limit(busy[sl][1]) - 1 - steps_since[sl] for sl in busy)
+            t0 = time.perf_counter()
+            steps = max(1, min(check_every, due))
+            for _ in range(steps):
+                span = _bucket(self.buckets, min(longest + 1, self.max_len))
+                self._decode(span)
+                longest += 1
+                for sl in busy:
+                    steps_since[sl] += 1
+            live = self.live.cpu()
+            st = self.stats
+            st["rows_per_step"] = (st["rows_per_step"] * st["decode_steps"] + len(busy) * steps) / (st["decode_steps"] + steps)
+            st["decode_steps"] += steps
+            st["decode_s"] += time.perf_counter() - t0
+            finished = [sl for sl in busy if not live[sl]]
+            if s.stop_strings:
+                finished += self._stopped([sl for sl in busy if live[sl]])
+            if finished:
+                idx = torch.tensor(finished, device=self.device)
+                counts, toks = self.count[idx].cpu().tolist(), self.out[idx].cpu().tolist()
+                for sl, n, t in zip(finished, counts, toks):
+                    row = busy.pop(sl)[0]
+                    del steps_since[sl]
+                    done[row] = self._cut(t[:n])
+                    free.append(sl)
+                self.live[idx] = False
+                free.sort(reverse=True)
+            while nxt < len(order) and order[nxt] in done:
+                row = order[nxt]
+                yield Finished(row, done.pop(row))
+                nxt += 1
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _cut(self, tokens: list[int]) -> list[int]:
+        """A row's tokens up to its first EOS, or to where a stop string first appears."""
+        for i, t in enumerate(tokens):
+            if t in self.s.eos:
+                return tokens[: i + 1]
+        if self.s.stop_strings and self.tokenizer is not None:
+            return tokens[: _stop_at(self.tokenizer, tokens, self.s.stop_strings)]
+        return tokens
+
+    def _stopped(self, slots: list[int]) -> list[int]:
+        """Slots whose text so far holds a stop string."""
+        if not slots or self.tokenizer is None:
+            return []
+        import torch
+
+        idx = torch.tensor(slots, device=self.device)
+        counts, toks = self.count[idx].cpu().tolist(), self.out[idx].cpu().tolist()
+        texts = self.tokenizer.batch_decode([t[:n] for t, n in zip(toks, counts)])
+        return [sl for sl, text in zip(slots, texts) if any(stop in text for stop in self.s.stop_strings)]
+
+
+def _stop_at(tokenizer: Any, tokens: list[int], stops: tuple[str, ...]) -> int:
+    """The fewest leading tokens whose text holds a stop string (all of them when none does)."""
+    lo, hi = 1, len(tokens)
+    if not any(stop in tokenizer.decode(tokens) for stop in stops):
+        return len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(stop in tokenizer.decode(tokens[:mid]) for stop in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _buckets(max_len: int) -> list[int]:
+    """Attention lengths a decode step is captured for: steps of 256 up to 2,048, then ×1.5."""
+    out, span = [], 256
+    while span < max_len:
+        out.append(span)
+        span = span + 256 if span < 2048 else int(math.ceil(span * 1.5 / 256) * 256)
+    out.append(max_len)
+    return out
+
+
+def _bucket(buckets: list[int], need: int) -> int:
+    for span in buckets:
+        if span >= need:
+            return span
+    return buckets[-1]
+
+
+# -- sizing ------------------------------------------------------------------------------------------
+
+def plan_slots(model: Any, max_len: int, rows: int, cap: int | None = None) -> int:
+    """How many rows generate at once: what the free GPU memory holds as KV cache (after room for the
+    prefill and sampling work), at most ``cap`` (default 512 on a GPU, 64 on the CPU) and the rows."""
+    import torch
+
+    param = next(model.parameters())
+    device = param.device
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    limit = cap or DEFAULT_MAX_SLOTS[kind]
+    if kind == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        config = model.config
+        vocab = config.vocab_size
+        # Work outside the cache: a prefill forward (hidden and MLP activations of its tokens) and a
+        # decode step's float32 logits and sampling temporaries for each slot.
+        prefill = PREFILL_TOKENS["cuda"] * (config.hidden_size * 8 + config.intermediate_size * 4) * param.element_size()
+        per_slot = SlotCache.bytes_per_token(config, param.element_size()) * max_len + vocab * 4 * 8
+        budget = free * 0.9 - prefill - (1 << 30)
+        limit = min(limit, max(0, int(budget // per_slot)))
+    return max(0, min(limit, rows))
+
+
+def generation_settings(pipe: Any, kwargs: dict[str, Any], seed: int) -> tuple[Sampling, dict[str, Any]]:
+    """The engine's settings for a text-generation pipeline called with ``kwargs``: the same merge of
+    the model's generation config, the pipeline's defaults and the spec's ``infer:`` keys as the pipeline
+    makes. Returns (sampling, decoding options); raises NotForEngine for what only the pipeline does."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    check_model(pipe.model)
+    kwargs = dict(kwargs)
+    decode_opts: dict[str, Any] = {}
+    if kwargs.pop("return_full_text", False):
+        raise NotForEngine("return_full_text")
+    for key in ("add_special_tokens", "skip_special_tokens", "clean_up_tokenization_spaces"):
+        if key in kwargs:
+            decode_opts[key] = kwargs.pop(key)
+    fields = set(GenerationConfig().to_dict())
+    others = [k for k in kwargs if k not in fields and k != "generation_config"]
+    if others:
+        raise NotForEngine(f"pipeline argument(s) {', '.join(sorted(others))}")
+    merged = pipe._prepare_generate_kwargs(kwargs)
+    config = copy.deepcopy(merged.pop("generation_config", None) or pipe.model.generation_config)
+    config.update(**merged)
+    return sampling_of(config, seed), decode_opts
+
+
+# -- prompts in, text out ------------------------------------------------------------------------------
+
+def encode(tokenizer: Any, value: Any, *, add_special_tokens: bool = False) -> list[int]:
+    """A prompt's token ids as the text-generation pipeline makes them: a conversation through the chat
+    template (a generation prompt added unless it ends with an assistant turn to continue), a string
+    through the tokenizer (no special tokens unless asked)."""
+    if isinstance(value, list):
+        continue_final = value[-1]["role"] == "assistant"
+        out = tokenizer.apply_chat_template(value, add_generation_prompt=not continue_final,
+                                            continue_final_message=continue_final, return_dict=True)
+        return list(out["input_ids"])
+    return list(tokenizer(value, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def decode(tokenizer: Any, tokens: list[int], options: dict[str, Any]) -> str:
+    """New tokens as the pipeline returns them (``return_full_text=False``): special tokens skipped."""
+    skip = options.get("skip_special_tokens", True)
+    if getattr(tokenizer, "response_template", None):
+        skip = False
+    return tokenizer.decode(tokens, skip_special_tokens=skip,
+                            clean_up_tokenization_spaces=options.get("clean_up_tokenization_spaces"))
+
+
+def max_len_for(model: Any, sampling: Sampling, prompt_lengths: Iterable[int]) -> int:
+    """Positions a slot needs: the longest prompt plus its new tokens, within the model's window."""
+    need = max((n + sampling.limit(n) for n in prompt_lengths), default=1)
+    window = getattr(model.config, "max_position_embeddings", None)
+    return max(2, min(need, window) if window else need)

@@ -1,0 +1,145 @@
+"""The generation engine (hfhpc.recipes.generate) against transformers' own ``generate`` on the tiny
+demo chat model, on the CPU: the same greedy tokens for each prompt alone, whatever the batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+# Prompt lengths from 1 token to past the prefill token budget used below, in no order.
+LENGTHS = (3, 17, 1, 40, 9, 64, 5, 33, 2, 50, 120)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfhpc.demo.build import build_tiny_chat_model
+
+    folder = build_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _prompts(model, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _alone(model, prompts, config, **kw) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             generation_config=config, **kw)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def _engine(model, prompts, config, *, slots: int, seed: int = 0, tokenizer=None, prefill_tokens: int = 96):
+    from hfhpc.recipes import generate as g
+
+    s = g.sampling_of(config, seed)
+    engine = g.Engine(model, s, slots=slots, max_len=g.max_len_for(model, s, map(len, prompts)),
+                      prefill_tokens=prefill_tokens, tokenizer=tokenizer)
+    finished = list(engine.run(enumerate(prompts)))
+    assert [f.row for f in finished] == list(range(len(prompts)))  # input order, whatever finished first
+    return [f.tokens for f in finished]
+
+
+def _config(model, **kw):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=model.generation_config.eos_token_id, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16])
+def test_greedy_tokens_equal_generate_on_each_prompt_alone(tiny, slots: int) -> None:
+    model, _ = tiny
+    prompts = _prompts(model)
+    config = _config(model, max_new_tokens=12, do_sample=False)
+    # 3 slots for 11 prompts: finished rows are replaced by new ones mid-run (continuous batching).
+    assert _engine(model, prompts, config, slots=slots) == _alone(model, prompts, config)
+
+
+def test_eos_ends_a_row_and_min_new_tokens_holds_it_back(tiny) -> None:
+    model, _ = tiny
+    prompts = _prompts(model, seed=2)
+    free = _alone(model, prompts, _config(model, max_new_tokens=10, do_sample=False))
+    # Make the 4th greedy token of the first prompt the EOS: that row ends there, EOS included.
+    eos = free[0][3]
+    config = _config(model, max_new_tokens=10, do_sample=False)
+    config.eos_token_id = eos
+    got = _engine(model, prompts, config, slots=4)
+    assert got[0] == free[0][:4]
+    assert got == _alone(model, prompts, config)
+    config.min_new_tokens = 6
+    held = _engine(model, prompts, config, slots=4)
+    assert len(held[0]) > 4 and eos not in held[0][:6]
+    assert held == _alone(model, prompts, config)
+
+
+def test_a_stop_string_ends_a_row_where_generate_stops(tiny) -> None:
+    model, tok = tiny
+    prompts = _prompts(model, seed=3)
+    free = _alone(model, prompts, _config(model, max_new_tokens=16, do_sample=False))
+    # Text the second row produces mid-way (whole characters: a byte-level piece cannot be a stop string).
+    at, stop = next((i, tok.decode(free[1][i:i + 2])) for i in range(3, 14)
+                    if "\ufffd" not in tok.decode(free[1][i:i + 2]) and tok.decode(free[1][i:i + 2]).strip())
+    config = _config(model, max_new_tokens=16, do_sample=False, stop_strings=[stop])
+    got = _engine(model, prompts, config, slots=5, tokenizer=tok)
+    assert got == _alone(model, prompts, config, tokenizer=tok)
+    assert len(got[1]) <= at + 2 < len(free[1])
+
+
+def test_sampling_depends_on_the_seed_not_on_the_batching(tiny) -> None:
+    model, _ = tiny
+    prompts = _prompts(model, seed=4)
+    config = _config(model, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40, top_p=0.95)
+    one = _engine(model, prompts, config, slots=1, seed=7)
+    assert _engine(model, prompts, config, slots=6, seed=7) == one
+    assert _engine(model, prompts, config, slots=6, seed=8) != one
+    greedy = _engine(model, prompts, _config(model, max_new_tokens=12, do_sample=False), slots=6)
+    assert one != greedy
+
+
+def test_settings_the_engine_lacks_are_refused_so_the_pipeline_runs_them() -> None:
+    from transformers import GenerationConfig
+
+    from hfhpc.recipes.generate import NotForEngine, sampling_of
+
+    for setting in ({"repetition_penalty": 1.3}, {"num_beams": 4}, {"num_return_sequences": 2, "do_sample": True}, {"no_repeat_ngram_size": 3}):
+        with pytest.raises(NotForEngine):
+            sampling_of(GenerationConfig(max_new_tokens=8, **setting), 0)
+    s = sampling_of(GenerationConfig(max_new_tokens=8, do_sample=False, temperature=0.3, top_k=5), 0)
+    assert not s.do_sample and s.top_k is None  # sampling settings mean nothing when greedy
+
+
+def test_buckets_cover_every_length_and_grow_slowly() -> None:
+    from hfhpc.recipes.generate import _bucket, _buckets
+
+    for max_len in (2, 255, 256, 700, 2048, 2049, 33000):
+        spans = _buckets(max_len)
+        assert spans[-1] == max_len and spans == sorted(set(spans))
+        for need in (1, max_len // 2 + 1, max_len):
+            span = _bucket(spans, need)
+            assert need <= span <= max(256, int(need * 1.5) + 256)
+
+
+def test_a_row_longer_than_its_slot_is_cut_to_fit(tiny, tmp_path: Path) -> None:
+    from hfhpc.recipes import generate as g
+
+    model, _ = tiny
+    prompts = _prompts(model)
+    config = _config(model, max_new_tokens=12, do_sample=False)
+    s = g.sampling_of(config, 0)
+    # Room for the longest prompt plus 4 tokens: every row stops at what its slot holds.
+    max_len = max(LENGTHS) + 3
+    engine = g.Engine(model, s, slots=4, max_len=max_len)
+    got = [f.tokens for f in engine.run(enumerate(prompts))]
+    want = _alone(model, prompts, config)
+    for p, tokens, ref in zip(prompts, got, want):
+        n = min(12, max_len - len(p) + 1)
+        assert tokens == ref[:n]
