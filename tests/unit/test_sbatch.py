@@ -95,7 +95,7 @@ def test_directives_follow_the_resources() -> None:
     lines = sbatch.render_sbatch(make_job(CPU_2NODES)).splitlines()
     directives = [line.removeprefix("#SBATCH ") for line in lines if line.startswith("#SBATCH ")]
     assert directives == [
-        "--job-name=cifar-ddp", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=10G", "--time=30",
+        "--job-name=cifar-ddp", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=4G", "--time=30",
         "--output=logs/%x-%j.out", "--error=logs/%x-%j.out", "--signal=B:USR1@60", "--requeue",
         "--open-mode=append",
     ]

@@ -163,7 +163,7 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
 
     if not readonly.is_writable(store):
         # A read-only store: datasets' locks and caches go to node-local scratch (store/readonly.py).
-        env.update(readonly.scratch_environ(store, readonly.scratch_dir(base, f"job-{topo.job_id or os.getpid()}")))
+        env.update(readonly.scratch_environ(store, readonly.scratch_dir(jobenv.tmpdir if jobenv else None, f"job-{topo.job_id or os.getpid()}")))
     if jobenv is not None and topo.job_id is not None:
         env.update(jobenv.rank_variables())
     env[hfenv.HFHPC_RUN_DIR] = str(job.run_dir)

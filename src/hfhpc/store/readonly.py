@@ -60,9 +60,9 @@ def scratch_environ(store: Path, scratch: Path) -> dict[str, str]:
     }
 
 
-def scratch_dir(environ: dict[str, str] | os._Environ, name: str) -> Path:
-    """A node-local folder of this user for one job's or one check's scratch files."""
+def scratch_dir(node_tmpdir: str | None, name: str) -> Path:
+    """A folder of this user for one job's or one check's scratch files: in the job's node-local
+    folder (the scheduler's tmpdir) when there is one, else in the temp folder."""
     import tempfile
 
-    base = environ.get("SLURM_TMPDIR") or tempfile.gettempdir()
-    return Path(base) / f"hfhpc-{os.getuid()}-{name}"
+    return Path(node_tmpdir or tempfile.gettempdir()) / f"hfhpc-{os.getuid()}-{name}"
