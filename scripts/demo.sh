@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the bundled tiny example, as a user would run it, with no GPU, SLURM or internet:
 # a local upstream stands in for the Hub; `hfhpc stage` on the "login node", `hfhpc check` with the
-# network sealed, then `hfhpc run` of each recipe: fine-tune a chat model (SFT), fine-tune and score a
-# classifier with an Evaluate metric, batch inference, scoring a model on a split; finally the report
-# of the SFT run and where everything is.
+# network sealed, then `hfhpc run` of each recipe: fine-tune a chat model (SFT), preference-tune it
+# (DPO), fine-tune and score a classifier with an Evaluate metric, batch inference, scoring a model on
+# a split; finally the reports of the SFT and DPO runs and where everything is.
 #
 # Everything goes under $DEMO_DIR (default: demo/). The specs are examples/demo/*.yaml, copied to
 # $DEMO_DIR/specs/ with output_dir pointing at $DEMO_DIR/runs/, so that lockfiles and runs stay there.
@@ -12,9 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO_DIR:-demo}
-RECIPES=(sft classify infer evaluate)
+RECIPES=(sft dpo classify infer evaluate)
 declare -A WHAT=(
   [sft]="fine-tune the tiny chat model on chat data (TRL SFT)"
+  [dpo]="preference-tune the tiny chat model on chosen/rejected pairs (TRL DPO; from the staged model)"
   [classify]="fine-tune MiniLM as a sentiment classifier, scored with Evaluate's accuracy"
   [infer]="batch generation with the chat model, one prediction per row"
   [evaluate]="score MiniLM on the test reviews, two CPU ranks"
@@ -59,7 +60,7 @@ echo "hfhpc demo: the bundled tiny example staged, checked and run on this machi
 echo "(full output of every command in $LOGS/)"
 
 echo
-echo "1. build the example repos: a tiny chat model, chat data, reviews, the accuracy metric, MiniLM"
+echo "1. build the example repos: a tiny chat model, chat data, preference pairs, reviews, the accuracy metric, MiniLM"
 run build "$LOGS/build.log" '' python -m hfhpc.demo.build "$DEMO/upstream"
 
 echo
@@ -113,8 +114,9 @@ for recipe in "${RECIPES[@]}"; do
 done
 
 echo
-echo "6. report of the SFT run: plots and a one-page HTML"
+echo "6. reports of the SFT and DPO runs: plots and a one-page HTML each"
 run report "$LOGS/report.log" '' hfhpc report "$DEMO/runs/demo-sft"
+run report "$LOGS/report-dpo.log" '' hfhpc report "$DEMO/runs/demo-dpo"
 
 echo
 echo "Results"

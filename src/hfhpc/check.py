@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfhpc import env as hfenv
 from hfhpc.recipes import registry
+from hfhpc.offline.environ import offline_environ
 from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store import readonly
 from hfhpc.store.cache import snapshot_dir
@@ -52,12 +52,13 @@ class _Plan:
     datasets: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     train: dict | None = None  # {"config", "keys"}: pass-through train keys to check against the trainer config
+    recipe: dict | None = None  # {"target", "args"}: the recipe's own sealed probe (Recipe.offline_check)
     fixes: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, id) → fix command
     # Assets that staging again would leave as they are: their load failures need another fix.
     staged_as_is: set[tuple[str, str]] = field(default_factory=set)
 
     def empty(self) -> bool:
-        return not (self.models or self.datasets or self.metrics or self.train)
+        return not (self.models or self.datasets or self.metrics or self.train or self.recipe)
 
     def add_model(self, store: Path, repo_id: str, commit: str, fix: str) -> None:
         snap = snapshot_dir(store, "model", repo_id, commit)
@@ -140,7 +141,7 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
     """Run the load probes in sealed children, in parallel."""
     if plan.empty():
         return
-    env = hfenv.offline_environ(store, allow_hosts=allow_hosts)
+    env = offline_environ(store, allow_hosts=allow_hosts)
     env.update(
         HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
         TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",
@@ -151,6 +152,7 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
         {"models": plan.models, "train": plan.train},
         {"datasets": plan.datasets},
         {"metrics": plan.metrics},
+        {"recipe": plan.recipe},
     ]
     groups = [g for g in groups if any(g.values())]
     with tempfile.TemporaryDirectory(prefix="hfhpc-check-") as tmp:
@@ -180,10 +182,12 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
             continue  # the spec and a script of it may name the same asset: one problem, once
         seen.add((r["kind"], r["id"], r["what"], r["error"]))
         if r.get("cause") == "spec":
-            fix = "edit the spec's train: keys" if r["kind"] == "spec" else "edit the spec: name a split the dataset has"
+            fix = f"edit the spec's {r['id']}: keys" if r["kind"] == "spec" else "edit the spec: name a split the dataset has"
             report.problems.append(Problem(r["kind"], r["id"], r["what"], r["error"], fix))
             continue
-        if (r["kind"], r["id"]) in plan.staged_as_is:
+        if r.get("fix"):
+            fix = r["fix"]
+        elif (r["kind"], r["id"]) in plan.staged_as_is:
             fix = _not_a_staging_fix(store, r.get("repro", ""))
         else:
             fix = plan.fixes.get((r["kind"], r["id"]), f"hfhpc stage --{r['kind']} {shlex.quote(r['id'])}")
@@ -301,6 +305,10 @@ def check(
         trainer_config = registry.get(spec.recipe).trainer_config
         if trainer_config and extra:
             plan.train = {"config": trainer_config, "keys": extra}
+        offline_check = registry.get(spec.recipe).offline_check
+        if offline_check is not None:
+            problems, plan.recipe = offline_check(spec)
+            report.problems += [Problem(*p) for p in problems]
         if spec.script:
             scripts.insert(0, spec.resolve_path(spec.script))
     if scripts:

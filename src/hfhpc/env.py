@@ -2,7 +2,7 @@
 
 The Hugging Face libraries read their variables when they are imported, so hfhpc never sets them in
 its own process to change a library's behaviour: it builds the environment of the child processes
-it starts (see :func:`offline_environ`).
+it starts (built by :mod:`hfhpc.offline.environ`). This module holds names and readers only.
 """
 
 from __future__ import annotations
@@ -168,29 +168,6 @@ def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
 def store_environ(store: Path) -> dict[str, str]:
     """The variables that point every library at ``store`` (an ``HF_HOME`` layout)."""
     return {HF_HOME: str(store), HFHPC_STORE: str(store)}
-
-
-def offline_environ(
-    store: Path,
-    base: Mapping[str, str] | None = None,
-    *,
-    allow_hosts: list[str] | tuple[str, ...] = (),
-    seal: bool = True,
-) -> dict[str, str]:
-    """The environment for a child process that must run from ``store`` with no network.
-
-    Secrets are dropped: a sealed process has nothing to authenticate to.
-    """
-    env = dict(os.environ if base is None else base)
-    for var in (*CACHE_OVERRIDES, *SECRET_VARS, HF_ENDPOINT):
-        env.pop(var, None)
-    env.update(store_environ(store))
-    env.update(OFFLINE_VARS)
-    if seal:
-        from hfhpc.offline.seal import seal_environ
-
-        env.update(seal_environ(env, allow_hosts=allow_hosts))
-    return env
 
 
 def export_lines(variables: Mapping[str, str]) -> list[str]:

@@ -135,6 +135,11 @@ class LockfileError(UsageError):
         super().__init__(f"{path}: {problem}", fix or "run `hfhpc stage` on the spec to write it again")
 
 
+class SealNotActiveError(HfhpcError):
+    """A process that must run sealed (``HFHPC_SEAL=1``) runs without the guard, or the guard's
+    files are missing: running on would leave the network open without a word."""
+
+
 class SlurmError(HfhpcError):
     def __init__(self, command: str, detail: str, fix: str | None = None):
         self.command, self.detail = command, detail

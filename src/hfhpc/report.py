@@ -182,7 +182,8 @@ def mfu_basis(run: RunData) -> tuple[MfuBasis | None, str]:
 
 # -- plots --------------------------------------------------------------------------------------------
 
-COLORS = {"train": "#1f77b4", "eval": "#d62728", "lr": "#2ca02c", "tps": "#9467bd", "mfu": "#ff7f0e", "grad": "#8c564b"}
+COLORS = {"train": "#1f77b4", "eval": "#d62728", "lr": "#2ca02c", "tps": "#9467bd", "mfu": "#ff7f0e", "grad": "#8c564b",
+          "chosen": "#2ca02c", "rejected": "#d62728", "margin": "#1f77b4"}
 
 
 def _figure(title: str, ylabel: str):
@@ -227,7 +228,8 @@ def _empty(ax, message: str) -> None:
 
 
 def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
-    """loss.png, learning_rate.png, throughput.png, mfu.png (and grad_norm.png when logged)."""
+    """loss.png, learning_rate.png, throughput.png, mfu.png (and grad_norm.png when logged; rewards.png and
+    reward_accuracy.png for preference tuning)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, restarts = run.rows, restart_steps(run.rows)
     plots: dict[str, Path] = {}
@@ -278,6 +280,34 @@ def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
         fig, ax = _figure("Gradient norm (before clipping)", "grad norm")
         ax.plot(gx, gy, color=COLORS["grad"], linewidth=1.2)
         plots["grad_norm"] = _finish(fig, ax, out_dir / "grad_norm.png", restarts)
+    plots.update(_reward_plots(rows, out_dir, restarts))
+    return plots
+
+
+def _reward_plots(rows: Sequence[dict], out_dir: Path, restarts: Sequence[float]) -> dict[str, Path]:
+    """A DPO run's implicit rewards (β · log-ratio against the reference) and how often the chosen
+    answer's reward is the higher one; nothing for runs that log no rewards."""
+    plots: dict[str, Path] = {}
+    if not series(rows, "rewards/chosen")[0]:
+        return plots
+    fig, ax = _figure("Rewards (β · log-ratio to the reference)", "reward")
+    for key, label in (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margin (chosen − rejected)")):
+        xs, ys = series(rows, f"rewards/{key}s" if key == "margin" else f"rewards/{key}")
+        if xs:
+            ax.plot(xs, ys, color=COLORS[key], marker="o", markersize=3, linewidth=1.5, label=label)
+    ax.axhline(0, color="#999999", linewidth=0.8)
+    plots["rewards"] = _finish(fig, ax, out_dir / "rewards.png", restarts)
+
+    fig, ax = _figure("Reward accuracy (chosen above rejected)", "share of pairs")
+    xs, ys = series(rows, "rewards/accuracies")
+    ex, ey = series(rows, "eval_rewards/accuracies")
+    if xs:
+        ax.plot(xs, ys, color=COLORS["train"], marker="o", markersize=3, linewidth=1.5, label="train")
+    if ex:
+        ax.plot(ex, ey, color=COLORS["eval"], marker="s", markersize=6, linestyle="--", linewidth=1.2, label="eval")
+    ax.axhline(0.5, color="#999999", linestyle=":", linewidth=1.0, label="chance")
+    ax.set_ylim(-0.02, 1.02)
+    plots["reward_accuracy"] = _finish(fig, ax, out_dir / "reward_accuracy.png", restarts)
     return plots
 
 
@@ -433,6 +463,10 @@ def _cards(run: RunData, basis: MfuBasis | None) -> list[tuple[str, str]]:
     ev = (run.eval or {}).get("eval_loss", evals[-1] if evals else None)
     if _num(ev) is not None:
         cards.append(("eval loss", f"{ev:.4g}"))
+    _, accuracy = series(rows, "eval_rewards/accuracies")
+    acc = (run.eval or {}).get("eval_rewards/accuracies", accuracy[-1] if accuracy else None)
+    if _num(acc) is not None:
+        cards.append(("eval reward accuracy", f"{acc:.3f}"))
     _, tps = series(rows, "tokens_per_s")
     if tps:
         med = statistics.median(tps)
@@ -467,7 +501,7 @@ def render_html(run: RunData, plots: dict[str, Path], *, eta: EtaReport | None =
         cls = "warn" if eta.warning else "muted"
         parts.append(f"<h2>Time</h2><p class='{cls}'>{html.escape(eta.render())}</p>")
     titles = {"loss": "Train and eval loss", "learning_rate": "Learning rate", "throughput": "Tokens per second",
-              "mfu": "MFU", "grad_norm": "Gradient norm"}
+              "mfu": "MFU", "grad_norm": "Gradient norm", "rewards": "Rewards", "reward_accuracy": "Reward accuracy"}
     parts.append("<h2>Training</h2><div class='plots'>" + "".join(
         f"<figure><img alt='{html.escape(titles.get(k, k))}' src='{_data_uri(p)}'></figure>" for k, p in plots.items())
         + "</div>")

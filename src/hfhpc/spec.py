@@ -291,7 +291,9 @@ class JobSpec(_Strict):
         return ([self.model] if self.model else []) + list(self.models)
 
     def all_datasets(self) -> list[DatasetRef]:
-        return ([self.dataset] if self.dataset else []) + list(self.datasets)
+        refs = ([self.dataset] if self.dataset else []) + list(self.datasets)
+        more = registry.get(self.recipe).datasets
+        return refs + (list(more(self)) if more else [])
 
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
@@ -379,6 +381,8 @@ def job_model(recipe: str) -> type[JobSpec]:
             fields[section] = (model, Field(default_factory=model, description=JobSpec.model_fields[section].description))
         else:
             fields[section] = (None, None)
+    for section, model in r.sections.items():
+        fields[section] = (model | None, Field(None, description=(model.__doc__ or "").strip().split("\n")[0]))
     return create_model(f"{recipe.title().replace('_', '')}JobSpec", __base__=JobSpec, __module__=__name__, **fields)
 
 
@@ -388,6 +392,11 @@ def _foreign_keys(data: dict, path: str) -> None:
     if not isinstance(name, str) or name not in registry.names():
         return
     recipe = registry.get(name)
+    for section in data:
+        owners = registry.section_owners(section) if isinstance(section, str) else []
+        if owners and section not in recipe.sections:
+            raise SpecError(path, section, f"`{section}:` belongs to recipe {_both(owners)}, not {name}",
+                            f"remove `{section}:`")
     for section in ("train", "infer"):
         value = data.get(section)
         if value is None:

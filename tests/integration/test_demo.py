@@ -18,7 +18,7 @@ from hfhpc.store.layout import snapshot_dir
 from tests.conftest import REPO_ROOT
 
 DEMO_SH = REPO_ROOT / "scripts" / "demo.sh"
-RECIPES = ("sft", "classify", "infer", "evaluate")
+RECIPES = ("sft", "dpo", "classify", "infer", "evaluate")
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -74,10 +74,10 @@ def test_the_fine_tuned_models_load(demo) -> None:
     )
 
     folder, _ = demo
-    sft = folder / "runs" / "demo-sft" / "model"
-    model = AutoModelForCausalLM.from_pretrained(sft)
-    tokenizer = AutoTokenizer.from_pretrained(sft)
-    assert model.config.model_type == "mistral" and tokenizer.chat_template
+    for run in ("demo-sft", "demo-dpo"):
+        model = AutoModelForCausalLM.from_pretrained(folder / "runs" / run / "model")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "runs" / run / "model")
+        assert model.config.model_type == "mistral" and tokenizer.chat_template, run
 
     classifier = folder / "runs" / "demo-classify" / "model"
     model = AutoModelForSequenceClassification.from_pretrained(classifier)
@@ -95,6 +95,8 @@ def test_eval_json_holds_the_metric(demo) -> None:
     assert sft["eval_loss"] > 0
     classify = json.loads((runs / "demo-classify" / "eval.json").read_text())
     assert classify["rows"] == 64 and classify["accuracy"] >= 0.85  # chance is 0.5
+    dpo = json.loads((runs / "demo-dpo" / "eval.json").read_text())
+    assert dpo["pairs"] == 64 and dpo["reward_accuracy"] >= 0.75  # chance is 0.5
     evaluate = json.loads((runs / "demo-evaluate" / "eval.json").read_text())
     assert evaluate["rows"] == 64 and 0.0 <= evaluate["accuracy"] <= 1.0
 
@@ -124,10 +126,13 @@ def test_report_and_summary_name_every_result(demo) -> None:
     report = runs / "demo-sft" / "report.html"
     assert report.is_file() and "demo-sft" in report.read_text()
     summary = out.stdout.split("\nResults\n", 1)[1]
-    for path in ("demo-sft/model", "demo-sft/report.html", "demo-classify/model", "demo-classify/eval.json",
+    for path in ("demo-sft/model", "demo-sft/report.html", "demo-dpo/model", "demo-dpo/eval.json", "demo-dpo/report.html",
+                 "demo-classify/model", "demo-classify/eval.json",
                  "demo-infer/predictions.jsonl", "demo-evaluate/eval.json", "demo-evaluate/predictions.jsonl"):
         assert str(runs / path) in summary, path
     classify = json.loads((runs / "demo-classify" / "eval.json").read_text())
     assert f"accuracy {classify['accuracy']:.3f}" in summary
-    for stage in ("build", "stage", "check", "sft", "classify", "infer", "evaluate", "report"):
+    dpo = json.loads((runs / "demo-dpo" / "eval.json").read_text())
+    assert f"reward accuracy {dpo['reward_accuracy']:.3f} on 64 held-out pairs, above chance (0.5)" in summary
+    for stage in ("build", "stage", "check", "sft", "dpo", "classify", "infer", "evaluate", "report"):
         assert f" {stage} " in summary.split("time:", 1)[1], stage

@@ -186,7 +186,7 @@ def test_sampled_predictions_depend_on_the_seed_not_on_the_ranks(staged: dict[st
     one = _variant(staged["infer"], "infer-sample-1", infer=infer, resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
     two = _variant(staged["infer"], "infer-sample-2", infer=infer,
                    resources={"gpus_per_node": 0, "procs_per_node": 2, "cpus_per_gpu": 1})
-    other = _variant(staged["infer"], "infer-sample-seed", infer=infer, train={"seed": 1234},
+    other = _variant(staged["infer"], "infer-sample-seed", infer={**infer, "seed": 1234},
                      resources={"gpus_per_node": 0, "cpus_per_gpu": 1})
     for spec in (one, two, other):
         _ok(_run(spec, staged["store"]))

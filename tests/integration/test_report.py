@@ -117,6 +117,34 @@ def test_plots_and_a_self_contained_page(demo_run: Path):
     assert report.eta is None  # finished runs have no ETA
 
 
+# metrics.jsonl of a tiny DPO run (the demo's preference pairs, 30 steps on CPU), as hfhpc run wrote it.
+DPO_METRICS = """\
+{"step": 1, "epoch": 0.0312, "max_steps": 30, "loss": 0.6931471824645996, "grad_norm": 0.9585766196250916, "learning_rate": 0.001, "entropy": 6.9186296463012695, "num_tokens": 375.0, "mean_token_accuracy": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/accuracies": 0.0, "rewards/margins": 0.0, "logps/chosen": -63.053157806396484, "logps/rejected": -74.46736907958984, "elapsed_s": 4.128, "unix_time": 1796323350.284, "step_s": 4.1283}
+{"step": 5, "epoch": 0.1562, "max_steps": 30, "loss": 0.5792500972747803, "grad_norm": 1.0977510213851929, "learning_rate": 0.0008666666666666667, "entropy": 6.918408513069153, "num_tokens": 1913.0, "mean_token_accuracy": 0.06777895800769329, "rewards/chosen": 0.06263413652777672, "rewards/rejected": -0.19694865122437477, "rewards/accuracies": 0.84375, "rewards/margins": 0.2595827914774418, "logps/chosen": -65.96728038787842, "logps/rejected": -83.56002235412598, "tokens_per_s": 151.4, "elapsed_s": 14.29, "unix_time": 1796323360.446, "step_s": 2.858}
+{"step": 10, "epoch": 0.3125, "max_steps": 30, "loss": 0.45406246185302734, "grad_norm": 0.7449762225151062, "learning_rate": 0.0007, "entropy": 6.917931842803955, "num_tokens": 3788.0, "mean_token_accuracy": 0.24310339093208314, "rewards/chosen": 0.18395306468009948, "rewards/rejected": -0.43861755132675173, "rewards/accuracies": 0.95, "rewards/margins": 0.6225706100463867, "logps/chosen": -60.84351501464844, "logps/rejected": -82.4676010131836, "tokens_per_s": 90.4, "elapsed_s": 35.028, "unix_time": 1796323381.183, "step_s": 3.5028}
+{"step": 30, "epoch": 0.9375, "max_steps": 30, "eval_loss": 0.2531411349773407, "eval_runtime": 26.6735, "eval_samples_per_second": 2.399, "eval_steps_per_second": 0.3, "eval_entropy": 6.914209604263306, "eval_num_tokens": 11175.0, "eval_logits/chosen": -0.110308867224419, "eval_logits/rejected": 0.057579248200791834, "eval_mean_token_accuracy": 0.4345388673245907, "eval_rewards/chosen": 0.6238228306174278, "eval_rewards/rejected": -0.8300249874591827, "eval_rewards/accuracies": 0.96875, "eval_rewards/margins": 1.45384781062603, "eval_logps/chosen": -55.994601249694824, "eval_logps/rejected": -85.5152587890625, "elapsed_s": 143.223, "unix_time": 1796323489.378, "step_s": 4.7741}
+"""
+
+
+def test_a_dpo_run_gets_reward_and_reward_accuracy_plots(tmp_path: Path):
+    spec = {**_spec("tiny-dpo"), "recipe": "dpo",
+            "dataset": {"id": "hfhpc-demo/ultrafeedback-tiny", "split": "train_prefs", "eval_split": "test_prefs"}}
+    run = make_run(tmp_path, metrics=DPO_METRICS, spec=spec, eval_={"eval_rewards/accuracies": 0.96875, "pairs": 64})
+    report = build_report(run)
+    assert {"rewards", "reward_accuracy"} <= set(report.plots)
+    # The chosen rewards' line (green), the train accuracy's (blue).
+    for name, rgb in (("rewards", (0x2C, 0xA0, 0x2C)), ("reward_accuracy", (0x1F, 0x77, 0xB4))):
+        data = report.plots[name].read_bytes()
+        assert _ink(data) > 2000 and _ink(data, rgb) > 50, name
+    page = report.html.read_text()
+    assert "eval reward accuracy" in page and "0.969" in page
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == len(report.plots)
+
+
+def test_an_sft_run_gets_no_reward_plots(demo_run: Path):
+    assert not {"rewards", "reward_accuracy"} & set(build_report(demo_run).plots)
+
+
 def test_cli_writes_elsewhere_with_o(demo_run: Path, tmp_path: Path):
     out = hfhpc("report", str(demo_run), "-o", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr

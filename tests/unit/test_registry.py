@@ -14,7 +14,7 @@ from hfhpc.spec import parse_spec
 from tests.conftest import hfhpc
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "hfhpc"
-BUILT_IN = ("classify", "evaluate", "infer", "script", "sft")
+BUILT_IN = ("classify", "dpo", "evaluate", "harness", "infer", "script", "sft")
 
 
 def test_every_built_in_recipe_is_found_by_its_module():
@@ -55,7 +55,7 @@ def test_train_key_of_another_recipe_is_an_error_naming_it():
 
 @pytest.mark.parametrize("key", ["chat_template", "attention"])
 def test_classify_refuses_every_sft_only_setting(key):
-    with pytest.raises(SpecError, match=f"`{key}` belongs to recipe sft"):
+    with pytest.raises(SpecError, match=f"`{key}` belongs to recipe (dpo and )?sft"):
         parse_spec({"name": "j", "recipe": "classify", "model": "o/m", "dataset": "o/d", "train": {key: "x"}})
 
 
@@ -118,9 +118,9 @@ def test_a_new_recipe_module_is_found_with_no_other_edit(tmp_path: Path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     names, beta, error, rendered = out.stdout.strip().splitlines()
-    assert names == "['classify', 'echo', 'evaluate', 'infer', 'script', 'sft']"
+    assert names == "['classify', 'dpo', 'echo', 'evaluate', 'harness', 'infer', 'script', 'sft']"
     assert beta == "2.0"
-    assert "`beta` belongs to recipe echo, not sft" in error
+    assert "`beta` belongs to recipe dpo and echo, not sft" in error
     assert rendered == "True"
 
 

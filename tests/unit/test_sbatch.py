@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,6 @@ SAMPLES = GOLDEN / "slurm"  # captured from the throwaway cluster (SLURM 22.05)
 RUN_DIR = Path("/scratch/someone/runs/zephyr-sft")
 STORE = Path("/project/def-someone/hf-store")
 PYTHON = "/opt/hfhpc/bin/python3"  # not a virtualenv: called by absolute path
-GUARD_DIR = "/opt/hfhpc/lib/python3.11/site-packages/hfhpc/offline/_guard"
 
 ZEPHYR = {  # the README's spec
     "name": "zephyr-sft", "recipe": "sft", "model": "HuggingFaceH4/zephyr-7b-beta",
@@ -69,10 +69,8 @@ def make_job(data: dict, *, run_dir: Path = RUN_DIR, store: Path = STORE, spec_p
 
 @pytest.fixture
 def stable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The two values that depend on the installation, fixed so golden files are stable."""
-    import hfhpc.offline.seal
-
-    monkeypatch.setattr(hfhpc.offline.seal, "GUARD_DIR", GUARD_DIR)
+    """The value that depends on the installation, fixed so golden files are stable. (The seal's
+    guard folder is another: the script asks the job's Python for it, and never names it.)"""
     monkeypatch.setattr(sbatch, "__version__", "X.Y.Z")
 
 
@@ -88,6 +86,9 @@ def test_golden(stable, name: str, data: dict) -> None:
     if os.environ.get("UPDATE_GOLDEN") == "1":
         path.write_text(script)
     assert script == path.read_text(), f"rendered script differs from {path}: review, then UPDATE_GOLDEN=1"
+    from hfhpc.offline.seal import GUARD_DIR
+
+    assert GUARD_DIR not in script and "_guard" not in script  # resolved when the job runs
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
@@ -170,6 +171,10 @@ def test_hostile_paths_survive_quoting(tmp_path: Path) -> None:
     base = tmp_path / HOSTILE
     run_dir, store, python = base / "run dir", base / "store", str(base / "bin" / "python")
     run_dir.mkdir(parents=True)
+    # The job's Python, at the hostile path: the script asks it for the seal's guard.
+    Path(python).parent.mkdir()
+    Path(python).write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    Path(python).chmod(0o755)
     data = {**CPU_2NODES, "site": {"preamble": ["echo preamble ran"]}}
     script = sbatch.render_sbatch(make_job(data, run_dir=run_dir, store=store, spec_path=str(base / "job.yaml"),
                                            python=python))

@@ -15,15 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from hfhpc.env import OFFLINE_VARS, offline_environ
-from hfhpc.errors import UsageError
+from hfhpc.env import OFFLINE_VARS
+from hfhpc.errors import SealNotActiveError, UsageError
+from hfhpc.offline.environ import offline_environ, seal_environ
 from hfhpc.offline.seal import (
     GUARD_DIR,
+    MAX_NO_PROXY,
+    SEALED_PROXY,
     AllowList,
     SealPolicy,
+    no_proxy_value,
     normalize_host_entry,
     refusal_line,
-    seal_environ,
 )
 
 # --- allow lists, the policy, the environment -----------------------------------------------------
@@ -113,7 +116,7 @@ def test_malformed_nodelist_does_not_break_the_policy() -> None:
 def test_seal_environ() -> None:
     env = {"PYTHONPATH": os.pathsep.join(["/opt/site", GUARD_DIR, "/opt/more"])}
     sealed = seal_environ(env, allow_hosts=["Mirror.Local", "http://mirror.local:8080", "10.0.0.0/8"])
-    assert sealed == {
+    assert {k: sealed[k] for k in ("PYTHONPATH", "HFHPC_SEAL", "HFHPC_SEAL_ALLOW")} == {
         "PYTHONPATH": os.pathsep.join([GUARD_DIR, "/opt/site", "/opt/more"]),
         "HFHPC_SEAL": "1",
         "HFHPC_SEAL_ALLOW": "mirror.local,10.0.0.0/8",
@@ -122,6 +125,37 @@ def test_seal_environ() -> None:
     assert seal_environ({"HFHPC_SEAL_ALLOW": "old.host"})["HFHPC_SEAL_ALLOW"] == ""
     with pytest.raises(UsageError):
         seal_environ({}, allow_hosts=["not a host"])
+
+
+def test_seal_environ_sends_other_clients_to_a_refusing_proxy_except_loopback_nodes_and_allowed() -> None:
+    env = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURMD_NODENAME": "gpu01", "no_proxy": "*", "https_proxy": "http://squid:3128"}
+    sealed = seal_environ(env, allow_hosts=["*.internal.org", "10.1.0.0/16"])
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "ftp_proxy"):
+        assert sealed[var] == SEALED_PROXY
+    assert sealed["no_proxy"] == sealed["NO_PROXY"] == "localhost,127.0.0.1,127.0.0.0/8,::1,.internal.org,10.1.0.0/16,gpu01,gpu02"
+    # git's own http.proxy setting is overridden, after the caller's command-line configuration.
+    assert {k: v for k, v in sealed.items() if k.startswith("GIT_")} == {
+        "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.proxy", "GIT_CONFIG_VALUE_0": SEALED_PROXY,
+    }
+    theirs = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "user.name", "GIT_CONFIG_VALUE_0": "me"}
+    again = seal_environ(theirs)
+    assert (again["GIT_CONFIG_COUNT"], again["GIT_CONFIG_KEY_1"]) == ("2", "http.proxy")
+    assert "GIT_CONFIG_COUNT" not in seal_environ({**theirs, **again})  # sealing twice adds nothing
+
+
+def test_no_proxy_stays_a_size_a_variable_can_hold() -> None:
+    value = no_proxy_value([], (f"node{i:06d}" for i in range(20_000)))
+    assert len(value) <= MAX_NO_PROXY
+    assert value.startswith("localhost,") and ",node000000," in value
+
+
+def test_a_missing_guard_is_an_error_not_an_unsealed_child(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import hfhpc.offline.guard_path
+
+    monkeypatch.setattr(hfhpc.offline.guard_path, "GUARD_DIR", str(tmp_path / "gone"))
+    with pytest.raises(SealNotActiveError):
+        offline_environ(tmp_path, base={})
+    assert offline_environ(tmp_path, base={}, seal=False)["HF_HUB_OFFLINE"] == "1"
 
 
 def test_offline_environ_seals(tmp_path: Path) -> None:
@@ -276,6 +310,23 @@ def test_allowed_http_host_is_reachable(tmp_path: Path, http_server: int) -> Non
     results = child_json(result)
     assert {client: outcome for client, (outcome, _) in results.items()} == dict.fromkeys(results, 200)
     assert "hfhpc: sealed" not in result.stderr
+
+
+def test_python_clients_ignore_the_seals_proxy(tmp_path: Path) -> None:
+    # 127.0.0.2 is allowed through a network, which urllib's and aiohttp's no_proxy matching does not
+    # understand: a client that used the seal's proxy would fail here.
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.2:{server.server_address[1]}/"
+        env = sealed_env(tmp_path, ("127.0.0.0/24",))
+        assert env["http_proxy"] == SEALED_PROXY and "127.0.0.2" not in env["no_proxy"].split(",")
+        result = run_child(f"URL = {url!r}\n" + HTTP_CLIENTS, env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    results = child_json(result)
+    assert {client: outcome for client, (outcome, _) in results.items()} == dict.fromkeys(results, 200)
 
 
 def test_tcp_rendezvous_on_loopback_and_node_names_works(tmp_path: Path, http_server: int) -> None:
@@ -510,3 +561,26 @@ def test_cached_asset_loads_under_the_seal_without_offline_variables(
     hub_child: subprocess.CompletedProcess[str],
 ) -> None:
     assert child_json(hub_child)["cached_config"] == 24
+
+
+def _hfhpc_imports(path: Path) -> set[str]:
+    """Every hfhpc module ``path`` imports, at module level or inside a function."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hfhpc"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("hfhpc"))
+    return names
+
+
+def test_env_names_and_reads_and_the_seal_never_imports_it_back() -> None:
+    import hfhpc.env
+    import hfhpc.offline.seal
+
+    # env.py: names and readers, nothing that needs the seal; seal.py: the policy, which the guard
+    # loads by path, needs none of env's names. No circle between them.
+    assert _hfhpc_imports(Path(hfhpc.env.__file__)) <= {"hfhpc.errors"}
+    assert not {"hfhpc.env", "hfhpc.errors", "hfhpc.offline.environ"} & _hfhpc_imports(Path(hfhpc.offline.seal.__file__))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
 import pytest
 import yaml
 
@@ -31,7 +32,7 @@ def test_short_forms_expand_and_defaults_fill():
         ({"bogus": 1}, "bogus", "unknown key; valid keys here: name, recipe, model"),
         ({"resources": {"gpu": 4}}, "resources.gpu", "valid keys here: nodes, gpus_per_node"),
         ({"model": {"id": "org/m", "rev": "x"}}, "model.rev", "valid keys here: id, revision, include"),
-        ({"recipe": "train"}, "recipe", "must be 'classify', 'evaluate', 'infer', 'script' or 'sft'"),
+        ({"recipe": "train"}, "recipe", "must be 'classify', 'dpo', 'evaluate', 'harness', 'infer', 'script' or 'sft'"),
         ({"recipe": "stf"}, "recipe", "(did you mean `sft`?)"),
         ({"resources": {"gpus_per_nod": 4}}, "resources.gpus_per_nod", "unknown key (did you mean `gpus_per_node`?)"),
         ({"model": "../etc"}, "model.id", "invalid repository id '../etc'"),
@@ -97,3 +98,14 @@ def test_init_writes_and_refuses_to_overwrite(tmp_path: Path):
     assert load_spec(out).recipe == "sft"
     bad = hfhpc("init", "nope")
     assert bad.returncode == 2
+
+
+def test_job_json_keeps_every_key_of_the_recipes_own_train_section():
+    from hfhpc.spec import JobSpec
+
+    for recipe, train in (("sft", {"max_length": 256, "packing": False, "warmup_steps": 0.1}),
+                          ("dpo", {"beta": 0.01, "max_length": 128, "loss_type": "ipo"})):
+        spec = parse_spec({"name": "x", "recipe": recipe, "model": "org/model", "dataset": "org/data", "train": train})
+        frozen = json.loads(json.dumps(spec.model_dump(mode="json")))
+        again = JobSpec.model_validate(frozen).train
+        assert type(again) is type(spec.train) and again.model_dump() == spec.train.model_dump(), recipe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -31,10 +32,12 @@ def env_lines(store, *, spec_path: str | None = None, seal: bool = True) -> list
         allow = list(load_spec(spec_path).site.allow_hosts)
     variables = {**hfenv.store_environ(store), **hfenv.OFFLINE_VARS}
     if seal:
-        from hfhpc.offline.seal import seal_environ
+        from hfhpc.offline.environ import seal_environ
 
-        # Only what the seal adds: PYTHONPATH keeps the caller's value after the guard.
-        variables.update(seal_environ({"PYTHONPATH": "${PYTHONPATH}"}, allow_hosts=allow))
+        # Only what the seal adds: PYTHONPATH keeps the caller's value after the guard. The lines
+        # are evaluated in the shell that runs this: its job's nodes join no_proxy, its git
+        # configuration entries are kept.
+        variables.update(seal_environ({**os.environ, "PYTHONPATH": "${PYTHONPATH}"}, allow_hosts=allow))
     lines = [f"unset {' '.join((*hfenv.CACHE_OVERRIDES, *hfenv.SECRET_VARS, hfenv.HF_ENDPOINT))}"]
     for name, value in variables.items():
         if "${PYTHONPATH}" in value:

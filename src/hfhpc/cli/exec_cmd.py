@@ -1,4 +1,8 @@
-"""``hfhpc exec [--spec SPEC] -- CMD…``: run any command sealed, with the store's offline environment."""
+"""``hfhpc exec [--spec SPEC] [--netns] -- CMD…``: run any command sealed, with the store's offline environment.
+
+A bare ``python`` or ``python3`` is the Python hfhpc runs with: the one whose packages the user
+staged for, not whichever comes first on ``PATH`` (often a system Python without torch).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +19,22 @@ from hfhpc.errors import EXIT_USAGE, UsageError
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", metavar="SPEC", help="job spec: its allowed hosts join the seal")
     p.add_argument("--no-seal", action="store_true", help="offline variables only, no network guard")
+    p.add_argument("--netns", action="store_true",
+                   help="also run in a network namespace of its own: no host at all beyond its own loopback")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
 
 
+BARE_PYTHON = ("python", "python3")
+
+
 def run(args: argparse.Namespace) -> int:
-    from hfhpc import env as hfenv
+    from hfhpc.offline.environ import offline_environ
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise UsageError("no command given", "write it after `--`, e.g. hfhpc exec -- python train.py")
+    if cmd[0] in BARE_PYTHON:
+        cmd = [sys.executable, *cmd[1:]]
     if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
         raise UsageError(f"command not found: {cmd[0]}")
     allow: list[str] = []
@@ -35,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
         allow = list(spec.site.allow_hosts)
         store = store_for_spec(spec, args.store)
-    env = hfenv.offline_environ(store, allow_hosts=allow, seal=not args.no_seal)
+    env = offline_environ(store, allow_hosts=allow, seal=not args.no_seal)
+    preexec = None
+    if args.netns:
+        from hfhpc.offline.netns import check_netns, enter_private_network
+
+        check_netns(allow)
+        preexec = enter_private_network
     sys.stdout.flush()
     import tempfile
 
@@ -45,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
         if not readonly.is_writable(store):
             env.update(readonly.scratch_environ(store, Path(scratch)))
         try:
-            return subprocess.call(cmd, env=env)
+            return subprocess.call(cmd, env=env, preexec_fn=preexec)
+        except subprocess.SubprocessError as exc:  # raised for a preexec_fn that failed: no namespace here
+            from hfhpc.offline.netns import unavailable_error
+
+            raise unavailable_error() from exc
         except PermissionError:
             print(f"hfhpc: error: {cmd[0]} is not executable", file=sys.stderr)
             return EXIT_USAGE

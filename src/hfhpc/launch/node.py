@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hfhpc import env as hfenv
 from hfhpc.launch.jobfile import JobFile, load_job
+from hfhpc.offline.environ import offline_environ
 from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment, without_handed_down
 from hfhpc.recipes import registry
 from hfhpc.store.atomic import atomic_write_text
@@ -158,7 +159,7 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
     """The ranks' environment: sealed and offline, with the job environment as ``HFHPC_*``
     variables (the scheduler's own variables are read once, by the agent)."""
     spec = job.spec
-    env = hfenv.offline_environ(store, base=without_handed_down(base), allow_hosts=spec.site.allow_hosts)
+    env = offline_environ(store, base=without_handed_down(base), allow_hosts=spec.site.allow_hosts)
     from hfhpc.store import readonly
 
     if not readonly.is_writable(store):
@@ -409,6 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--local", action="store_true", help="ignore SLURM: one node, this machine")
     args = ap.parse_args(argv)
+    from hfhpc.errors import HfhpcError
+    from hfhpc.offline.guard_path import require_seal
+
+    try:
+        require_seal()  # a job started with HFHPC_SEAL=1 never runs unsealed
+    except HfhpcError as exc:
+        print(f"hfhpc: error: {exc.render()}", file=sys.stderr, flush=True)
+        return exc.exit_code
     return run_node(args.run_dir.absolute(), local=args.local)
 
 

@@ -18,6 +18,7 @@ from hfhpc import env as hfenv
 from hfhpc.errors import SpecError
 from hfhpc.launch.executor import LOG_DIR
 from hfhpc.launch.jobfile import JobFile
+from hfhpc.offline.environ import offline_environ
 from hfhpc.spec import JobSpec
 
 SCRIPT_NAME = "job.sbatch"
@@ -34,6 +35,8 @@ DEFAULT_SIGNAL_DELAY_CPU_S = 60
 _SBATCH_VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._,:+-]*")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
+GUARD_PATH_MODULE = "hfhpc.offline.guard_path"  # prints the guard folder of the Python that runs it
+
 
 def render_sbatch(job: JobFile, *, python: str | None = None) -> str:
     """The complete batch script for ``job``.
@@ -49,7 +52,7 @@ def render_sbatch(job: JobFile, *, python: str | None = None) -> str:
         ["set -euo pipefail"],
         _preamble(job.spec),
         env_lines,
-        _offline_environment(job),
+        _offline_environment(job, launcher),
         _launch(job, launcher),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
@@ -238,24 +241,33 @@ def _node_local_venv(job: JobFile) -> list[str]:
 
 
 def offline_variables(job: JobFile) -> dict[str, str]:
-    """The variables the job needs, exactly those :func:`hfhpc.env.offline_environ` sets."""
-    return hfenv.offline_environ(job.store, base={}, allow_hosts=job.spec.site.allow_hosts)
+    """The variables the job needs, exactly those :func:`hfhpc.offline.environ.offline_environ` sets
+    (its ``PYTHONPATH`` names this installation's guard: the script asks the job's Python instead)."""
+    return offline_environ(job.store, base={}, allow_hosts=job.spec.site.allow_hosts)
 
 
-def _offline_environment(job: JobFile) -> list[str]:
+def _offline_environment(job: JobFile, python: str) -> list[str]:
     removed = (*hfenv.SECRET_VARS, *hfenv.CACHE_OVERRIDES, hfenv.HF_ENDPOINT)
     lines = [
         "# -- offline, sealed environment: the store, no network, no token --",
         "# sbatch copies the submitting shell's environment into the job: drop tokens and caches",
-        "# that would point elsewhere.",
+        "# that would point elsewhere. The proxy variables send curl, wget, git and pip to a port",
+        "# that refuses at once, except for the allowed hosts.",
         f"unset {' '.join(removed)}",
     ]
     for name, value in offline_variables(job).items():
-        if name == "PYTHONPATH":
-            # The seal guard first; a PYTHONPATH that the site's modules set stays after it.
-            lines.append(f'export PYTHONPATH={shlex.quote(value)}"${{PYTHONPATH:+:$PYTHONPATH}}"')
-        else:
+        if name != "PYTHONPATH":
             lines += hfenv.export_lines({name: value})
+    lines += [
+        "# The seal's guard, from the Python that runs the job (a folder written here at submit time",
+        "# could be gone after an upgrade or a move): first on PYTHONPATH, the site's modules after it.",
+        "# The node agent and every recipe refuse to start while HFHPC_SEAL=1 and the guard is not in force.",
+        f"HFHPC_GUARD=$({python} -m {GUARD_PATH_MODULE}) || {{",
+        "  echo \"hfhpc: the job's Python cannot name hfhpc's seal guard: install hfhpc in it\" >&2",
+        "  exit 1",
+        "}",
+        'export PYTHONPATH="$HFHPC_GUARD${PYTHONPATH:+:$PYTHONPATH}"',
+    ]
     return lines
 
 

@@ -88,14 +88,32 @@ def run_plan(plan: dict) -> list[dict]:
                 )
 
         probe("spec", "train", "pass-through keys", fields)
+    if plan.get("recipe"):
+        _probe_recipe(plan["recipe"], results)
     for mt in plan.get("metrics", []):
         probe("metric", mt["id"], "evaluate.load", lambda mid=mt["id"]: assets.load_metric(mid),
               f"import evaluate; evaluate.load({mt['id']!r})")
     return results
 
 
+def _probe_recipe(group: dict, results: list[dict]) -> None:
+    """A recipe's own sealed probe (``Recipe.offline_check``): ``module:function`` called with its args."""
+    import importlib
+
+    module_name, _, function = group["target"].partition(":")
+    results.extend(getattr(importlib.import_module(module_name), function)(**group.get("args", {})))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from hfhpc.errors import HfhpcError
+    from hfhpc.offline.guard_path import require_seal
+
+    try:
+        require_seal()  # a probe that passed unsealed would prove nothing
+    except HfhpcError as exc:
+        print(f"hfhpc: error: {exc.render()}", file=sys.stderr, flush=True)
+        return exc.exit_code
     plan = json.loads(Path(argv[0]).read_text())
     results = run_plan(plan)
     Path(argv[1]).write_text(json.dumps(results))

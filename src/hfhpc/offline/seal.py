@@ -11,6 +11,10 @@ policy defined here:
 * HTTP(S) requests may reach the hosts of ``HFHPC_SEAL_ALLOW`` only, loopback included: a Hub
   mirror could listen on loopback, and a sealed job must need nothing from any hub.
 
+Programs that are not Python get the proxy variables instead (:data:`SEALED_PROXY`,
+:func:`no_proxy_value`): any host but loopback, the job's nodes and the allowed hosts is refused
+at once by the clients that honour them. :mod:`hfhpc.offline.environ` builds a child's variables.
+
 This module is also loaded by the guard *by file path*, in children that may not be able to import
 ``hfhpc`` at all, so it imports nothing but the standard library at module level.
 """
@@ -327,36 +331,42 @@ def interface_addresses() -> list[str]:
     return addresses
 
 
-# --- The environment of a sealed child --------------------------------------------------------------
+# --- What non-Python children see -------------------------------------------------------------------
+
+SEALED_PROXY = "http://127.0.0.1:0"
+"""The proxy of every protocol in a sealed environment. Nothing can listen on port 0, so a connect
+to it is refused at once (curl, wget and git fail in milliseconds): curl, wget, git and every other
+client that honours the proxy variables fail fast for any host ``no_proxy`` does not exempt. The
+guard hides it from Python's own clients, which it checks itself."""
+
+PROXY_VARS = (
+    "http_proxy", "https_proxy", "ftp_proxy", "all_proxy",
+    "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY",
+)  # fmt: skip
+NO_PROXY_VARS = ("no_proxy", "NO_PROXY")
 
 
-def seal_environ(env: Mapping[str, str], allow_hosts: Iterable[str] = ()) -> dict[str, str]:
-    """The variables to add to ``env`` so that the child's Python processes run sealed.
+LOOPBACK_NO_PROXY = ("localhost", "127.0.0.1", "127.0.0.0/8", "::1")
+MAX_NO_PROXY = 64 * 1024  # characters: a variable must stay far below Linux's 128 KiB per string
 
-    ``PYTHONPATH`` gets the guard folder first (the existing value is kept after it; a guard folder
-    already there is not repeated). ``HFHPC_SEAL_ALLOW`` is the normalised ``allow_hosts``: it
-    replaces any value in ``env``, because the allow list comes from the spec and nowhere else.
-    Raises ``hfhpc.errors.UsageError`` for an entry that is not a host, IP or network.
+
+def no_proxy_value(allowed: Iterable[str], job_hosts: Iterable[str] = ()) -> str:
+    """``no_proxy`` of a sealed environment: the hosts that HTTP clients other than Python's reach
+    without the seal's proxy.
+
+    Loopback, the job's own nodes and the allowed hosts: what the socket rules let through, so a
+    service on loopback or on another node of the job (a gRPC or HTTP one of the job's own) keeps
+    working. A ``*.x.org`` wildcard becomes ``.x.org``, which curl and wget also match against
+    ``x.org`` itself. Node names past :data:`MAX_NO_PROXY` characters are left out: such nodes are
+    refused at once, never waited on.
     """
-    from hfhpc.env import HFHPC_SEAL, HFHPC_SEAL_ALLOW
-    from hfhpc.errors import UsageError
-
-    allowed: list[str] = []
-    for entry in allow_hosts:
-        try:
-            value = normalize_host_entry(entry)
-        except ValueError as exc:
-            raise UsageError(str(exc), "allow a host name, '*.domain', an IP address or a CIDR network") from exc
-        if value not in allowed:
-            allowed.append(value)
-
-    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not _same_path(p, GUARD_DIR)]
-    return {
-        "PYTHONPATH": os.pathsep.join([GUARD_DIR, *existing]),
-        HFHPC_SEAL: "1",
-        HFHPC_SEAL_ALLOW: ",".join(allowed),
-    }
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+    entries = list(dict.fromkeys((*LOOPBACK_NO_PROXY, *(e[1:] if e.startswith("*.") else e for e in allowed))))
+    seen = set(entries)
+    size = sum(len(e) + 1 for e in entries)
+    for host in job_hosts:
+        host = _normalize_name(host)
+        if host and host not in seen and size + len(host) + 1 <= MAX_NO_PROXY:
+            entries.append(host)
+            seen.add(host)
+            size += len(host) + 1
+    return ",".join(entries)

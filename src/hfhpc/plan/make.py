@@ -15,6 +15,8 @@ from hfhpc.plan.schedule import SAVE_BYTES_PER_S, Schedule, schedule
 from hfhpc.plan.shape import LINEAR_NAMES, ModelShape, read_model_config
 from hfhpc.plan.throughput import Anchor, Throughput, estimate_throughput, measured_anchors
 from hfhpc.plan.tokens import DatasetTokens, dataset_tokens, job_files
+from hfhpc.plan import dpo as dpo_plan
+from hfhpc.recipes.dpo import RECIPE as DPO
 from hfhpc.recipes.sft import RECIPE as SFT
 from hfhpc.recipes.sft import per_layer_fsdp
 
@@ -92,7 +94,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
     strategy = str(extra.get("packing_strategy", "bfd"))
     # Padding-free rows cost attention over the whole row only with a dense mask (sdpa, eager); the
     # recipe's default attention (auto, varlen) runs each document alone.
-    padding_free = bool(extra.get("padding_free", t.packing and strategy in ("bfd", "bfd_split"))) and \
+    padding_free = bool(extra.get("padding_free", getattr(t, "packing", False) and strategy in ("bfd", "bfd_split"))) and \
         getattr(t, "attention", "sdpa") not in ("auto", "varlen")
     gpn = res.gpus_per_node or res.procs
     return PlanInputs(
@@ -126,8 +128,8 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
               fused_lm_head: bool | None = None) -> Plan:
     """The plan of ``spec``: model shape from its staged config.json (or ``model_config``), data
     from the store, throughput from measured anchors."""
-    if spec.recipe != SFT.name:
-        raise UsageError(f"plan estimates fine-tuning (recipe: {SFT.name}); this spec's recipe is {spec.recipe!r}",
+    if spec.recipe not in (SFT.name, DPO.name):
+        raise UsageError(f"plan estimates fine-tuning (recipe: {SFT.name} or {DPO.name}); this spec's recipe is {spec.recipe!r}",
                          "size inference jobs by the model's weights (2 bytes per parameter in bf16)")
     from hfhpc.launch.sbatch import signal_delay_s
 
@@ -145,6 +147,10 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         raise UsageError(f"unknown GPU kind {kind_name!r}", f"use one of {', '.join(GPUS)}")
     kind = GPUS[kind_name]
     p = inputs_from_spec(spec, shape, weights_dtype=weights_dtype, fused_lm_head=fused_lm_head)
+    dpo = spec.recipe == DPO.name
+    if dpo:
+        p = dpo_plan.dpo_inputs(spec, p)
+    memory_of = (lambda q: dpo_plan.dpo_memory(spec, q)) if dpo else estimate_memory
     notes: list[str] = []
     if shape.params < 100e6:
         notes.append("a model this small is bound by overheads, not FLOPs: the time estimate is a lower bound")
@@ -161,11 +167,11 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     if p.mixed_precision != "no" and not p.fsdp and p.weights_dtype == "bf16" and not p.lora:
         notes.append("weights, gradients and AdamW states in bf16 (the recipe loads bf16 weights): small updates "
                      "can round away; --weights-dtype fp32 plans fp32 master weights")
-    memory = estimate_memory(p)
+    memory = memory_of(p)
     ok = memory.reserved_gib <= kind.memory_gib
-    smallest = fewest_gpus(p, kind)
+    smallest = fewest_gpus(p, kind, memory_of)
     if smallest is None and p.strategy != "fsdp":
-        with_fsdp = fewest_gpus(replace(p, strategy="fsdp", gpus_per_node=max(p.gpus_per_node, 4)), kind)
+        with_fsdp = fewest_gpus(replace(p, strategy="fsdp", gpus_per_node=max(p.gpus_per_node, 4)), kind, memory_of)
         suggestion = (f"does not fit one {kind.label}: use launch.strategy fsdp on {with_fsdp.world} GPUs "
                       f"({with_fsdp.nodes} node{'s' if with_fsdp.nodes > 1 else ''})" if with_fsdp else
                       "does not fit: enable activation checkpointing, lower per_device_batch_size or use LoRA")
@@ -178,13 +184,19 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         nodes = f"{smallest.nodes} node{'s' if smallest.nodes > 1 else ''}"
         suggestion = f"does not fit {p.world} GPUs; needs {nodes} × {smallest.gpus_per_node} GPUs"
 
-    keep = most_kept_layers(p, kind) if ok and per_layer_fsdp(spec) and p.activation_checkpointing else None
+    keep = most_kept_layers(p, kind) if ok and per_layer_fsdp(spec) and p.activation_checkpointing and not dpo else None
 
     # Time the layout that will run: the spec's when it fits, else the fewest GPUs that fit.
     run_layout = p if ok or smallest is None else smallest
     anchors = measured_anchors(results_dir)
-    data, data_note = dataset_tokens(spec, store, files, run_layout)
-    tp = None if on_cpus else estimate_throughput(run_layout, kind, anchors)
+    if dpo:
+        data, data_note = dpo_plan.dpo_dataset_tokens(spec, store, files, run_layout)
+        # The dpo recipe runs TRL's padded batches, uncompiled: the anchors of TRL's own SFT, not the sft recipe's.
+        trl_anchors = [a for a in anchors if not a.per_document] or anchors
+        tp = None if on_cpus else dpo_plan.dpo_throughput(spec, estimate_throughput(run_layout, kind, trl_anchors))
+    else:
+        data, data_note = dataset_tokens(spec, store, files, run_layout)
+        tp = None if on_cpus else estimate_throughput(run_layout, kind, anchors)
     delay = signal_delay_s(spec)
     plan_schedule = None if tp is None else schedule(
         run_layout, data, tp, epochs=spec.train.epochs, max_steps=spec.train.max_steps,

@@ -67,6 +67,7 @@ measured, 56.5 GiB here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -332,21 +333,22 @@ def trl_has_fused_lm_head() -> bool:
     return any(str(f).endswith("kernels/chunked_logprob.py") for f in files)
 
 
-def fits(p: PlanInputs, gpu: GpuKind) -> bool:
-    return estimate_memory(p).reserved_gib <= gpu.memory_gib
+def fits(p: PlanInputs, gpu: GpuKind, memory: Callable[[PlanInputs], MemoryEstimate] | None = None) -> bool:
+    return (memory or estimate_memory)(p).reserved_gib <= gpu.memory_gib
 
 
-def fewest_gpus(p: PlanInputs, gpu: GpuKind, max_nodes: int = 16) -> PlanInputs | None:
+def fewest_gpus(p: PlanInputs, gpu: GpuKind, memory: Callable[[PlanInputs], MemoryEstimate] | None = None,
+                max_nodes: int = 16) -> PlanInputs | None:
     """The smallest layout that fits: 1..G GPUs on one node, then whole nodes (G = the spec's
     GPUs per node). Only FSDP spreads memory; for single/DDP it is one GPU or nothing."""
     per_node = max(1, p.gpus_per_node)
     if p.strategy != "fsdp":
         one = replace(p, nodes=1, gpus_per_node=1)
-        return one if fits(one, gpu) else None
+        return one if fits(one, gpu, memory) else None
     layouts = [(1, g) for g in range(1, per_node + 1)] + [(n, per_node) for n in range(2, max_nodes + 1)]
     for nodes, g in layouts:
         candidate = replace(p, nodes=nodes, gpus_per_node=g)
-        if fits(candidate, gpu):
+        if fits(candidate, gpu, memory):
             return candidate
     return None
 

@@ -184,8 +184,9 @@ def _peak_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
-    """Callbacks that write metrics.jsonl and honour ``stop`` (built lazily: they need transformers)."""
+def trainer_callbacks(job: JobFile, stop: StopOnSignal, logged: tuple[str, ...] = LOGGED) -> list:
+    """Callbacks that write metrics.jsonl (the Trainer's ``logged`` keys and every numeric eval_* key)
+    and honour ``stop`` (built lazily: they need transformers)."""
     from transformers import TrainerCallback
 
     metrics_path = job.run_dir / "metrics.jsonl"
@@ -212,7 +213,7 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal) -> list:
             now = time.perf_counter()
             record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps}
             for key, value in logs.items():
-                if key in LOGGED or (key.startswith("eval_") and isinstance(value, (int, float))):
+                if key in logged or (key.startswith("eval_") and isinstance(value, (int, float))):
                     record[key] = value
             tokens = logs.get("num_tokens")
             if tokens is not None and self.last_tokens is not None and now > self.last_t:

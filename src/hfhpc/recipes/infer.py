@@ -27,7 +27,7 @@ import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,7 +55,6 @@ TEXT_COLUMNS = ("text", "prompt", "sentence", "question")
 TRUNCATING_TASKS = ("text-classification", "sentiment-analysis")
 GENERATED_KEYS = ("generated_text", "summary_text", "translation_text")
 # ``infer:`` keys read by the recipe itself, never passed to the pipeline.
-ENGINE_KEYS = ("engine", "max_concurrent")
 PROGRESS_EVERY_S = 10.0
 
 
@@ -69,6 +68,9 @@ class InferSettings(BaseModel):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
     seed: int = Field(42, description="same on every rank: sampled generations are reproducible")
+    engine: Literal["auto", "pipeline"] = Field(
+        "auto", description="auto: text generation on hfhpc's engine where it applies; pipeline: always the pipeline")
+    max_concurrent: int | None = Field(None, ge=1, description="at most this many rows generated at once (default: what fits)")
 
 
 RECIPE = Recipe(
@@ -157,7 +159,7 @@ def call_kwargs(job: JobFile) -> dict[str, Any]:
     """Keyword arguments of every pipeline call: the spec's ``infer:`` extras, plus defaults that
     make the output a prediction (only the new text of a generation)."""
     infer = job.spec.infer
-    kwargs = {k: v for k, v in (infer.model_extra or {}).items() if k not in ENGINE_KEYS}
+    kwargs = dict(infer.model_extra or {})
     if infer.max_new_tokens is not None:
         kwargs["max_new_tokens"] = infer.max_new_tokens
     if infer.task == "text-generation":
@@ -230,13 +232,10 @@ def engine_settings(job: JobFile, pipe: Any, kwargs: dict[str, Any]) -> tuple[An
     from hfhpc.recipes import generate
 
     infer = job.spec.infer
-    choice = (infer.model_extra or {}).get("engine", "auto")
-    if choice not in ("auto", "pipeline"):
-        raise SystemExit(f"hfhpc: infer.engine is {choice!r}: use auto (the default) or pipeline")
-    if infer.task != "text-generation" or choice == "pipeline":
+    if infer.task != "text-generation" or infer.engine == "pipeline":
         return None
     try:
-        return generate.generation_settings(pipe, kwargs, job.spec.train.seed)
+        return generate.generation_settings(pipe, kwargs, infer.seed)
     except generate.NotForEngine as e:
         log(f"generating with the pipeline, batches of {infer.batch_size}: the engine does not implement {e}")
         return None
@@ -264,13 +263,10 @@ def build_engine(job: JobFile, pipe: Any, sampling: Any, prompts: list[Any]) -> 
 
     model = pipe.model
     max_len = generate.max_len_for(model, sampling, (len(p) for p in prompts))
-    cap = (job.spec.infer.model_extra or {}).get("max_concurrent")
-    if cap is not None and (not isinstance(cap, int) or cap < 1):
-        raise SystemExit(f"hfhpc: infer.max_concurrent is {cap!r}: give a whole number >= 1")
-    slots = generate.plan_slots(model, max_len, len(prompts), cap)
+    slots = generate.plan_slots(model, max_len, len(prompts), job.spec.infer.max_concurrent)
     if prompts and slots < 1:
-        raise SystemExit(f"hfhpc: the KV cache of one {max_len}-token row does not fit in the GPU memory left "
-                         "after loading the model: lower max_new_tokens or dataset.max_length of the prompts")
+        raise HfhpcError(f"the KV cache of one {max_len}-token row does not fit in the GPU memory left after "
+                         "loading the model", "lower infer.max_new_tokens, or use a GPU with more memory")
     log(f"generation engine: {max(slots, 1)} rows at once, {max_len} positions each")
     return generate.Engine(model, sampling, slots=max(slots, 1), max_len=max_len, tokenizer=pipe.tokenizer)
 

@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,12 @@ class Recipe:
     infer: type[BaseModel] | None = None  # the typed `infer:` section (None: `infer:` is refused)
     fsdp_version: int = 2          # FSDP implementation when the spec does not choose one
     user_script: bool = False      # the ranks run the spec's `script:` instead of the module's `main`
+    sections: dict[str, type[BaseModel]] = field(default_factory=dict)  # more top-level sections it owns (`harness:`)
+    datasets: Callable[[Any], list[Any]] | None = None  # datasets it loads beyond `dataset(s):` (DatasetRefs)
+    # What `hfhpc check` adds: (problems, sealed probe). Problems are (kind, id, what, error, fix);
+    # the probe is {"target": "module:function", "args": {...}}, called in the sealed probe child,
+    # returning results as hfhpc.offline.probe writes them.
+    offline_check: Callable[[Any], tuple[list[tuple[str, str, str, str, str]], dict | None]] | None = None
     # The entry point is the declaring module's `main(job) -> int`.
 
 
@@ -100,6 +106,11 @@ def entry_point(name: str) -> Callable[[Any], int]:
     """The declaring module's ``main(job) -> int`` (imports the module's heavy parts when called)."""
     module = importlib.import_module(_registry()[name][1])
     return module.main
+
+
+def section_owners(section: str) -> list[str]:
+    """The recipes that own the top-level ``section`` (one of their ``sections``)."""
+    return [name for name, recipe in recipes().items() if section in recipe.sections]
 
 
 def owners(section: str, key: str) -> list[str]:

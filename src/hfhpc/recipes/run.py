@@ -13,7 +13,10 @@ from hfhpc.recipes import registry
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from hfhpc.offline.guard_path import require_seal
+
     try:
+        require_seal()  # a rank started with HFHPC_SEAL=1 never runs unsealed
         job = load_job(Path(argv[0]))
         code = int(registry.entry_point(job.spec.recipe)(job) or 0)
     except HfhpcError as e:

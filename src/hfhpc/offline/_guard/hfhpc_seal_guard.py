@@ -12,6 +12,11 @@ environment), so installing it must cost next to nothing: it only puts an import
 
 A refused attempt fails at once, and the first refusal of each host writes one line to stderr.
 
+The proxy variables of a sealed environment point at a proxy that refuses every connection, for
+the programs that are not Python (curl, wget, git). ``urllib.request.getproxies`` (which urllib,
+requests, httpx and aiohttp read) leaves that proxy out, so Python's clients go direct and the rules
+above judge the real host.
+
 The policy itself lives in ``hfhpc/offline/seal.py`` and is loaded by file path the first time a
 decision is needed, so the guard works in any Python that can read hfhpc's files, even one that
 cannot import ``hfhpc``.
@@ -352,6 +357,35 @@ def _patch_aiohttp(mod) -> None:
     cls.connect = _wraps(sealed_connect, connect)
 
 
+def _patch_urllib_request(mod) -> None:
+    """Leave the seal's own proxy out of the proxies Python's clients read from the environment."""
+    if getattr(mod.getproxies_environment, _MARK, False):
+        return
+    from_environment = mod.getproxies_environment
+    same = mod.getproxies is from_environment  # on Linux, getproxies *is* getproxies_environment
+
+    def sealed_getproxies_environment():
+        sealed = _seal_module().SEALED_PROXY
+        return {scheme: url for scheme, url in from_environment().items() if url != sealed}
+
+    mod.getproxies_environment = _wraps(sealed_getproxies_environment, from_environment)
+    if same:
+        mod.getproxies = mod.getproxies_environment
+    else:
+        getproxies = mod.getproxies
+
+        def sealed_getproxies():
+            sealed = _seal_module().SEALED_PROXY
+            return {scheme: url for scheme, url in getproxies().items() if url != sealed}
+
+        mod.getproxies = _wraps(sealed_getproxies, getproxies)
+
+
+def installed() -> bool:
+    """Whether this process is sealed: the import hook is in place."""
+    return any(isinstance(finder, _PatchFinder) for finder in sys.meta_path)
+
+
 def _wraps(wrapper, original):
     for attr in ("__name__", "__qualname__", "__doc__"):
         try:
@@ -366,6 +400,7 @@ def _wraps(wrapper, original):
 PATCHES = {
     "socket": _patch_socket,
     "http.client": _patch_http_client,
+    "urllib.request": _patch_urllib_request,
     "urllib3.connection": _patch_urllib3,
     "requests.adapters": _patch_requests,
     "httpcore._sync.connection_pool": _patch_httpcore_sync_pool,
@@ -447,7 +482,7 @@ def _apply(patch, module) -> None:
 
 def install() -> None:
     """Seal this process: hook future imports, and patch the watched modules already imported."""
-    if any(isinstance(finder, _PatchFinder) for finder in sys.meta_path):
+    if installed():
         return
     sys.meta_path.insert(0, _PatchFinder())
     for name, patch in PATCHES.items():
