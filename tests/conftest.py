@@ -32,10 +32,10 @@ def isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
 @pytest.fixture(scope="session")
 def upstream_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store holding the bundled repos: what the loopback Hub serves."""
-    from hfhpc.demo.build import build_upstream
+    from hfhpc.demo.build import DEMO_REPOS, TEST_REPOS, build_upstream
 
     store = tmp_path_factory.mktemp("upstream")
-    build_upstream(store)
+    build_upstream(store, repos=DEMO_REPOS + TEST_REPOS)
     return store
 
 

@@ -51,10 +51,13 @@ def load_metric(metric_id: str):
     return evaluate.load(metric_id)
 
 
-def model_snapshot(model_id: str, commit: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+def model_file(model_id: str, commit: str | None, filename: str) -> Path:
+    """One file of the model, found the way ``from_pretrained`` finds it (transformers' ``cached_file``
+    calls ``hf_hub_download`` per file). Never ``snapshot_download``: offline it wants every file of
+    the Hub's listing, and staging leaves other frameworks' weights (onnx/, tf_model.h5, …) out."""
+    from huggingface_hub import hf_hub_download
 
-    return Path(snapshot_download(model_id, revision=commit, local_files_only=True))
+    return Path(hf_hub_download(model_id, filename, revision=commit))
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:

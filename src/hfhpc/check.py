@@ -21,10 +21,11 @@ from pathlib import Path
 from hfhpc.recipes import registry
 from hfhpc.offline.environ import offline_environ
 from hfhpc.spec import JobSpec, canonical_metric_id
+from hfhpc.store import readonly
 from hfhpc.store.cache import snapshot_dir
 from hfhpc.store.layout import dataset_arrow_dir, read_ref
 from hfhpc.store.lock import LockedAsset, load_lock
-from hfhpc.store.prepare import metric_module_dir
+from hfhpc.store.prepare import metric_module_dir, prepared_splits
 from hfhpc.store.stage import requests_from_spec
 from hfhpc.store.verify import Problem, VerifyCache, stage_command, verify_asset
 
@@ -53,6 +54,8 @@ class _Plan:
     train: dict | None = None  # {"config", "keys"}: pass-through train keys to check against the trainer config
     recipe: dict | None = None  # {"target", "args"}: the recipe's own sealed probe (Recipe.offline_check)
     fixes: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, id) → fix command
+    # Assets that staging again would leave as they are: their load failures need another fix.
+    staged_as_is: set[tuple[str, str]] = field(default_factory=set)
 
     def empty(self) -> bool:
         return not (self.models or self.datasets or self.metrics or self.train or self.recipe)
@@ -106,16 +109,32 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
 
 
 def _plan_locked(store: Path, locked: LockedAsset, dref, plan: _Plan, fix: str) -> None:
+    """Plan the load probes of an asset whose locked files all verified.
+
+    Staging it again is a no-op unless it would prepare something (a dataset's Arrow cache, a
+    metric's module): only then is ``hfhpc stage`` the fix for a failed load.
+    """
     if locked.kind == "model":
         plan.add_model(store, locked.id, locked.commit, fix)
+        plan.staged_as_is.add(locked.key)
     elif locked.kind == "dataset":
         config = dref.config if dref else None
         splits = dref.all_splits() if dref else []
         plan.datasets.append({"id": locked.id, "commit": locked.commit, "config": config, "splits": splits})
         plan.fixes[("dataset", locked.id)] = fix
+        if prepared_splits(store, locked, config) is not None:
+            plan.staged_as_is.add(locked.key)
     else:
         plan.metrics.append({"id": locked.id})
         plan.fixes[("metric", locked.id)] = fix
+        if metric_module_dir(store, locked.id).is_dir():
+            plan.staged_as_is.add(locked.key)
+
+
+def _not_a_staging_fix(store: Path, repro: str) -> str:
+    """The fix for a load that fails although every locked file is there: show the whole error."""
+    how = f"; the whole error: hfhpc --store {shlex.quote(str(store))} exec -- python -c {shlex.quote(repro)}" if repro else ""
+    return f"not fixed by staging (every locked file is in the store, intact){how}"
 
 
 def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport) -> None:
@@ -137,6 +156,8 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
     ]
     groups = [g for g in groups if any(g.values())]
     with tempfile.TemporaryDirectory(prefix="hfhpc-check-") as tmp:
+        if not readonly.is_writable(store):
+            env.update(readonly.scratch_environ(store, Path(tmp) / "scratch"))
         running = []
         for i, group in enumerate(groups):
             plan_file, result_file = Path(tmp) / f"plan{i}.json", Path(tmp) / f"result{i}.json"
@@ -155,14 +176,21 @@ def _probe(store: Path, plan: _Plan, allow_hosts: list[str], report: CheckReport
                 continue
             results.extend(json.loads(result_file.read_text()))
     report.probes += len(results)
+    seen: set[tuple] = set()
     for r in results:
-        if not r["error"]:
-            continue
+        if not r["error"] or (r["kind"], r["id"], r["what"], r["error"]) in seen:
+            continue  # the spec and a script of it may name the same asset: one problem, once
+        seen.add((r["kind"], r["id"], r["what"], r["error"]))
         if r.get("cause") == "spec":
             fix = f"edit the spec's {r['id']}: keys" if r["kind"] == "spec" else "edit the spec: name a split the dataset has"
             report.problems.append(Problem(r["kind"], r["id"], r["what"], r["error"], fix))
             continue
-        fix = r.get("fix") or plan.fixes.get((r["kind"], r["id"]), f"hfhpc stage --{r['kind']} {shlex.quote(r['id'])}")
+        if r.get("fix"):
+            fix = r["fix"]
+        elif (r["kind"], r["id"]) in plan.staged_as_is:
+            fix = _not_a_staging_fix(store, r.get("repro", ""))
+        else:
+            fix = plan.fixes.get((r["kind"], r["id"]), f"hfhpc stage --{r['kind']} {shlex.quote(r['id'])}")
         report.problems.append(Problem(r["kind"], r["id"], r["what"], f"fails offline: {r['error']}", fix))
 
 

@@ -59,6 +59,7 @@ def gather(store: Path) -> dict:
         "free_gib": round(st.f_bavail * st.f_frsize / 2**30, 2),
         "free_inodes": st.f_favail,
         "assets": _count_assets(store),
+        "under": _filesystems_under(store),
     }
     watched = (*hfenv.OFFLINE_VARS, hfenv.HF_HOME, hfenv.HFHPC_STORE, hfenv.HF_ENDPOINT, *hfenv.CACHE_OVERRIDES)
     info["environment"] = {name: os.environ.get(name) for name in watched if os.environ.get(name) is not None}
@@ -67,6 +68,17 @@ def gather(store: Path) -> dict:
     xet_off = os.environ.get("HF_HUB_DISABLE_XET", "").lower() in {"1", "true", "yes"}
     info["xet"] = {"installed": _version("hf-xet") is not None, "disabled": xet_off}
     return info
+
+
+def _filesystems_under(store: Path, environ=os.environ) -> list[str]:
+    """``HOME`` and ``SCRATCH`` when the store lies under them (after resolving links)."""
+    real = Path(os.path.realpath(store))
+    found = []
+    for var in ("HOME", "SCRATCH"):
+        value = environ.get(var)
+        if value and value != "/" and real.is_relative_to(os.path.realpath(value)):
+            found.append(var)
+    return found
 
 
 def _count_assets(store: Path) -> dict[str, int]:
@@ -84,6 +96,11 @@ def warnings(info: dict) -> list[str]:
     out = []
     if info["store"]["free_gib"] < 10:
         out.append(f"only {info['store']['free_gib']} GiB free where the store lives: a 7B model needs ~15 GiB")
+    where = "put it in project space (a group's folder, group-readable: chmod -R g+rX; shared for writing: a setgid folder and umask 002) and export HFHPC_STORE there"
+    if "HOME" in info["store"]["under"]:
+        out.append(f"the store {info['store']['path']} is under $HOME: home quotas are small and others cannot read it; {where}")
+    if "SCRATCH" in info["store"]["under"]:
+        out.append(f"the store {info['store']['path']} is under $SCRATCH, which is purged: staged assets vanish; {where}")
     if info["xet"]["installed"] and not info["xet"]["disabled"]:
         out.append("hf_xet is installed and enabled: xet downloads hang on many login nodes (hfhpc stage disables it)")
     overrides = [v for v in hfenv.CACHE_OVERRIDES if v in info["environment"]]

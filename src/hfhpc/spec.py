@@ -143,7 +143,7 @@ class Resources(_Strict):
     procs_per_node: int | None = Field(None, ge=1, le=MAX_PROCS_PER_NODE, description="processes per node (default: one per GPU, 1 on CPU)")
     gpu_type: str | None = Field(None, description="e.g. a100 → --gres=gpu:a100:N")
     cpus_per_gpu: int = Field(8, ge=1, le=MAX_PROCS_PER_NODE, description="CPU cores per process")
-    mem_gb: int = Field(0, ge=0, le=MAX_MEM_GB, description="memory per node in GB (0: the site default)")
+    mem_gb: int | None = Field(None, ge=0, le=MAX_MEM_GB, description="memory per node in GB (absent: estimated from the model and ranks; 0: all of each node's memory, as SLURM's --mem=0)")
     time: str = Field("0-01:00:00", description="wall time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     account: str | None = Field(None, description="SLURM account (--account)")
     partition: str | None = None

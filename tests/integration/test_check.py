@@ -196,3 +196,51 @@ def test_check_names_train_keys_the_trainer_does_not_have(staged: Path, store: P
     assert out.returncode == 1
     assert "not a field of the trainer's config: warmup_ratio" in out.stdout
     assert "lr_scheduler_type" not in out.stdout
+
+
+def test_check_passes_a_model_whose_repository_ships_files_staging_leaves_out(hub, tmp_path: Path):
+    """Real repositories carry onnx/, TensorFlow and Flax weights beside the safetensors; staging
+    leaves them out on purpose, so the probe must load what the job loads, not the whole snapshot."""
+    from hfhpc.demo.build import ALL_FORMATS_MODEL_ID
+
+    spec = write_spec(tmp_path / "job.yaml", f"""\
+name: all-formats
+recipe: sft
+model: {ALL_FORMATS_MODEL_ID}
+dataset: {{id: {CHAT_DATASET_ID}, split: train_sft, max_samples: 16}}
+train: {{max_length: 128, max_steps: 2, per_device_batch_size: 4, save_steps: 100}}
+launch: {{strategy: single, mixed_precision: "no"}}
+resources: {{gpus_per_node: 0, cpus_per_gpu: 1}}
+""")
+    store = tmp_path / "store"
+    out = hfhpc("--store", str(store), "stage", str(spec), env=dict(os.environ, HF_ENDPOINT=hub.url))
+    assert out.returncode == 0, out.stderr
+    snapshot = next((store / "hub").glob(f"models--{ALL_FORMATS_MODEL_ID.replace('/', '--')}/snapshots/*"))
+    assert (snapshot / "model.safetensors").is_file()
+    assert not (snapshot / "onnx").exists() and not (snapshot / "tf_model.h5").exists()
+
+    checked = hfhpc("--store", str(store), "check", str(spec))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "ready: 2 assets verified" in checked.stdout
+
+    ran = hfhpc("--store", str(store), "run", str(spec), timeout=600)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert (tmp_path / "runs" / "all-formats" / "model" / "model.safetensors").is_file()
+
+
+def test_a_load_that_fails_with_every_file_staged_is_not_sent_back_to_stage(tmp_path: Path):
+    """Staging again would answer "already staged": the fix must be something that can fix it."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    store = tmp_path / "store"
+    spec = write_spec(tmp_path / "job.yaml", "name: odd\nrecipe: script\nscript: x.py\nmodel: org/odd\nresources: {gpus_per_node: 0}\n")
+    (tmp_path / "x.py").write_text("print('hello')\n")
+    out = hfhpc("--store", str(store), "stage", "--model", "org/odd", "--from", str(folder), "--lock", str(tmp_path / "job.lock"))
+    assert out.returncode == 0, out.stderr
+    checked = hfhpc("--store", str(store), "check", str(spec))
+    assert checked.returncode == 1, checked.stdout
+    assert "model org/odd: config: fails offline:" in checked.stdout
+    assert "hfhpc stage" not in checked.stdout
+    assert "not fixed by staging (every locked file is in the store, intact)" in checked.stdout
+    assert f"hfhpc --store {store} exec -- python -c" in checked.stdout

@@ -292,3 +292,13 @@ def test_two_concurrent_stages_of_one_asset_both_succeed(hub, tmp_path: Path, st
     assert len(blobs) == len(locks[0]["files"])  # one copy of each file, no leftovers
     downloaded = sum("downloaded" in out for out, _ in results)
     assert downloaded == 1  # the second waited for the first and found everything there
+
+
+def test_stage_warns_about_a_split_the_dataset_does_not_have(hub, tmp_path: Path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: x\nrecipe: sft\nmodel: {MODEL_ID}\ndataset: {{id: {CHAT_DATASET_ID}, split: train, eval_split: test_sft}}\n")
+    out = hfhpc("--store", str(tmp_path / "store"), "stage", str(spec), env=dict(os.environ, HF_ENDPOINT=hub.url))
+    assert out.returncode == 0, out.stderr
+    assert (f"warning: dataset {CHAT_DATASET_ID} has no split 'train': it has train_sft, test_sft, train_gen, test_gen; "
+            f"fix the split names in {spec}") in out.stdout
+    assert "'test_sft'" not in out.stdout

@@ -34,7 +34,7 @@ ZEPHYR = {  # the README's spec
     "metrics": ["accuracy"],
     "train": {"max_length": 2048, "packing": True, "epochs": 1, "learning_rate": 2.0e-5},
     "launch": {"strategy": "fsdp", "mixed_precision": "bf16"},
-    "resources": {"nodes": 1, "gpus_per_node": 4, "cpus_per_gpu": 12, "mem_gb": 0, "time": "0-03:00:00",
+    "resources": {"nodes": 1, "gpus_per_node": 4, "cpus_per_gpu": 12, "time": "0-03:00:00",
                   "account": "def-someone"},
     "site": {"preamble": ["module load python/3.11 gcc arrow"], "venv": "/home/someone/venvs/hf"},
     "output_dir": "runs/zephyr-sft",
@@ -97,7 +97,7 @@ def test_directives_follow_the_resources() -> None:
     lines = sbatch.render_sbatch(make_job(CPU_2NODES)).splitlines()
     directives = [line.removeprefix("#SBATCH ") for line in lines if line.startswith("#SBATCH ")]
     assert directives == [
-        "--job-name=cifar-ddp", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=8", "--time=30",
+        "--job-name=cifar-ddp", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=4G", "--time=30",
         "--output=logs/%x-%j.out", "--error=logs/%x-%j.out", "--signal=B:USR1@60", "--requeue",
         "--open-mode=append",
     ]

@@ -26,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.paths:
         raise UsageError("nothing to check", "give a job spec and/or the scripts the job runs")
     spec = load_spec(specs[0]) if specs else None
-    report = check(args.store_path, spec, scripts, probe=not args.no_probe, full=args.full)
+    store = args.store_path
+    if spec is not None:
+        from hfhpc.store.location import store_for_spec
+
+        store = store_for_spec(spec, args.store)
+    report = check(store, spec, scripts, probe=not args.no_probe, full=args.full)
     print(render(report))
     return 0 if report.ready else EXIT_FAILED

@@ -12,7 +12,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print("\n".join(env_lines(args.store_path, spec_path=args.spec, seal=not args.no_seal)))
+    store = args.store_path
+    if args.spec:
+        from hfhpc.spec import load_spec
+        from hfhpc.store.location import store_for_spec
+
+        store = store_for_spec(load_spec(args.spec), args.store)
+    print("\n".join(env_lines(store, spec_path=args.spec, seal=not args.no_seal)))
     return 0
 
 

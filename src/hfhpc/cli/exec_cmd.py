@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from hfhpc.errors import EXIT_USAGE, UsageError
 
@@ -37,11 +38,15 @@ def run(args: argparse.Namespace) -> int:
     if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
         raise UsageError(f"command not found: {cmd[0]}")
     allow: list[str] = []
+    store = args.store_path
     if args.spec:
         from hfhpc.spec import load_spec
+        from hfhpc.store.location import store_for_spec
 
-        allow = list(load_spec(args.spec).site.allow_hosts)
-    env = offline_environ(args.store_path, allow_hosts=allow, seal=not args.no_seal)
+        spec = load_spec(args.spec)
+        allow = list(spec.site.allow_hosts)
+        store = store_for_spec(spec, args.store)
+    env = offline_environ(store, allow_hosts=allow, seal=not args.no_seal)
     preexec = None
     if args.netns:
         from hfhpc.offline.netns import check_netns, enter_private_network
@@ -49,12 +54,19 @@ def run(args: argparse.Namespace) -> int:
         check_netns(allow)
         preexec = enter_private_network
     sys.stdout.flush()
-    try:
-        return subprocess.call(cmd, env=env, preexec_fn=preexec)
-    except subprocess.SubprocessError as exc:  # raised for a preexec_fn that failed: no namespace here
-        from hfhpc.offline.netns import unavailable_error
+    import tempfile
 
-        raise unavailable_error() from exc
-    except PermissionError:
-        print(f"hfhpc: error: {cmd[0]} is not executable", file=sys.stderr)
-        return EXIT_USAGE
+    from hfhpc.store import readonly
+
+    with tempfile.TemporaryDirectory(prefix="hfhpc-exec-") as scratch:
+        if not readonly.is_writable(store):
+            env.update(readonly.scratch_environ(store, Path(scratch)))
+        try:
+            return subprocess.call(cmd, env=env, preexec_fn=preexec)
+        except subprocess.SubprocessError as exc:  # raised for a preexec_fn that failed: no namespace here
+            from hfhpc.offline.netns import unavailable_error
+
+            raise unavailable_error() from exc
+        except PermissionError:
+            print(f"hfhpc: error: {cmd[0]} is not executable", file=sys.stderr)
+            return EXIT_USAGE

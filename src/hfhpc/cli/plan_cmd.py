@@ -27,8 +27,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hfhpc.plan import make_plan, render_plan
     from hfhpc.spec import load_spec
+    from hfhpc.store.location import store_for_spec
 
-    plan = make_plan(load_spec(args.spec), args.store_path, gpu=args.gpu, model_config=args.model_config,
+    spec = load_spec(args.spec)
+    plan = make_plan(spec, store_for_spec(spec, args.store), gpu=args.gpu, model_config=args.model_config,
                      results_dir=args.results, weights_dtype=args.weights_dtype)
     print(json.dumps(plan.to_json(), indent=2) if args.json else render_plan(plan))
     return 0

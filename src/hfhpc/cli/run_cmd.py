@@ -16,9 +16,11 @@ def run(args: argparse.Namespace) -> int:
     from hfhpc.run.jobfile import COMPLETE, prepare_run_dir
     from hfhpc.run.lock import RunLock
     from hfhpc.spec import load_spec
+    from hfhpc.store.location import store_for_spec
 
     executor = LocalExecutor()
-    job = executor.resolve(load_spec(args.spec), args.store_path, fresh=args.fresh)
+    spec = load_spec(args.spec)
+    job = executor.resolve(spec, store_for_spec(spec, args.store), fresh=args.fresh)
     # Held from the check to the end: a second `hfhpc run` of the same folder is refused, not mixed in.
     with RunLock(job.run_dir):
         if executor.check(job) == COMPLETE:

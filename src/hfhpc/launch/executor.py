@@ -272,10 +272,11 @@ class SlurmExecutor(BatchScheduler):
 
 def slurm_request(job: JobFile) -> Request:
     """What ``job.sbatch`` asks of every node, in the numbers ``sinfo`` reports."""
+    from hfhpc.launch.sbatch import mem_gb
     from hfhpc.scheduler.partitions import Request
 
     res = job.spec.resources
-    return Request(nodes=res.nodes, cpus_per_node=res.cpus_per_gpu * res.procs, mem_mb=res.mem_gb * 1024,
+    return Request(nodes=res.nodes, cpus_per_node=res.cpus_per_gpu * res.procs, mem_mb=mem_gb(job) * 1024,
                    gpus_per_node=res.gpus_per_node, gpu_type=res.gpu_type, time_s=res.time_s)
 
 

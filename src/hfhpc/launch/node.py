@@ -160,6 +160,11 @@ def ranks_environ(job: JobFile, topo: Topology, store: Path, base: dict[str, str
     variables (the scheduler's own variables are read once, by the agent)."""
     spec = job.spec
     env = offline_environ(store, base=without_handed_down(base), allow_hosts=spec.site.allow_hosts)
+    from hfhpc.store import readonly
+
+    if not readonly.is_writable(store):
+        # A read-only store: datasets' locks and caches go to node-local scratch (store/readonly.py).
+        env.update(readonly.scratch_environ(store, readonly.scratch_dir(jobenv.tmpdir if jobenv else None, f"job-{topo.job_id or os.getpid()}")))
     if jobenv is not None and topo.job_id is not None:
         env.update(jobenv.rank_variables())
     env[hfenv.HFHPC_RUN_DIR] = str(job.run_dir)

@@ -96,6 +96,15 @@ def _check_extra(job: JobFile, index: int, line: str) -> str:
     return line
 
 
+def mem_gb(job: JobFile) -> int:
+    """``--mem`` in GB: the spec's ``resources.mem_gb`` (0: the whole node), else the estimate."""
+    if job.spec.resources.mem_gb is not None:
+        return job.spec.resources.mem_gb
+    from hfhpc.plan.host import host_memory_gb
+
+    return host_memory_gb(job.spec, job.store)
+
+
 def _directives(job: JobFile) -> list[str]:
     res = job.spec.resources
     delay = job.signal_delay_s if job.signal_delay_s is not None else signal_delay_s(job.spec, job.run_dir)
@@ -109,8 +118,9 @@ def _directives(job: JobFile) -> list[str]:
     elif res.gpus_per_node:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
     opts.append(f"--cpus-per-task={res.cpus_per_gpu * res.procs}")
-    if res.mem_gb > 0:
-        opts.append(f"--mem={res.mem_gb}G")
+    # Always --mem: without it the job gets the site's default, often a few GB per core.
+    mem = mem_gb(job)
+    opts.append(f"--mem={mem}G" if mem else "--mem=0")
     opts.append(f"--time={res.time}")
     for key in ("account", "partition", "qos"):
         value = getattr(res, key)

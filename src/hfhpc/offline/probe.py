@@ -30,7 +30,7 @@ def run_plan(plan: dict) -> list[dict]:
 
     results: list[dict] = []
 
-    def probe(kind: str, repo_id: str, what: str, fn: Callable[[], object]) -> None:
+    def probe(kind: str, repo_id: str, what: str, fn: Callable[[], object], repro: str = "") -> None:
         t = time.perf_counter()
         cause = "store"
         try:
@@ -42,20 +42,24 @@ def run_plan(plan: dict) -> list[dict]:
             error = _first_line(e)
         results.append({
             "kind": kind, "id": repo_id, "what": what, "error": error, "cause": cause,
-            "seconds": round(time.perf_counter() - t, 3),
+            "seconds": round(time.perf_counter() - t, 3), "repro": repro,
         })
 
     for m in plan.get("models", []):
         mid, commit = m["id"], m.get("commit")
-        probe("model", mid, "config", lambda: assets.load_config(mid, commit))
+        args = f"{mid!r}, revision={commit!r}"
+        probe("model", mid, "config", lambda: assets.load_config(mid, commit),
+              f"from transformers import AutoConfig; AutoConfig.from_pretrained({args})")
         if m.get("tokenizer"):
-            probe("model", mid, "tokenizer", lambda: assets.load_tokenizer(mid, commit))
+            probe("model", mid, "tokenizer", lambda: assets.load_tokenizer(mid, commit),
+                  f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained({args})")
         for rel in m.get("weights", []):
 
             def header(rel: str = rel) -> None:
-                assets.safetensors_header(assets.model_snapshot(mid, commit) / rel)
+                assets.safetensors_header(assets.model_file(mid, commit, rel))
 
-            probe("model", mid, rel, header)
+            probe("model", mid, rel, header,
+                  f"from huggingface_hub import hf_hub_download; hf_hub_download({mid!r}, {rel!r}, revision={commit!r})")
     for d in plan.get("datasets", []):
         for split in d.get("splits", []):
             did, commit, config = d["id"], d.get("commit"), d.get("config")
@@ -71,7 +75,8 @@ def run_plan(plan: dict) -> list[dict]:
                         raise SpecMismatch(f"no split {split!r}; the dataset has {', '.join(names)}") from None
                     raise
 
-            probe("dataset", did, what, load)
+            probe("dataset", did, what, load,
+                  f"import datasets; datasets.load_dataset({did!r}, {config!r}, split={split!r}, revision={commit!r})")
     train = plan.get("train")
     if train and train.get("keys"):
 
@@ -86,7 +91,8 @@ def run_plan(plan: dict) -> list[dict]:
     if plan.get("recipe"):
         _probe_recipe(plan["recipe"], results)
     for mt in plan.get("metrics", []):
-        probe("metric", mt["id"], "evaluate.load", lambda mid=mt["id"]: assets.load_metric(mid))
+        probe("metric", mt["id"], "evaluate.load", lambda mid=mt["id"]: assets.load_metric(mid),
+              f"import evaluate; evaluate.load({mt['id']!r})")
     return results
 
 

@@ -10,6 +10,7 @@ checkpoints, allocations), ``make`` (a spec's plan), ``render`` (its text).
 """
 
 from hfhpc.plan.gpus import GIB, GPUS, GpuKind, gpu_kind_of
+from hfhpc.plan.host import host_memory_gb
 from hfhpc.plan.make import Plan, inputs_from_spec, make_plan
 from hfhpc.plan.memory import MemoryEstimate, PlanInputs, estimate_memory, fewest_gpus, fits, most_kept_layers
 from hfhpc.plan.render import render_plan
@@ -19,6 +20,7 @@ from hfhpc.plan.throughput import Anchor, Throughput, estimate_throughput, load_
 from hfhpc.plan.tokens import DatasetTokens, tokens_from_lengths
 
 __all__ = [
+    "host_memory_gb",
     "GIB", "GPUS", "GpuKind", "gpu_kind_of", "Plan", "inputs_from_spec", "make_plan", "MemoryEstimate", "PlanInputs",
     "estimate_memory", "fewest_gpus", "fits", "most_kept_layers", "render_plan", "Schedule", "schedule",
     "BENCH_SHAPES", "SHAPE_1B", "SHAPE_7B", "ModelShape", "read_model_config", "Anchor", "Throughput",

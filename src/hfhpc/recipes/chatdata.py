@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from bisect import bisect_left, insort
 from collections import deque
 from contextlib import contextmanager
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
+
+from hfhpc.store.atomic import tmp_dir
 
 PREPARED_VERSION = 3
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -957,8 +958,8 @@ def _prepare(ds, *, tokenizer, assistant_only: bool, cache_root: Path, key: str,
     """Tokenize ``ds`` into ``cache_root/key`` and, with a layout, its trainer-ready form into
     ``cache_root/layout_key``, in one pass over the rows."""
     cache_root.mkdir(parents=True, exist_ok=True)
-    rows_tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
-    layout_tmp = Path(tempfile.mkdtemp(prefix=f".{layout_key}.", dir=cache_root)) if layout_key else None
+    rows_tmp = tmp_dir(cache_root, f".{key}.")
+    layout_tmp = tmp_dir(cache_root, f".{layout_key}.") if layout_key else None
     try:
         chunks = _chunks(len(ds), _processes(num_proc, len(ds) // PACK_BATCH_ROWS + 1))
         work = _Work(dataset=_message_columns(ds), tokenizer=tokenizer, template=tokenizer.get_chat_template(),
@@ -984,7 +985,7 @@ def _lay_out(rows_folder: Path, *, cache_root: Path, layout: _Layout, layout_key
 
     ds = _load(rows_folder)
     chunks = _chunks(len(ds), 1)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{layout_key}.", dir=cache_root))
+    tmp = tmp_dir(cache_root, f".{layout_key}.")
     try:
         table = ds.with_format("arrow")
         for i, (a, b) in enumerate(chunks):

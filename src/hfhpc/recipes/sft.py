@@ -65,7 +65,7 @@ RECIPE = Recipe(
         "train": {"max_length": 2048, "packing": True, "epochs": 1, "learning_rate": 2.0e-5,
                   "per_device_batch_size": 8, "save_steps": 200},
         "launch": {"strategy": "fsdp", "mixed_precision": "bf16"},
-        "resources": {"nodes": 1, "gpus_per_node": 4, "cpus_per_gpu": 12, "mem_gb": 0, "time": "0-03:00:00",
+        "resources": {"nodes": 1, "gpus_per_node": 4, "cpus_per_gpu": 12, "time": "0-03:00:00",
                       "account": "def-someone"},
         "site": {"preamble": ["module load python/3.11 gcc arrow"]},
         "output_dir": "runs/zephyr-sft",

@@ -26,6 +26,23 @@ def tmp_name(final: Path) -> Path:
     return final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
 
+def tmp_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty folder in ``parent`` to fill and rename into place.
+
+    Unlike ``tempfile.mkdtemp`` (mode 0700), its mode comes from the umask and, in a setgid
+    folder, its group and setgid bit from the parent: once renamed into a shared store, the
+    group can read it (and, with umask 002, write beside it).
+    """
+    parent = Path(parent)
+    while True:
+        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

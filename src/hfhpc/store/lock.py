@@ -6,12 +6,14 @@ JSON, next to the spec (``job.yaml`` → ``job.lock``)::
       "commit": "<sha>", "include": [], "files": [{"path": …, "size": …, "sha256": …, "blob_id": …, "lfs": true}]}]}
 
 ``run`` and ``submit`` use the commits recorded here; ``check`` verifies the store against it.
+``"store"`` records where the assets were staged, for commands run without ``--store``.
 Nothing secret goes in: no token, no endpoint credentials.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,7 @@ class LockedAsset:
 class Lockfile:
     path: Path
     assets: list[LockedAsset] = field(default_factory=list)
+    store: Path | None = None  # the store the assets were staged into (store/location.py reads it)
 
     def get(self, kind: str, repo_id: str) -> LockedAsset | None:
         for a in self.assets:
@@ -92,7 +95,11 @@ class Lockfile:
     def to_json(self) -> dict:
         order = {"model": 0, "dataset": 1, "metric": 2}
         assets = sorted(self.assets, key=lambda a: (order.get(a.kind, 9), a.id))
-        return {"version": LOCK_VERSION, "generated_by": f"hfhpc {__version__}", "assets": [a.to_json() for a in assets]}
+        out: dict = {"version": LOCK_VERSION, "generated_by": f"hfhpc {__version__}"}
+        if self.store is not None:
+            out["store"] = str(self.store)
+        out["assets"] = [a.to_json() for a in assets]
+        return out
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.to_json(), indent=2) + "\n")
@@ -158,11 +165,12 @@ def load_lock(path: Path, *, missing_ok: bool = False) -> Lockfile:
             assets.append(_asset(path, a))
     except (KeyError, TypeError) as e:
         raise _bad(path, f"missing {e}") from None
-    return Lockfile(path, assets)
+    return Lockfile(path, assets, _recorded_store(path, data.get("store")))
 
 
-def update_lock(path: Path, assets: list[LockedAsset]) -> Lockfile:
-    """Put ``assets`` into the lockfile at ``path``, keeping every other asset in it.
+def update_lock(path: Path, assets: list[LockedAsset], store: Path | None = None) -> Lockfile:
+    """Put ``assets`` into the lockfile at ``path``, keeping every other asset in it; record
+    ``store`` as the store they were staged into.
 
     Read, change and write happen under a ``mkdir`` lock beside the file: several ``hfhpc stage
     --lock same.lock`` of different assets at once each add theirs instead of the last writer's
@@ -173,5 +181,16 @@ def update_lock(path: Path, assets: list[LockedAsset]) -> Lockfile:
         lock = load_lock(path, missing_ok=True)
         for asset in assets:
             lock.put(asset)
+        if store is not None:
+            lock.store = Path(store).absolute()
         lock.save()
     return lock
+
+
+def _recorded_store(path: Path, value: object) -> Path | None:
+    """The lockfile's store: an absolute, normalised path, or none recorded (older lockfiles)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or os.path.normpath(value) != value:
+        raise _bad(path, f"store {value!r} is not an absolute, normalised path")
+    return Path(value)

@@ -91,6 +91,17 @@ def dataset_cache_dir(store: Path, repo_id: str, config: str | None, commit: str
     return [p for p in base.glob(f"*/{commit}") if (p / "dataset_info.json").is_file()]
 
 
+def prepared_split_names(store: Path, asset: LockedAsset, config: str | None) -> list[str] | None:
+    """The split names ``load_dataset`` found for this commit and config, or None when not prepared."""
+    for folder in dataset_cache_dir(store, asset.id, config, asset.commit):
+        try:
+            splits = json.loads((folder / "dataset_info.json").read_text()).get("splits") or {}
+        except (ValueError, AttributeError):
+            continue
+        return list(splits)
+    return None
+
+
 def prepared_splits(store: Path, asset: LockedAsset, config: str | None) -> list[str] | None:
     """``config/split (rows)`` lines when the Arrow cache for this commit exists, else None."""
     for folder in dataset_cache_dir(store, asset.id, config, asset.commit):

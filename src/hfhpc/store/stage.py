@@ -33,6 +33,7 @@ class AssetOutcome:
 class StageReport:
     lock_path: Path
     outcomes: list[AssetOutcome]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def downloaded_bytes(self) -> int:
@@ -123,7 +124,7 @@ def stage(
     finally:
         bar.close()
         cache.save()
-    update_lock(lock_path, [o.asset for o in outcomes])
+    update_lock(lock_path, [o.asset for o in outcomes], store=store)
     return StageReport(lock_path, outcomes)
 
 
@@ -131,7 +132,27 @@ def stage_spec(spec: JobSpec, store: Path, **kwargs) -> StageReport:
     configs: dict[str, list[str | None]] = {}
     for d in spec.all_datasets():
         configs.setdefault(d.id, []).append(d.config)
-    return stage(store, requests_from_spec(spec), spec.lock_path(), dataset_configs=configs, **kwargs)
+    report = stage(store, requests_from_spec(spec), spec.lock_path(), dataset_configs=configs, **kwargs)
+    report.warnings.extend(missing_splits(spec, store, report))
+    return report
+
+
+def missing_splits(spec: JobSpec, store: Path, report: StageReport) -> list[str]:
+    """The spec's splits that the staged dataset does not have (the job would fail on them)."""
+    from hfhpc.store.prepare import prepared_split_names
+
+    assets = {(o.asset.kind, o.asset.id): o.asset for o in report.outcomes}
+    out = []
+    for d in spec.all_datasets():
+        asset = assets.get(("dataset", d.id))
+        names = prepared_split_names(store, asset, d.config) if asset else None
+        if not names:
+            continue  # not prepared (--no-prepare): cannot tell here; `hfhpc check` will
+        for split in d.all_splits():
+            if split not in names:
+                where = f" (config {d.config})" if d.config else ""
+                out.append(f"dataset {d.id}{where} has no split {split!r}: it has {', '.join(names)}; fix the split names in {spec.source or 'the spec'}")
+    return out
 
 
 def import_local(store: Path, kind: str, repo_id: str, src: Path, lock_path: Path, revision: str = "main") -> StageReport:
@@ -152,7 +173,7 @@ def import_local(store: Path, kind: str, repo_id: str, src: Path, lock_path: Pat
         outcome.prepared = [prep.install_metric(store, asset)]
     elif kind == "dataset":
         outcome.prepared = prep.prepare_dataset(store, asset, [None], endpoint=None, token=None)
-    update_lock(lock_path, [asset])
+    update_lock(lock_path, [asset], store=store)
     return StageReport(lock_path, [outcome])
 
 

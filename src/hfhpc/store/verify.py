@@ -6,6 +6,7 @@ blob, so a second ``check`` of a 7B model reads metadata only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -78,7 +79,13 @@ class VerifyCache:
         except (FileNotFoundError, ValueError):
             current = {}
         current.update(self.entries)
-        atomic_write_json(self.path, current)
+        try:
+            atomic_write_json(self.path, current)
+        except OSError as e:
+            # A read-only store (a lab's shared project space) is checked all the same: the
+            # cache only saves re-hashing next time.
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
         self.dirty = False
 
 
