@@ -52,10 +52,12 @@ def host_memory_gb(spec: Any, store: Path) -> int:
             saved = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
             bytes_per_param = _DTYPE_BYTES.get(str(saved), bytes_per_param)
     half = spec.launch.mixed_precision in ("bf16", "fp16") and res.gpus_per_node > 0
-    lora = spec.recipe == "sft" and getattr(getattr(spec, "train", None), "lora", None) is not None
-    load_bytes_per_param = 2 if half and (spec.recipe in ("infer", "evaluate") or lora) else 4
-    cpu_copy = file_bytes / bytes_per_param * load_bytes_per_param
     train = getattr(spec, "train", None)  # recipes without training have none
+    # Inference (no train: section) and LoRA's frozen base load in the compute dtype; full
+    # fine-tuning keeps fp32 weights.
+    lora = getattr(train, "lora", None) is not None
+    load_bytes_per_param = 2 if half and (train is None or lora) else 4
+    cpu_copy = file_bytes / bytes_per_param * load_bytes_per_param
     extra = (getattr(train, "model_extra", None) or {}) if train is not None else {}
     workers = extra.get("dataloader_num_workers") or 0
     workers = workers if isinstance(workers, int) and workers > 0 else 0
