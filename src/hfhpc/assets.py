@@ -87,7 +87,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 def unknown_training_keys(trainer_config: str, keys: list[str]) -> list[str]:
     """The ``train:`` keys that the trainer config (``"module:Class"``) does not have."""
-    from hfhpc.recipes.registry import dataclass_fields
+    from hfhpc.registry import dataclass_fields
 
     names = set(dataclass_fields(trainer_config))
     return sorted(k for k in keys if k not in names)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfhpc.recipes import registry
+from hfhpc import registry
 from hfhpc.offline.environ import offline_environ
 from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store import readonly

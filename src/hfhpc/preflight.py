@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hfhpc import env as hfenv
 from hfhpc.errors import SpecError
-from hfhpc.recipes import registry
+from hfhpc import registry
 from hfhpc.spec import JobSpec, did_you_mean
 
 PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")

@@ -2,7 +2,7 @@
 
 One model per concern; field descriptions drive the starter files and error messages. Unknown keys
 are an error that lists the valid ones. ``train:`` and ``infer:`` belong to the recipe: each recipe
-(``hfhpc.recipes.registry``) names the model of its ``train:`` (a ``TrainBase``) and ``infer:``
+(``hfhpc.registry``) names the model of its ``train:`` (a ``TrainBase``) and ``infer:``
 sections; a key of another recipe's model is an error naming that recipe. Other ``train:`` keys pass
 through to the recipe's trainer config, checked against its fields before a job is queued or started
 (``hfhpc.preflight``); ``infer:`` keys pass through to the pipeline call.
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from hfhpc import slurmtime
 from hfhpc.errors import SpecError
-from hfhpc.recipes import registry
+from hfhpc import registry
 from hfhpc.store.layout import repo_id_problem, revision_problem
 
 # Sanity bounds: far above any cluster, far below what a typo (an extra zero or ten) produces.

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from hfhpc.recipes import registry
+from hfhpc import registry
 from hfhpc.spec import job_model, parse_spec
 
 HEADER = """\

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hfhpc.errors import SpecError
-from hfhpc.recipes import registry
+from hfhpc import registry
 from hfhpc.spec import parse_spec
 from tests.conftest import hfhpc
 
@@ -24,7 +24,7 @@ def test_every_built_in_recipe_is_found_by_its_module():
 
 
 def test_discovery_imports_no_ml_library():
-    code = ("import sys\nfrom hfhpc.recipes import registry\nregistry.recipes()\n"
+    code = ("import sys\nfrom hfhpc import registry\nregistry.recipes()\n"
             "print([m for m in ('torch', 'transformers', 'trl', 'datasets', 'accelerate') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -96,7 +96,7 @@ def test_a_new_recipe_module_is_found_with_no_other_edit(tmp_path: Path):
     shutil.copytree(SRC, pkg / "hfhpc", ignore=shutil.ignore_patterns("__pycache__"))
     (pkg / "hfhpc" / "recipes" / "echo.py").write_text(
         "from pydantic import Field\n"
-        "from hfhpc.recipes.registry import Recipe\n"
+        "from hfhpc.registry import Recipe\n"
         "from hfhpc.spec import TrainBase\n\n\n"
         "class EchoTrain(TrainBase):\n"
         "    beta: float = Field(0.1, gt=0, description='how loud')\n\n\n"
@@ -106,7 +106,7 @@ def test_a_new_recipe_module_is_found_with_no_other_edit(tmp_path: Path):
         "    return 0\n"
     )
     code = (
-        "from hfhpc.recipes import registry\nfrom hfhpc.spec import parse_spec\nfrom hfhpc.errors import SpecError\n"
+        "from hfhpc import registry\nfrom hfhpc.spec import parse_spec\nfrom hfhpc.errors import SpecError\n"
         "from hfhpc.starters import render_starter\n"
         "print(registry.names())\n"
         "print(parse_spec({'name': 'e', 'recipe': 'echo', 'model': 'o/m', 'train': {'beta': 2}}).train.beta)\n"

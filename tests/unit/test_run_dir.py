@@ -87,8 +87,8 @@ def test_launch_and_recipes_do_not_import_each_other_and_run_imports_neither():
     # The registry (which recipes exist, what they need) is the one part of recipes/ the launcher
     # asks; no recipe code, and no checkpoint code, is imported by launch/ or export.
     def recipe_code(found: dict[str, set[str]]) -> dict[str, set[str]]:
-        return {k: {m for m in v if not m.startswith("hfhpc.recipes.registry") and m != "hfhpc.recipes"}
-                for k, v in found.items() if any(not m.startswith("hfhpc.recipes.registry") and m != "hfhpc.recipes" for m in v)}
+        return {k: {m for m in v if not m.startswith("hfhpc.registry") and m != "hfhpc.recipes"}
+                for k, v in found.items() if any(not m.startswith("hfhpc.registry") and m != "hfhpc.recipes" for m in v)}
 
     assert recipe_code(importers("launch", ("hfhpc.recipes",))) == {}
     assert {m for m in _hfhpc_imports(SRC / "export.py") if m.startswith("hfhpc.recipes")} == set()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hfhpc.errors import SpecError
-from hfhpc.recipes import registry
+from hfhpc import registry
 from hfhpc.spec import load_spec, lock_path_for, parse_spec
 from hfhpc.starters import render_starter
 from tests.conftest import hfhpc

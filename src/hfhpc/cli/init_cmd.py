@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from hfhpc.errors import UsageError
-from hfhpc.recipes import registry
+from hfhpc import registry
 
 
 def configure(p: argparse.ArgumentParser) -> None:

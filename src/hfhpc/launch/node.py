@@ -27,7 +27,7 @@ from hfhpc import env as hfenv
 from hfhpc.offline.environ import offline_environ
 from hfhpc.run.jobfile import JobFile, load_job
 from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment, without_handed_down
-from hfhpc.recipes import registry
+from hfhpc import registry
 from hfhpc.store.atomic import atomic_write_text
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -28,7 +28,7 @@ from hfhpc.recipes.common import (
     write_summary,
 )
 from hfhpc.recipes.infer import inputs_of, text_column
-from hfhpc.recipes.registry import Recipe
+from hfhpc.registry import Recipe
 from hfhpc.spec import TrainBase
 from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from hfhpc.recipes.registry import Recipe
+from hfhpc.registry import Recipe
 from hfhpc.spec import TrainBase
 
 # What the DPOTrainer logs and metrics.jsonl keeps, besides the shared keys.

@@ -40,7 +40,7 @@ from hfhpc.recipes.infer import (
     shard_start,
     text_column,
 )
-from hfhpc.recipes.registry import Recipe
+from hfhpc.registry import Recipe
 from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json, atomic_write_text
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hfhpc.recipes import harness_tasks
-from hfhpc.recipes.registry import Recipe
+from hfhpc.registry import Recipe
 
 # The arguments of ``lm_eval.simple_evaluate`` hfhpc sets itself; every other one passes through.
 OWN_ARGUMENTS = frozenset({"model", "model_args", "tasks", "task_manager", "device", "log_samples",

@@ -45,7 +45,7 @@ from hfhpc.recipes.common import (
     world_size,
     write_summary,
 )
-from hfhpc.recipes.registry import Recipe
+from hfhpc.registry import Recipe
 from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import fsync_dir, tmp_name
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hfhpc.errors import HfhpcError
 from hfhpc.run.jobfile import load_job
-from hfhpc.recipes import registry
+from hfhpc import registry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ it loads offline (``check`` also scans the script for loads the spec forgot).
 
 from __future__ import annotations
 
-from hfhpc.recipes.registry import Recipe
+from hfhpc.registry import Recipe
 
 RECIPE = Recipe(
     name="script",

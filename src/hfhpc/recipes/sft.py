@@ -34,7 +34,7 @@ from hfhpc.recipes.common import (
     write_summary,
 )
 from hfhpc.errors import SpecError
-from hfhpc.recipes.registry import Recipe
+from hfhpc.registry import Recipe
 from hfhpc.spec import TrainBase
 from hfhpc.run.jobfile import JobFile
 from hfhpc.store.atomic import atomic_write_json

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hfhpc.errors import HfhpcError
-from hfhpc.launch.slurm import parse_duration
+from hfhpc.slurmtime import parse_reported as parse_duration
 
 # One line per partition, node state and node configuration. Without --exact, sinfo merges nodes of
 # one partition and state that differ in CPUs or memory into one line showing the smallest value

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hfhpc import env as hfenv
-from hfhpc.spec import JobSpec
 from hfhpc.store import fetch
 from hfhpc.store.cache import blob_path, read_tree
 from hfhpc.store.fetch import AssetRequest, Progress, StagedAsset
@@ -14,6 +14,9 @@ from hfhpc.store.layout import repo_dir
 from hfhpc.store.lock import LockedAsset, LockedFile, load_lock, update_lock
 from hfhpc.store.validate import contained
 from hfhpc.store.verify import VerifyCache, verify_file
+
+if TYPE_CHECKING:  # the spec is the layer above: the store takes one, never imports it
+    from hfhpc.spec import JobSpec
 
 
 @dataclass

@@ -48,22 +48,25 @@ class Recipe:
     # The entry point is the declaring module's `main(job) -> int`.
 
 
+RECIPES_PACKAGE = "hfhpc.recipes"
+
+
 def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
+    return Path(__file__).resolve().parent / "recipes"
 
 
 def _declaring_modules() -> list[str]:
     """``hfhpc.recipes.*`` modules whose source assigns a top-level ``RECIPE``, in name order."""
     found = []
     for path in sorted(_package_dir().glob("*.py")):
-        if path.stem.startswith("_") or path.stem == "registry":
+        if path.stem.startswith("_"):
             continue
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
         if _DECLARES.search(source):
-            found.append(f"{__package__}.{path.stem}")
+            found.append(f"{RECIPES_PACKAGE}.{path.stem}")
     return found
 
 
@@ -80,7 +83,7 @@ def _registry() -> dict[str, tuple[Recipe, str]]:
                 continue  # the text matched inside a string, not an assignment
             recipe = module.RECIPE
             if not isinstance(recipe, Recipe):
-                raise TypeError(f"{module_name}.RECIPE is not a hfhpc.recipes.registry.Recipe")
+                raise TypeError(f"{module_name}.RECIPE is not a hfhpc.registry.Recipe")
             if recipe.name in found:
                 raise TypeError(f"recipe {recipe.name!r} is declared by {found[recipe.name][1]} and {module_name}")
             found[recipe.name] = (recipe, module_name)
@@ -157,7 +160,7 @@ def trainer_fields(target: str, *, timeout_s: float = 300) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "fields":
-        print("usage: python -m hfhpc.recipes.registry fields MODULE:CLASS", file=sys.stderr)
+        print("usage: python -m hfhpc.registry fields MODULE:CLASS", file=sys.stderr)
         return 2
     print(json.dumps(dataclass_fields(argv[1])))
     return 0
