@@ -285,3 +285,53 @@ def last_checkpoint(run_dir: Path, accelerator=None) -> str | None:
         if not main:
             found = last_complete(Path(run_dir))
     return str(found.path) if found else None
+
+
+def prepared_root(job: JobFile, name: str = "prepared") -> Path:
+    """Prepared data and compiled kernels live beside the shared store when it is writable, else in
+    the run folder."""
+    root = job.store / "hfhpc" / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return job.run_dir / name
+
+
+def save_in_dtype(model, dtype) -> None:
+    """Make ``model.save_pretrained`` write its weights in ``dtype`` (the staged model's own, bf16 for
+    most): training keeps fp32 weights, the final model is the size of the one it started from."""
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or dtype == torch.float32:
+        return
+    original = model.save_pretrained
+
+    def save_pretrained(*args, state_dict=None, **kwargs):
+        state = model.state_dict() if state_dict is None else state_dict
+        state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
+        model.config.dtype = dtype
+        return original(*args, state_dict=state, **kwargs)
+
+    model.save_pretrained = save_pretrained
+
+
+def save_final_model(job: JobFile, trainer, tokenizer, *, lora: bool, dtype, scores: dict[str, Any]) -> Path:
+    """The run's ``model/``: one plain HF model (gathered from FSDP shards; checkpoints stay sharded,
+    fast and resumable), full weights in the staged model's dtype, the tokenizer beside it; and
+    ``eval.json`` when there are scores."""
+    out = job.paths.model
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if not lora:
+        save_in_dtype(trainer.accelerator.unwrap_model(trainer.model), dtype)
+    trainer.save_model(str(out))
+    if is_main():
+        tokenizer.save_pretrained(str(out))
+        if scores:
+            atomic_write_json(job.paths.eval, scores)
+    return out

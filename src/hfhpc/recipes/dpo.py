@@ -105,15 +105,14 @@ def main(job) -> int:
         LOGGED,
         StopOnSignal,
         cuda_available,
-        is_main,
         log,
+        prepared_root,
+        save_final_model,
         train_from_checkpoint,
         trainer_callbacks,
         training_kwargs,
         write_summary,
     )
-    from hfhpc.recipes.sft import _cache_root, save_in_dtype
-    from hfhpc.store.atomic import atomic_write_json
 
     # First: SLURM's warning can come early, and a SIGUSR1 with no handler ends the process.
     stop = StopOnSignal().install()
@@ -139,7 +138,7 @@ def main(job) -> int:
     args = DPOConfig(**kwargs, beta=t.beta, max_length=t.max_length, precompute_ref_log_probs=t.precompute_ref_log_probs)
 
     # Templated and tokenized once, cached beside the store and shared by every job and node.
-    cache_root = _cache_root(job)
+    cache_root = prepared_root(job)
     prepared = {}
     with args.main_process_first(local=False, desc="dataset preparation"):
         for split in dref.all_splits():
@@ -192,17 +191,7 @@ def main(job) -> int:
 
     # -- save ----------------------------------------------------------------------------------
     scores = eval_scores(trainer.evaluate(), len(eval_ds)) if eval_ds is not None else {}
-    out = job.paths.model
-    if trainer.is_fsdp_enabled:
-        # Checkpoints stay sharded (fast, resumable); the final model is one plain HF model.
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    if t.lora is None:
-        save_in_dtype(trainer.accelerator.unwrap_model(trainer.model), saved_dtype)
-    trainer.save_model(str(out))
-    if is_main():
-        tokenizer.save_pretrained(str(out))
-        if scores:
-            atomic_write_json(job.paths.eval, scores)
+    out = save_final_model(job, trainer, tokenizer, lora=t.lora is not None, dtype=saved_dtype, scores=scores)
     write_summary(job, {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,

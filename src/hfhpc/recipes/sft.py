@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -25,8 +24,9 @@ from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
     cuda_available,
-    is_main,
     log,
+    prepared_root,
+    save_final_model,
     spec_path,
     train_from_checkpoint,
     trainer_callbacks,
@@ -37,7 +37,6 @@ from hfhpc.errors import SpecError
 from hfhpc.registry import Recipe
 from hfhpc.spec import TrainBase
 from hfhpc.run.jobfile import JobFile
-from hfhpc.store.atomic import atomic_write_json
 
 
 class SftTrain(TrainBase):
@@ -80,19 +79,6 @@ def per_layer_fsdp(spec: Any) -> bool:
             and spec.train.lora is None)
 
 
-def _cache_root(job: JobFile, name: str = "prepared") -> Path:
-    """Prepared data and compiled kernels live beside the shared store when it is writable, else in
-    the run folder."""
-    root = job.store / "hfhpc" / name
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
-    return job.run_dir / name
-
-
 def attention_implementation(choice: str, *, packed: bool, max_length: int | None = None) -> str:
     """The transformers attention implementation for ``train.attention``."""
     if choice == "varlen" or (choice == "auto" and packed):
@@ -100,26 +86,6 @@ def attention_implementation(choice: str, *, packed: bool, max_length: int | Non
 
         return attention.register(max_length)
     return "sdpa" if choice == "auto" else choice
-
-
-def save_in_dtype(model, dtype) -> None:
-    """Make ``model.save_pretrained`` write its weights in ``dtype`` (the staged model's own, bf16 for
-    most): training keeps fp32 weights, the final model is the size of the one it started from."""
-    import torch
-
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype) or dtype == torch.float32:
-        return
-    original = model.save_pretrained
-
-    def save_pretrained(*args, state_dict=None, **kwargs):
-        state = model.state_dict() if state_dict is None else state_dict
-        state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
-        model.config.dtype = dtype
-        return original(*args, state_dict=state, **kwargs)
-
-    model.save_pretrained = save_pretrained
 
 
 def main(job: JobFile) -> int:
@@ -170,7 +136,7 @@ def main(job: JobFile) -> int:
     # Templated, tokenized and packed once (exactly as TRL would), cached beside the store and shared by
     # every job and node; TRL's own preparation is then skipped. TRL shuffles before packing when asked
     # to (shuffle_dataset): then it packs our tokenized rows itself.
-    cache_root = _cache_root(job)
+    cache_root = prepared_root(job)
     own_packing = not args.shuffle_dataset if hasattr(args, "shuffle_dataset") else True
     with args.main_process_first(local=False, desc="dataset preparation"):
         prepared = {}
@@ -214,7 +180,7 @@ def main(job: JobFile) -> int:
     if compile_model:
         from hfhpc.recipes import compilecache
 
-        compiled = compilecache.for_job(_cache_root(job, "compiled"), model_id, commit)
+        compiled = compilecache.for_job(prepared_root(job, "compiled"), model_id, commit)
         compiled.load()
         callbacks.append(compiled.callback())
     peft_config = None
@@ -250,17 +216,7 @@ def main(job: JobFile) -> int:
     # Scores only: the Trainer's timings (eval_runtime, eval_*_per_second) are not results.
     eval_metrics = {k: v for k, v in eval_metrics.items()
                     if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
-    out = job.paths.model
-    if trainer.is_fsdp_enabled:
-        # Checkpoints stay sharded (fast, resumable); the final model is one plain HF model.
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    if t.lora is None:
-        save_in_dtype(trainer.accelerator.unwrap_model(trainer.model), saved_dtype)
-    trainer.save_model(str(out))
-    if is_main():
-        tokenizer.save_pretrained(str(out))
-        if eval_metrics:
-            atomic_write_json(job.paths.eval, eval_metrics)
+    out = save_final_model(job, trainer, tokenizer, lora=t.lora is not None, dtype=saved_dtype, scores=eval_metrics)
     write_summary(job, {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
