@@ -8,6 +8,11 @@ documents whose contexts and endings have the real dataset's lengths in words, o
 shape of ``bench_sft.py`` (random weights: the accuracy is chance, the time is not).
 
     python benchmarks/bench_harness.py --dir /tmp/hb --shape 1b --docs 2000 --out RESULTS_DIR
+
+On the GPU machine, lm_eval and what its CLI imports travel as wheels: lm_eval, sacrebleu, portalocker,
+colorama, lxml, tabulate, chardet, more-itertools and pytablewriter with its dependencies (DataProperty,
+mbstrdecoder, pathvalidate, tabledata, tcolorpy, typepy); without pytablewriter the CLI fails after
+saving its results, when it prints its table (benchmarks/results/harness_1b_h200.log).
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-m", "hfhpc", "run", "--fresh", str(spec)] if "--fresh" in _help(env) else
                    [sys.executable, "-m", "hfhpc", "run", str(spec)], env=env, check=True)
     hfhpc_s = time.perf_counter() - t0
+    print(f"hfhpc run: {hfhpc_s:.1f} s from the command to eval.json", flush=True)
     table = json.loads((root / "run" / "eval.json").read_text())
     rows.append({"recipe": "hfhpc", "defaults": True, "wall_s": round(hfhpc_s, 1), "acc": table["hellaswag"]["acc"]["value"]})
     # The harness's own CLI with its defaults (batch size 1, dtype from the config), offline from the
