@@ -27,7 +27,7 @@ from pathlib import Path
 from hfhpc.errors import HfhpcError
 from hfhpc.run.checkpoints import MARKER, last_complete, problem, step_of
 from hfhpc.run.paths import RunDir
-from hfhpc.store.atomic import fsync_dir
+from hfhpc.atomic import fsync_dir
 
 FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"
 FSDP_FULL_FILE = "pytorch_model_fsdp.bin"

@@ -49,7 +49,7 @@ def _versions(target: str) -> str:
 
 def trainer_fields(target: str) -> list[str]:
     """``registry.trainer_fields`` remembered in the state folder for this Python and these versions."""
-    from hfhpc.store.atomic import atomic_write_text
+    from hfhpc.atomic import atomic_write_text
 
     path = hfenv.state_dir() / FIELDS_CACHE
     key = f"{sys.executable} {target} {_versions(target)}"

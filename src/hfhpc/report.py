@@ -502,7 +502,7 @@ class Report:
 
 def build_report(run_dir: Path, out_dir: Path | None = None) -> Report:
     """Write the PNG plots and ``report.html`` of ``run_dir`` into ``out_dir`` (default: the run folder)."""
-    from hfhpc.store.atomic import atomic_write_text
+    from hfhpc.atomic import atomic_write_text
 
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.run_dir

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hfhpc.errors import EntryNotFoundError, LockfileError, StoreLockedError
-from hfhpc.store.atomic import DirLock, atomic_write_text
+from hfhpc.atomic import DirLock, atomic_write_text
 from hfhpc.store.fetch import select_files
 from hfhpc.store.layout import FileEntry, git_blob_sha1, repo_id_problem
 from hfhpc.store.lock import LockedAsset, LockedFile, Lockfile, load_lock

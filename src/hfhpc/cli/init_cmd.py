@@ -21,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hfhpc.starters import render_starter
-    from hfhpc.store.atomic import atomic_write_text
+    from hfhpc.atomic import atomic_write_text
 
     if not args.output:
         sys.stdout.write(render_starter(args.recipe))

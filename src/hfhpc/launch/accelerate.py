@@ -153,7 +153,7 @@ def accelerate_config(
 def write_config(cfg: dict[str, Any], path: Path) -> Path:
     import yaml
 
-    from hfhpc.store.atomic import atomic_write_text
+    from hfhpc.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=True))
     return path

@@ -32,7 +32,7 @@ from hfhpc.preflight import check_before_start
 from hfhpc.run.jobfile import COMPLETE, JobFile, fresh_run_dir, moved_to, prepare_run_dir, rerun_state, resolve_job
 from hfhpc.run.paths import RunDir
 from hfhpc.spec import JobSpec
-from hfhpc.store.atomic import atomic_write_text
+from hfhpc.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from hfhpc.launch.jobs import JobRecord

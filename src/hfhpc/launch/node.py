@@ -28,7 +28,7 @@ from hfhpc.offline.environ import offline_environ
 from hfhpc.run.jobfile import JobFile, load_job
 from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment, without_handed_down
 from hfhpc import registry
-from hfhpc.store.atomic import atomic_write_text
+from hfhpc.atomic import atomic_write_text
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PORT_BASE, PORT_SPAN = 20000, 20000

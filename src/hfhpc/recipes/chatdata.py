@@ -37,7 +37,7 @@ from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
-from hfhpc.store.atomic import tmp_dir
+from hfhpc.atomic import tmp_dir
 
 PREPARED_VERSION = 3
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")

@@ -31,7 +31,7 @@ from hfhpc.recipes.infer import inputs_of, text_column
 from hfhpc.registry import Recipe
 from hfhpc.spec import TrainBase
 from hfhpc.run.jobfile import JobFile
-from hfhpc.store.atomic import atomic_write_json
+from hfhpc.atomic import atomic_write_json
 # What Trainer.evaluate() reports besides scores: it belongs in the summary, not in eval.json.
 NOT_SCORES = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
 

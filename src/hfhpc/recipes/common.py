@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hfhpc.run.jobfile import JobFile
-from hfhpc.store.atomic import atomic_write_json
+from hfhpc.atomic import atomic_write_json
 
 EXIT_INTERRUPTED = 3
 # Trainer log keys copied into metrics.jsonl (with every numeric eval_* key).

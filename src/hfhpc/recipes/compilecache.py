@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from hfhpc.recipes.common import log
-from hfhpc.store.atomic import atomic_write_bytes
+from hfhpc.atomic import atomic_write_bytes
 
 STEPS_SAVED_AFTER = 1  # the first step compiles forward and backward; later ones reuse them
 

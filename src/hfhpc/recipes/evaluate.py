@@ -42,7 +42,7 @@ from hfhpc.recipes.infer import (
 )
 from hfhpc.registry import Recipe
 from hfhpc.run.jobfile import JobFile
-from hfhpc.store.atomic import atomic_write_json, atomic_write_text
+from hfhpc.atomic import atomic_write_json, atomic_write_text
 
 
 def _check(spec: Any) -> None:

@@ -117,7 +117,7 @@ def main(job) -> int:
 
     import lm_eval
     from hfhpc.recipes.common import EXIT_INTERRUPTED, is_main, log, rank, world_size, write_summary
-    from hfhpc.store.atomic import atomic_write_json, atomic_write_text
+    from hfhpc.atomic import atomic_write_json, atomic_write_text
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

@@ -47,7 +47,7 @@ from hfhpc.recipes.common import (
 )
 from hfhpc.registry import Recipe
 from hfhpc.run.jobfile import JobFile
-from hfhpc.store.atomic import fsync_dir, tmp_name
+from hfhpc.atomic import fsync_dir, tmp_name
 
 TEXT_COLUMNS = ("text", "prompt", "sentence", "question")
 # Whole-text classifiers: an input longer than the model's window is truncated rather than fatal.

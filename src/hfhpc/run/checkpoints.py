@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from hfhpc import __version__
 from hfhpc.run.paths import CHECKPOINT_PREFIX as PREFIX
-from hfhpc.store.atomic import fsync_dir
+from hfhpc.atomic import fsync_dir
 
 if TYPE_CHECKING:
     from hfhpc.spec import JobSpec

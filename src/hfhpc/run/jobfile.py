@@ -22,7 +22,7 @@ from hfhpc.errors import HfhpcError, LockfileError, RunDiffersError
 from hfhpc.run.checkpoints import signal_delay_s
 from hfhpc.run.paths import RunDir
 from hfhpc.spec import JobSpec, parse_spec
-from hfhpc.store.atomic import atomic_write_text
+from hfhpc.atomic import atomic_write_text
 from hfhpc.store.lock import LockedAsset, load_lock
 from hfhpc.store.stage import requests_from_spec
 

@@ -1,7 +1,7 @@
 """One writer per run folder: ``RUN_DIR/.hfhpc-run.lock``, a lock made with ``mkdir``.
 
 ``mkdir`` is atomic on Lustre and NFS, where ``flock`` is not dependable (the store's locks work the
-same way: :class:`hfhpc.store.atomic.DirLock`). The holder records its host and pid; a lock whose
+same way: :class:`hfhpc.atomic.DirLock`). The holder records its host and pid; a lock whose
 holder is a dead process on this host is stale and taken over at once. A holder on another host
 cannot be asked, so it refreshes the lock's time every :data:`HEARTBEAT_S` seconds and its lock is
 stale only after :data:`STALE_S` seconds without one.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hfhpc.errors import RunLockedError, StoreLockedError
 from hfhpc.run.paths import RunDir
-from hfhpc.store.atomic import DirLock
+from hfhpc.atomic import DirLock
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from hfhpc.store.atomic import atomic_symlink, atomic_write_json, atomic_write_text, disk_errors, tmp_name
+from hfhpc.atomic import atomic_symlink, atomic_write_json, atomic_write_text, disk_errors, tmp_name
 from hfhpc.store.layout import FileEntry, link_target, repo_dir, snapshot_dir
 from hfhpc.store.validate import blob_id_problem, commit_problem, contained, repo_path_problem, size_problem
 

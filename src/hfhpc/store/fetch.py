@@ -34,7 +34,7 @@ from hfhpc.errors import (
     RevisionNotFoundError,
     UsageError,
 )
-from hfhpc.store.atomic import DirLock, TMP_PREFIX, disk_errors, tmp_name
+from hfhpc.atomic import DirLock, TMP_PREFIX, disk_errors, tmp_name
 from hfhpc.store.cache import blob_path, install_blob_from, is_installed, link_snapshot, write_ref, write_tree
 from hfhpc.store.layout import (
     REPO_TYPE,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hfhpc.store.atomic import atomic_write_text
+from hfhpc.atomic import atomic_write_text
 from hfhpc.store.cache import blob_path
 from hfhpc.store.layout import dataset_arrow_root, metric_module_dir, repo_dir
 from hfhpc.store.lock import LockedAsset

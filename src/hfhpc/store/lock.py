@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hfhpc import __version__
 from hfhpc.errors import LockfileError
-from hfhpc.store.atomic import DirLock, atomic_write_text
+from hfhpc.atomic import DirLock, atomic_write_text
 from hfhpc.store.layout import REPO_TYPE, FileEntry, repo_id_problem, revision_problem
 from hfhpc.store.validate import blob_id_problem, commit_problem, repo_path_problem, sha256_problem, size_problem
 

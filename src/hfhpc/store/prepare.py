@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from hfhpc.errors import HfhpcError
-from hfhpc.store.atomic import atomic_write_text, tmp_name
+from hfhpc.atomic import atomic_write_text, tmp_name
 from hfhpc.store.cache import snapshot_dir
 from hfhpc.store.layout import dataset_arrow_dir, metric_module_dir
 from hfhpc.store.lock import LockedAsset

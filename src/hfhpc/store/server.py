@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from hfhpc.errors import UsageError
-from hfhpc.store.atomic import TMP_PREFIX
+from hfhpc.atomic import TMP_PREFIX
 from hfhpc.store.cache import read_tree
 from hfhpc.store.layout import (
     SHA1_RE,

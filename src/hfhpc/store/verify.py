@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfhpc.store.atomic import atomic_write_json
+from hfhpc.atomic import atomic_write_json
 from hfhpc.store.cache import blob_path, snapshot_file
 from hfhpc.store.layout import repo_dir, sha256_file, state_dir
 from hfhpc.store.lock import LockedAsset, LockedFile
