@@ -199,7 +199,7 @@ def _finish(fig, ax, path: Path, restarts: Sequence[float], note: str | None = N
     import matplotlib.pyplot as plt
 
     for k, step in enumerate(restarts):
-        ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="requeued" if k == 0 else None)
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="resumed (requeue or rerun)" if k == 0 else None)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, fontsize=9)
     if note:
