@@ -256,11 +256,13 @@ def _phases(run_dir: Path) -> dict:
         for key, pattern in (("load_s", r"loaded in ([0-9.]+) s"), ("ready_s", r"ready to train ([0-9.]+) s after start"),
                              ("job_ready_s", r"s after start \(([0-9.]+) s after the job's start"),
                              ("compile_cache_entries", r"compile cache: (\d+) entries"),
-                             ("first_step_s", r"compile: first step ([0-9.]+) s"),
+                             ("first_compiled_step_s", r"compile: first (?:compiled )?step ([0-9.]+) s"),
+                             ("compile_decision", r"compile: (compiling the decoder layers|staying eager)"),
                              ("compile_s", r"of which ([0-9.]+) s compiling")):
             m = re.search(pattern, text)
             if m:
-                out[key] = float(m.group(1)) if key.endswith("_s") else int(m.group(1))
+                value = m.group(1)
+                out[key] = float(value) if key.endswith("_s") else int(value) if value.isdigit() else value
     return out
 
 

@@ -45,7 +45,15 @@ for v in "${VARIANTS[@]}"; do
   case $v in
     seed)          seed ;;
     seed-nockpt)   seed --no-ckpt ;;
-    hfhpc)         hfhpc --tag nockpt ;;                      # the recipe's defaults
+    seed-lora)     seed --lora 16 ;;                          # TRL + peft defaults, rank 16 on all linear layers
+    hfhpc)         hfhpc --tag nockpt ;;                      # the recipe's defaults (a short job: stays eager)
+    hfhpc-long)    hfhpc --tag nockpt-long --steps 5000 --stop-after 24 ;;  # defaults, a long job: compiles after step 2
+    hfhpc-compiled) hfhpc --tag compiled-nockpt --train torch_compile=true ;;  # compiled before the first step, cold
+    hfhpc-compiled-warm) hfhpc --tag compiled-nockpt-warm --train torch_compile=true --compile-cache store ;;
+    hfhpc-lora)    hfhpc --tag lora16-ckpt --ckpt --train "lora={r: 16, lora_alpha: 32}" --train torch_compile=true ;;
+    hfhpc-lora-keep*) hfhpc --tag "lora16-ckpt-keep${v#hfhpc-lora-keep}" --ckpt --train "lora={r: 16, lora_alpha: 32}" \
+                     --train torch_compile=true --launch "keep_activations=${v#hfhpc-lora-keep}" ;;
+    hfhpc-lora-eager) hfhpc --tag lora16-ckpt-eager --ckpt --train "lora={r: 16, lora_alpha: 32}" --train torch_compile=false ;;
     hfhpc-ckpt)    hfhpc --tag ckpt --ckpt ;;                 # defaults + activation checkpointing
     hfhpc-sdpa)    hfhpc --tag sdpa-nockpt --attention sdpa ;;
     hfhpc-nocompile) hfhpc --tag nocompile-nockpt --train torch_compile=false ;;

@@ -52,13 +52,14 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, store
 
 
-def _run(staged, name: str, launch: str, resources: str, steps: int = 30, save: int = 1000) -> tuple[Path, subprocess.CompletedProcess]:
+def _run(staged, name: str, launch: str, resources: str, steps: int = 30, save: int = 1000,
+         train: str = "") -> tuple[Path, subprocess.CompletedProcess]:
     root, store = staged
     spec = root / f"{name}.yaml"
     spec.write_text(
         f"name: {name}\nrecipe: sft\nmodel: {MODEL_ID}\n"
         f"dataset: {{id: {DATA_ID}, split: train_sft, eval_split: test_sft}}\n"
-        f"train: {{max_length: 256, max_steps: {steps}, learning_rate: 3.0e-3, per_device_batch_size: 8, logging_steps: 5, save_steps: {save}}}\n"
+        f"train: {{max_length: 256, max_steps: {steps}, learning_rate: 3.0e-3, per_device_batch_size: 8, logging_steps: 5, save_steps: {save}{train}}}\n"
         f"launch: {launch}\nresources: {resources}\n"
     )
     spec.with_suffix(".lock").write_text((root / "base.lock").read_text())
@@ -82,9 +83,28 @@ def _losses(run_dir: Path) -> list[float]:
 def test_sft_on_one_gpu_in_bf16(staged):
     run_dir, out = _run(staged, "one-gpu", "{strategy: single, mixed_precision: bf16}", "{gpus_per_node: 1}")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # 30 steps of a tiny model cannot earn a compile back: the recipe stays eager and says why.
+    assert "compile: staying eager: ~" in out.stdout and "steps left" in out.stdout, out.stdout[-3000:]
     losses = _losses(run_dir)
     assert losses[-1] < 0.7 * losses[0], losses
     _loads(run_dir)
+
+
+def test_sft_on_one_gpu_compiles_its_layers_and_the_next_node_loads_them(staged):
+    run_dir, out = _run(staged, "one-gpu-compiled", "{strategy: single, mixed_precision: bf16}", "{gpus_per_node: 1}",
+                        train=", torch_compile: true")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "compiled" in out.stdout and "graphs compiled" in out.stdout, out.stdout[-3000:]
+    losses = _losses(run_dir)
+    assert losses[-1] < 0.7 * losses[0], losses
+    root, store = staged
+    again = root / "one-gpu-compiled-again.yaml"
+    again.write_text((root / "one-gpu-compiled.yaml").read_text().replace("name: one-gpu-compiled", "name: one-gpu-compiled-again")
+                     .replace("max_steps: 30", "max_steps: 2"))
+    again.with_suffix(".lock").write_text((root / "base.lock").read_text())
+    out = _cli("--store", str(store), "run", str(again), env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(root / "one-gpu-node")))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "compile cache: all" in out.stdout and "nothing compiled" in out.stdout, out.stdout[-4000:]
 
 
 @pytest.mark.parametrize("strategy,gpus", [
@@ -98,7 +118,8 @@ def test_sft_on_several_gpus(staged, strategy: str, gpus: int):
     launch = {"ddp": "{strategy: ddp, mixed_precision: bf16}", "fsdp": "{strategy: fsdp, mixed_precision: bf16}",
               "fsdp1": "{strategy: fsdp, mixed_precision: bf16, fsdp_version: 1}"}[strategy]
     name = f"{strategy}-{gpus}"
-    run_dir, out = _run(staged, name, launch, f"{{gpus_per_node: {gpus}}}", save=30 if "fsdp" in strategy else 1000)
+    run_dir, out = _run(staged, name, launch, f"{{gpus_per_node: {gpus}}}", save=30 if "fsdp" in strategy else 1000,
+                        train=", torch_compile: true" if strategy == "fsdp" else "")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == gpus

@@ -436,3 +436,19 @@ def test_a_cpu_spec_is_planned_as_cpu_ranks_with_its_real_size(tmp_path: Path):
 
     text = render_plan(plan)
     assert "1.69M parameters" in text and "tokens/s" not in text
+
+
+@pytest.mark.parametrize("train,expected", [
+    ({"max_steps": 3}, "compile: staying eager: ~"),
+    ({"max_steps": 5000}, "compile: compiling the decoder layers: ~"),
+    ({"max_steps": 5000, "torch_compile": "false"}, "compile: staying eager: train.torch_compile is false"),
+])
+def test_plan_says_whether_compiling_pays_for_the_job(tmp_path: Path, train: dict, expected: str):
+    from hfhpc.plan.render import render_plan
+
+    spec, config = _zephyr_files(tmp_path, **train)
+    plan = make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=tmp_path)
+    notes = [n for n in plan.notes if n.startswith("compile:")]
+    assert len(notes) == 1 and notes[0].startswith(expected), plan.notes
+    assert "with the kernels of an earlier job in the store it pays after ~" in notes[0]
+    assert notes[0] in render_plan(plan)

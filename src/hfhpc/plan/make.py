@@ -18,7 +18,8 @@ from hfhpc.plan.tokens import DatasetTokens, dataset_tokens, job_files
 from hfhpc.plan import dpo as dpo_plan
 from hfhpc.recipes.dpo import RECIPE as DPO
 from hfhpc.recipes.sft import RECIPE as SFT
-from hfhpc.recipes.sft import per_layer_fsdp
+from hfhpc.recipes.compiling import SPEEDUP, break_even_steps, decide
+from hfhpc.recipes.sft import own_layers
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
         shape=shape, strategy=launch.strategy, nodes=res.nodes, gpus_per_node=gpn, micro_batch=t.per_device_batch_size,
         seq_len=t.max_length, grad_accum=t.gradient_accumulation_steps,
         activation_checkpointing=launch.activation_checkpointing, mixed_precision=launch.mixed_precision,
-        kept_layers=launch.keep_activations if per_layer_fsdp(spec) else 0,
+        kept_layers=launch.keep_activations if own_layers(spec) else 0,
         # The sft recipe keeps fp32 weights for full fine-tuning; LoRA's frozen base is in the compute dtype.
         weights_dtype=weights_dtype or ("bf16" if lora is not None and launch.mixed_precision != "no" else "fp32"),  # type: ignore[arg-type]
         optim=str(extra.get("optim", DEFAULT_OPTIM)), lora_rank=int(lora.get("r", 16)) if lora is not None else None,
@@ -121,6 +122,17 @@ def _measured_matches(p: PlanInputs, gpu: GpuKind, anchors: Sequence[Anchor], me
             out.append(f"measured peak for this configuration: {a.peak_mem_gib:.1f} GiB with optim {a.optim} "
                        f"(estimate {memory.peak_gib:.1f} GiB) [{a.source}]")
     return out
+
+
+def compile_note(spec: Any, plan_schedule: Schedule) -> str:
+    """What the recipe will decide about compiling its layers (hfhpc.recipes.compiling), from the
+    estimated step time (the estimate is of compiled steps) instead of a measured eager one."""
+    setting = (spec.train.model_extra or {}).get("torch_compile")
+    eager_step_s = plan_schedule.step_s * SPEEDUP
+    choice = decide(None if setting is None else bool(setting), steps_left=plan_schedule.steps,
+                    eager_step_s=eager_step_s, stored=False)
+    stored = break_even_steps(eager_step_s, stored=True)
+    return f"compile: {choice.line()}; with the kernels of an earlier job in the store it pays after ~{stored} steps"
 
 
 def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: Path | None = None,
@@ -184,7 +196,7 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         nodes = f"{smallest.nodes} node{'s' if smallest.nodes > 1 else ''}"
         suggestion = f"does not fit {p.world} GPUs; needs {nodes} × {smallest.gpus_per_node} GPUs"
 
-    keep = most_kept_layers(p, kind) if ok and per_layer_fsdp(spec) and p.activation_checkpointing and not dpo else None
+    keep = most_kept_layers(p, kind) if ok and own_layers(spec) and p.activation_checkpointing and not dpo else None
 
     # Time the layout that will run: the spec's when it fits, else the fewest GPUs that fit.
     run_layout = p if ok or smallest is None else smallest
@@ -211,6 +223,8 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     elif run_layout is not p:
         notes.append(f"wall time is for the suggested {run_layout.nodes} node(s) × {run_layout.gpus_per_node} GPUs")
     notes += tp.notes if tp else ()
+    if not dpo and own_layers(spec) and plan_schedule is not None:
+        notes.append(compile_note(spec, plan_schedule))
     return Plan(
         name=spec.name, model=f"{spec.model.id} ({config_path})", inputs=p, gpu=kind, memory=memory, fits=ok,
         min_gpus=smallest.world if smallest else None, suggestion=suggestion, data=data, data_note=data_note,

@@ -84,8 +84,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def training_kwargs(job: JobFile) -> dict[str, Any]:
-    """Trainer/SFTConfig arguments from the spec; any key of ``train:`` not modelled passes through."""
+def training_kwargs(job: JobFile, *, own_layers: bool = False) -> dict[str, Any]:
+    """Trainer/SFTConfig arguments from the spec; any key of ``train:`` not modelled passes through.
+    ``own_layers``: the recipe checkpoints the decoder layers itself (hfhpc.recipes.layers), so the
+    Trainer must not."""
     spec, t = job.spec, job.spec.train
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
     kwargs: dict[str, Any] = dict(
@@ -112,7 +114,7 @@ def training_kwargs(job: JobFile) -> dict[str, Any]:
     )
     # FSDP checkpoints activations through its own config (the launcher's); transformers 5 renamed the
     # option (the old name still works there, with a warning).
-    ckpt = gpu and spec.launch.activation_checkpointing and spec.launch.strategy != "fsdp"
+    ckpt = gpu and spec.launch.activation_checkpointing and spec.launch.strategy != "fsdp" and not own_layers
     kwargs[_checkpointing_option()] = ckpt
     if gpu:
         kwargs["optim"] = "adamw_torch_fused"  # one kernel per step for all parameters

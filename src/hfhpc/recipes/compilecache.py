@@ -28,7 +28,6 @@ from pathlib import Path
 from hfhpc.recipes.common import log
 from hfhpc.atomic import atomic_write_bytes
 
-STEPS_SAVED_AFTER = 1  # the first step compiles forward and backward; later ones reuse them
 
 
 def _device_tag() -> str:
@@ -174,14 +173,14 @@ class CompileCache:
         return path
 
     def report(self, step_s: float | None = None) -> None:
-        """One line after the first step: how long it took, how much of it was compiling, and whether
+        """One line after the first compiled step: how long it took, how much of it was compiling, and whether
         the kernels came from the cache."""
         from torch._dynamo.utils import compilation_time_metrics as times
 
         def total(name: str) -> float:
             return sum(times.get(name, ()))
 
-        step = f"first step {step_s:.1f} s, of which " if step_s is not None else ""
+        step = f"first compiled step {step_s:.1f} s, of which " if step_s is not None else ""
         log(f"compile: {step}{total('_compile.compile_inner'):.1f} s compiling (tracing "
             f"{total('bytecode_tracing'):.1f} s, backend {total('OutputGraph.call_user_compiler'):.1f} s, "
             f"backward {total('compile_fx.<locals>.bw_compiler'):.1f} s)")
@@ -190,23 +189,24 @@ class CompileCache:
             log(f"compile cache: all {hits} graphs from the cache, nothing compiled")
 
     def callback(self):
-        """A TrainerCallback: saves after the first step of this process and at the end of training."""
+        """A TrainerCallback: reports and saves after the first step that compiled (or looked kernels
+        up) — the first step, or a later one when the layers are compiled mid-run — and at the end of
+        training."""
         from transformers import TrainerCallback
 
         cache = self
 
         class SaveCompiled(TrainerCallback):
             def __init__(self) -> None:
-                self.steps = 0
+                self.done = False
                 self.t0 = None
 
             def on_step_begin(self, args, state, control, **kw):
-                if self.t0 is None:
-                    self.t0 = time.perf_counter()
+                self.t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                self.steps += 1
-                if self.steps == STEPS_SAVED_AFTER:
+                if not self.done and (_misses() or _hits()):
+                    self.done = True
                     cache.report(time.perf_counter() - self.t0 if self.t0 is not None else None)
                     cache.save_if_new()
 

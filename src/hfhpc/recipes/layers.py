@@ -1,6 +1,9 @@
-"""The decoder layers of a causal LM under FSDP2: each checkpointed (or not) and compiled on its own.
+"""The decoder layers of a causal LM: each checkpointed (or not) and compiled on its own.
 
-FSDP2 makes every decoder layer a unit: its hooks gather the layer's weights before it runs and free
+Compiling regions, not the model: one decoder layer's graph is compiled once and serves every layer
+(the layers share their code; their weights are graph inputs), so compile time does not grow with depth
+and does not depend on what surrounds the layers (checkpointing on or off, batch composition). Under
+FSDP2 this is also what keeps FSDP's hooks outside compiled code: FSDP2 makes every decoder layer a unit: its hooks gather the layer's weights before it runs and free
 them after. Compiling the whole model, or a wrapper around the layer, puts those hooks inside the
 compiled code; here each layer's ``forward`` is compiled, and the hooks stay outside it. Activation
 checkpointing moves inside that ``forward`` (``torch.utils.checkpoint`` is traced with the layer, so
@@ -57,8 +60,6 @@ def compile_settings() -> None:
 def prepare_layers(model: torch.nn.Module, *, checkpoint: bool, keep: int = 0, compile: bool = False,
                    backend: str | object = "inductor") -> dict[str, int]:
     """Checkpoint all decoder layers but ``keep`` of them (when ``checkpoint``); compile each one's forward."""
-    if compile:
-        compile_settings()
     layers = decoder_layers(model)
     n = len(layers)
     keep = max(0, min(keep, n)) if checkpoint else n
@@ -66,6 +67,61 @@ def prepare_layers(model: torch.nn.Module, *, checkpoint: bool, keep: int = 0, c
     for i, layer in enumerate(layers):
         layer.__class__ = _checkpointing_class(type(layer))
         layer.hfhpc_recompute = i not in kept
-        if compile:
+    compiled = compile_layers(layers, backend=backend) if compile else 0
+    return {"layers": n, "checkpointed": n - len(kept), "compiled": compiled}
+
+
+def compile_layers(layers: list[torch.nn.Module], *, backend: str | object = "inductor") -> int:
+    """Compile each decoder layer's forward (at any point: before the first step or between two), with
+    dynamic shapes from the start, so a new packed length or document count never compiles again.
+    The number of layers compiled."""
+    compile_settings()
+    for layer in layers:
+        if not getattr(layer, "hfhpc_compiled", False):
             layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
-    return {"layers": n, "checkpointed": n - len(kept), "compiled": n if compile else 0}
+            layer.hfhpc_compiled = True
+    return len(layers)
+
+
+def compile_when_it_pays(model: torch.nn.Module, *, steps_total: int, stored: bool, log, on_compile=None,
+                         backend: str | object = "inductor"):
+    """A TrainerCallback for ``train.torch_compile`` unset: the first steps run eager; after step
+    :data:`~hfhpc.recipes.compiling.MEASURE_AT_STEP` of this process the eager step time decides
+    (:func:`hfhpc.recipes.compiling.decide`, rank 0's measurement for every rank), and the layers are
+    compiled before the next step when that pays. ``on_compile`` runs after compiling. The layers are
+    found now, before FSDP2 renames their classes."""
+    import time
+
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    from hfhpc.recipes.compiling import MEASURE_AT_STEP, decide
+
+    targets = decoder_layers(model)
+
+    class CompileWhenItPays(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps = 0
+            self.t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps += 1
+            if self.steps != MEASURE_AT_STEP:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            measured = [time.perf_counter() - self.t0]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(measured, src=0)  # one decision for all ranks
+            left = max(0, (state.max_steps or steps_total) - state.global_step)
+            choice = decide(None, steps_left=left, eager_step_s=measured[0], stored=stored)
+            log(f"compile: {choice.line()}")
+            if choice.compile:
+                compile_layers(targets, backend=backend)
+                if on_compile is not None:
+                    on_compile()
+
+    return CompileWhenItPays()

@@ -72,11 +72,11 @@ RECIPE = Recipe(
 )
 
 
-def per_layer_fsdp(spec: Any) -> bool:
-    """Whether this recipe checkpoints and compiles each decoder layer itself (FSDP2, no LoRA:
-    hfhpc.recipes.layers); only then does ``launch.keep_activations`` apply."""
-    return (spec.recipe == RECIPE.name and spec.launch.strategy == "fsdp" and spec.fsdp_version == 2
-            and spec.train.lora is None)
+def own_layers(spec: Any) -> bool:
+    """Whether this recipe checkpoints and compiles each decoder layer itself (hfhpc.recipes.layers):
+    on one device, DDP or FSDP2, full fine-tuning or LoRA (FSDP1's flat parameters keep the Trainer's
+    own checkpointing, uncompiled); only then does ``launch.keep_activations`` apply."""
+    return spec.recipe == RECIPE.name and (spec.launch.strategy != "fsdp" or spec.fsdp_version == 2)
 
 
 def attention_implementation(choice: str, *, packed: bool, max_length: int | None = None) -> str:
@@ -114,23 +114,17 @@ def main(job: JobFile) -> int:
         assistant_only = chatdata.template_marks_assistant(tokenizer.chat_template)
 
     modelled = {"max_length", "packing", "epochs", "assistant_only_loss", "chat_template", "lora", "attention"}
-    kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
+    layers_here = own_layers(spec)
+    kwargs = {k: v for k, v in training_kwargs(job, own_layers=layers_here).items() if k not in modelled}
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
-    # Under FSDP2 the recipe checkpoints and compiles each decoder layer itself (hfhpc.recipes.layers).
-    own_layers = per_layer_fsdp(spec)
-    # Compiling pays on GPUs (fused norms, activations and rotary embeddings: 1.5x on the 1.1B
-    # benchmark) after a minute or two of compiling. Not with FSDP1's flat parameters or LoRA.
-    compile_model = bool(kwargs.get("torch_compile", gpu and t.lora is None and (spec.launch.strategy != "fsdp" or own_layers)))
-    compile_layers = own_layers and compile_model
-    kwargs["torch_compile"] = compile_model and not own_layers
-    if compile_model:
-        from hfhpc.recipes.layers import compile_settings
-
-        compile_settings()
-    if kwargs["torch_compile"]:
-        # accelerate launch passes dynamic=False to the ranks: every new packed length would be compiled
-        # again. Unset, torch compiles the changing dimensions dynamically after seeing them change.
-        os.environ.pop("ACCELERATE_DYNAMO_USE_DYNAMIC", None)
+    # Compiling pays on GPUs (fused norms, activations and rotary embeddings) once a job has the steps
+    # to earn its compile back: the decoder layers are compiled as one region (hfhpc.recipes.layers),
+    # never the whole model by the Trainer. Unset, the first steps run eager and their time decides
+    # (hfhpc.recipes.compiling); true compiles before the first step; false never.
+    setting = kwargs.pop("torch_compile", None)
+    setting = None if setting is None else bool(setting)
+    kwargs["torch_compile"] = False
+    may_compile = layers_here and (setting is True or (setting is None and gpu))
     args = SFTConfig(**kwargs, max_length=t.max_length, packing=t.packing)
 
     # Templated, tokenized and packed once (exactly as TRL would), cached beside the store and shared by
@@ -170,19 +164,26 @@ def main(job: JobFile) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
     log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
         f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
-    if own_layers:
-        from hfhpc.recipes.layers import prepare_layers
-
-        done = prepare_layers(model, checkpoint=spec.launch.activation_checkpointing,
-                              keep=spec.launch.keep_activations, compile=compile_layers)
-        log(f"decoder layers: {done['layers']}, {done['checkpointed']} checkpointed, {done['compiled']} compiled")
     callbacks = trainer_callbacks(job, stop)
-    if compile_model:
+    if layers_here:
+        from hfhpc.recipes import layers
+
+        done = layers.prepare_layers(model, checkpoint=gpu and spec.launch.activation_checkpointing,
+                                     keep=spec.launch.keep_activations, compile=setting is True)
+        log(f"decoder layers: {done['layers']}, {done['checkpointed']} checkpointed, {done['compiled']} compiled")
+    if may_compile:
         from hfhpc.recipes import compilecache
 
         compiled = compilecache.for_job(prepared_root(job, "compiled"), model_id, commit)
         compiled.load()
         callbacks.append(compiled.callback())
+        if setting is None:
+            steps = args.max_steps if args.max_steps > 0 else _steps_per_job(args, len(train_ds))
+            callbacks.append(layers.compile_when_it_pays(model, steps_total=steps, stored=compiled.loaded > 0, log=log))
+    elif setting is None and layers_here:
+        from hfhpc.recipes.compiling import decide
+
+        log(f"compile: {decide(None, steps_left=0, eager_step_s=None, stored=False, gpu=gpu).line()}")
     peft_config = None
     if t.lora is not None:
         from peft import LoraConfig
@@ -194,7 +195,7 @@ def main(job: JobFile) -> int:
         callbacks=callbacks, peft_config=peft_config,
     )
     checkpoint.install(trainer, stop)
-    if own_layers:
+    if layers_here and trainer.is_fsdp_enabled:
         plugin = trainer.accelerator.state.fsdp_plugin
         plugin.activation_checkpointing = False  # done per layer, inside the compiled forward
         if half is not None:
@@ -211,7 +212,7 @@ def main(job: JobFile) -> int:
 
     # -- save ----------------------------------------------------------------------------------
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
-    if compile_model:
+    if may_compile:
         compiled.save_if_new()  # the evaluation's graphs too
     # Scores only: the Trainer's timings (eval_runtime, eval_*_per_second) are not results.
     eval_metrics = {k: v for k, v in eval_metrics.items()
@@ -229,3 +230,11 @@ def main(job: JobFile) -> int:
     })
     log(f"done: model in {out}")
     return 0
+
+
+def _steps_per_job(args, rows: int) -> int:
+    """Optimizer steps of the whole run (the Trainer's count: per-rank batches, accumulation, epochs)."""
+    import math
+
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return math.ceil(args.num_train_epochs * math.ceil(rows / per_step))
