@@ -183,6 +183,8 @@ def run(args) -> dict:
     wall = time.time() - t0
     if proc.returncode != 0 and not stopped:
         raise SystemExit(f"hfhpc run failed with status {proc.returncode}")
+    for profiled in (run_dir / "logs").glob("profile-rank*.txt"):  # HFHPC_PROFILE_STEPS in --env
+        shutil.copy(profiled, Path(args.out) / f"hfhpc_{args.shape}_w{args.gpus}_{args.tag}_{profiled.name}")
     return summarize(args, run_dir, t0, None if stopped else wall)
 
 

@@ -49,7 +49,8 @@ for v in "${VARIANTS[@]}"; do
     hfhpc)         hfhpc --tag nockpt ;;                      # the recipe's defaults (a short job: stays eager)
     hfhpc-long)    hfhpc --tag nockpt-long --steps 5000 --stop-after 24 ;;  # defaults, a long job: compiles after step 2
     hfhpc-compiled) hfhpc --tag compiled-nockpt --train torch_compile=true ;;  # compiled before the first step, cold
-    hfhpc-compiled-warm) hfhpc --tag compiled-nockpt-warm --train torch_compile=true --compile-cache store ;;
+    hfhpc-compiled-warm) hfhpc --tag compiled-nockpt-warm --train torch_compile=true --compile-cache store \
+                     --env HFHPC_PROFILE_STEPS=14-16 ;;  # and where a step's time goes (logs/profile-rank0.txt)
     hfhpc-lora)    hfhpc --tag lora16-ckpt --ckpt --train "lora={r: 16, lora_alpha: 32}" --train torch_compile=true ;;
     hfhpc-lora-keep*) hfhpc --tag "lora16-ckpt-keep${v#hfhpc-lora-keep}" --ckpt --train "lora={r: 16, lora_alpha: 32}" \
                      --train torch_compile=true --launch "keep_activations=${v#hfhpc-lora-keep}" ;;

@@ -34,6 +34,7 @@ HFHPC_CPUS_PER_TASK = "HFHPC_CPUS_PER_TASK"
 HFHPC_GPUS_ON_NODE = "HFHPC_GPUS_ON_NODE"
 HFHPC_NODE_NAME = "HFHPC_NODE_NAME"
 HFHPC_LAUNCH_HOST = "HFHPC_LAUNCH_HOST"  # where the job step was launched from (an address)
+HFHPC_PROFILE_STEPS = "HFHPC_PROFILE_STEPS"  # "A-B": profile steps A to B of each rank (logs/profile-rank*.txt)
 
 # SLURM's variables in a job (read only by hfhpc.scheduler.environment). SLURM_JOB_NODELIST and
 # SLURM_NODELIST name the same nodes (the second is the older name); a step has its own.

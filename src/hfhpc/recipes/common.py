@@ -238,7 +238,10 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal, logged: tuple[str, ...] 
                 control.should_training_stop = True
             return control
 
-    return [Progress()]
+    from hfhpc.recipes import profile
+
+    profiled = profile.callback(job)
+    return [Progress()] + ([profiled] if profiled is not None else [])
 
 
 def train_from_checkpoint(trainer, run_dir: Path, stop: StopOnSignal) -> tuple[Any, str | None]:

@@ -12,7 +12,6 @@ weights and computes in bf16 (autocast, or FSDP's mixed precision); LoRA keeps t
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Literal
 

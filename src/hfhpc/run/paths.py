@@ -81,6 +81,10 @@ class RunDir:
     def accelerate_config(self, node_rank: int) -> Path:
         return self.logs / f"accelerate-node{node_rank}.yaml"
 
+    def profile(self, rank: int) -> Path:
+        """Where a rank writes the profile of the steps ``HFHPC_PROFILE_STEPS`` names."""
+        return self.logs / f"profile-rank{rank}.txt"
+
     # -- what the recipes write ------------------------------------------------------------------
     @property
     def metrics(self) -> Path:
