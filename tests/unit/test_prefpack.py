@@ -101,7 +101,7 @@ def tiny_chat(tmp_path_factory: pytest.TempPathFactory):
     return build.build_tiny_chat_model(tmp_path_factory.mktemp("model"))
 
 
-def _trainer(model_dir, tmp_path, packed: bool, **config):
+def _trainer(model_dir, tmp_path, packed: bool, compiled: bool = False, **config):
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
@@ -124,6 +124,12 @@ def _trainer(model_dir, tmp_path, packed: bool, **config):
     with torch.no_grad():  # a policy that has moved from the reference: rewards well above rounding
         for p in policy.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
+    if compiled:  # as the recipe does on GPUs: every decoder layer compiled, the policy's checkpointed
+        from hfhpc.recipes.layers import prepare_layers
+
+        prepare_layers(policy, checkpoint=True, keep=1, compile=True, backend="aot_eager")
+        if ref is not None:
+            prepare_layers(ref, checkpoint=False, compile=True, backend="aot_eager")
     trainer = trainer_class()(model=policy, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
                               processing_class=tok)
     if packed:
@@ -131,12 +137,13 @@ def _trainer(model_dir, tmp_path, packed: bool, **config):
     return trainer
 
 
-def test_dpo_loss_metrics_and_gradients_are_those_of_the_padded_batch(tiny_chat, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
+def test_dpo_loss_metrics_and_gradients_are_those_of_the_padded_batch(tiny_chat, tmp_path, compiled):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     results = []
     for packed in (False, True):
-        trainer = _trainer(tiny_chat, tmp_path, packed)
+        trainer = _trainer(tiny_chat, tmp_path, packed, compiled=compiled and packed)
         batch = DataCollatorForPreference(pad_token_id=trainer.processing_class.pad_token_id)(
             [trainer.train_dataset[i] for i in range(4)])
         trainer.model.train()
