@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import SHAPES, TEMPLATE, VOCAB, _kill_tree, _phases, _steps_logged, build_model  # noqa: E402
+from bench_sft import SHAPES, VOCAB, _kill_tree, _phases, _steps_logged, build_model  # noqa: E402
 from common import machine, versions  # noqa: E402
 
 MODEL_ID = "bench/mistral-{shape}"
