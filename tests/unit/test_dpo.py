@@ -22,6 +22,10 @@ def test_train_section_is_typed_and_passes_dpo_config_keys_through():
     assert isinstance(spec.train, DpoTrain)
     assert spec.train.beta == 0.01 and spec.train.max_length == 1024 and spec.train.learning_rate == 1.0e-6
     assert spec.train.model_extra == {"loss_type": "ipo"}
+    assert spec.train.padding_free is True  # modelled: never passed on to DPOConfig, whose own is off for DPO
+    assert parse_spec({**BASE, "train": {"padding_free": False}}).train.padding_free is False
+    with pytest.raises(SpecError, match="padding_free"):
+        parse_spec({**BASE, "train": {"padding_free": "sometimes"}}, "job.yaml")
     assert type(parse_spec({**BASE, "recipe": "sft"}).train).__name__ == "SftTrain"
 
 

@@ -14,6 +14,13 @@ stays in memory while training.
 
 The model to tune is the job file's ``model`` (its locked commit): Zephyr's DPO step starts from the
 SFT step's model staged like any other.
+
+Padding-free (``train.padding_free``, the default): the policy's and the reference's forward run each
+padded batch as one row of its real tokens, attention kept within each sequence
+(:mod:`hfhpc.recipes.prefpack`, :mod:`hfhpc.recipes.attention`); TRL's loss sees the padded layout.
+On GPUs, full fine-tuning compiles each decoder layer of the policy and of the reference (and
+checkpoints the policy's, per ``launch.activation_checkpointing``) as the sft recipe does
+(:mod:`hfhpc.recipes.layers`), with the compiled kernels kept in the store.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class DpoTrain(TrainBase):
     precompute_ref_log_probs: bool = Field(
         False, description="compute the reference's log-probs once, cached beside the prepared pairs; no reference model while training")
     chat_template: str | None = Field(None, description="template for models without one: a Jinja string")
+    padding_free: bool = Field(
+        True, description="run each batch's chosen and rejected sequences as one packed row, attention kept within each")
 
     @model_validator(mode="after")
     def _lengths(self) -> DpoTrain:
@@ -132,9 +141,22 @@ def main(job) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    modelled = {"epochs", "lora", "beta", "max_length", "max_prompt_length", "precompute_ref_log_probs", "chat_template"}
+    modelled = {"epochs", "lora", "beta", "max_length", "max_prompt_length", "precompute_ref_log_probs", "chat_template",
+                "padding_free"}
     kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
+    # Each decoder layer compiled (and checkpointed) by the recipe, as sft does: on GPUs, full
+    # fine-tuning, and not under FSDP1's flat parameters. The Trainer then checkpoints nothing itself.
+    fsdp = spec.launch.strategy == "fsdp"
+    layerwise = t.lora is None and (not fsdp or spec.fsdp_version == 2)
+    wanted = bool(kwargs.pop("torch_compile", gpu and layerwise))
+    own_layers = wanted and layerwise
+    if wanted and not own_layers:
+        kwargs["torch_compile"] = True  # asked for where the layers are not the recipe's: the Trainer compiles
+    if own_layers:
+        for key in ("activation_checkpointing", "gradient_checkpointing"):
+            if key in kwargs:
+                kwargs[key] = False
     args = DPOConfig(**kwargs, beta=t.beta, max_length=t.max_length, precompute_ref_log_probs=t.precompute_ref_log_probs)
 
     # Templated and tokenized once, cached beside the store and shared by every job and node.
@@ -157,10 +179,22 @@ def main(job) -> int:
     # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
     dtype = half if (gpu and half is not None and t.lora is not None) else torch.float32
     saved_dtype = getattr(assets.load_config(model_id, commit), "dtype", None)
+    if t.padding_free:
+        from hfhpc.recipes import attention
+
+        attn = attention.register(t.max_length)
+    else:
+        attn = "sdpa"
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
     log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
-        f"loaded in {time.perf_counter() - t0:.1f} s")
+        f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
+    if own_layers:
+        from hfhpc.recipes.layers import prepare_layers
+
+        done = prepare_layers(model, checkpoint=spec.launch.activation_checkpointing,
+                              keep=spec.launch.keep_activations, compile=True)
+        log(f"decoder layers: {done['layers']}, {done['checkpointed']} checkpointed, {done['compiled']} compiled")
     peft_config = None
     ref_model = None
     if t.lora is not None:
@@ -170,18 +204,38 @@ def main(job) -> int:
     elif not (t.precompute_ref_log_probs and spec.launch.strategy != "fsdp"):
         # The frozen reference: the same commit, in the compute dtype on GPUs (it only runs forward).
         ref_dtype = half if (gpu and half is not None) else torch.float32
-        ref_model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=ref_dtype, attn_implementation="sdpa")
+        ref_model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=ref_dtype, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
+        if own_layers:
+            prepare_layers(ref_model, checkpoint=False, compile=True)
     # else: TRL computes the reference log-probs with the policy before its first step.
 
     callbacks = trainer_callbacks(job, stop, logged=LOGGED + DPO_LOGGED)
+    if own_layers:
+        from hfhpc.recipes import compilecache
+
+        compiled = compilecache.for_job(prepared_root(job, "compiled"), model_id, commit)
+        compiled.load()
+        callbacks.append(compiled.callback())
     trainer = trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config,
     )
+    if t.padding_free:
+        from hfhpc.recipes import prefpack
+
+        log(f"padding-free batches: {' and '.join(prefpack.install(trainer))} packed")
     if t.precompute_ref_log_probs:
         trainer.ref_model = None  # its log-probs are in the datasets now
     checkpoint.install(trainer, stop)
+    if own_layers and fsdp:
+        plugin = trainer.accelerator.state.fsdp_plugin
+        plugin.activation_checkpointing = False  # done per layer, inside the compiled forward
+        if half is not None:
+            # bf16 compute and all-gathers, gradients reduced in fp32 (accelerate's default reduces in bf16).
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)
 
     # -- train ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -191,6 +245,8 @@ def main(job) -> int:
 
     # -- save ----------------------------------------------------------------------------------
     scores = eval_scores(trainer.evaluate(), len(eval_ds)) if eval_ds is not None else {}
+    if own_layers:
+        compiled.save_if_new()  # the evaluation's graphs too
     out = save_final_model(job, trainer, tokenizer, lora=t.lora is not None, dtype=saved_dtype, scores=scores)
     write_summary(job, {
         "steps": trainer.state.global_step,
@@ -201,6 +257,7 @@ def main(job) -> int:
         "resumed_from": resumed_from,
         "world_size": args.world_size,
         "pairs": len(train_ds),
+        "padding_free": t.padding_free,
         "reference": "base without adapters" if t.lora is not None else (
             "precomputed log-probs" if t.precompute_ref_log_probs else "frozen copy of the starting weights"),
     })
