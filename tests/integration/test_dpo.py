@@ -173,6 +173,8 @@ def test_a_finished_run_is_the_next_specs_model_pinned_by_content_and_checked(dp
     shutil.copytree(run_dir, source, ignore=shutil.ignore_patterns("checkpoint-*"))
     chained = _variant(spec, "tiny-dpo-chained", **{f"model: {MODEL_ID}\n": "model: {from_run: runs/source}\n",
                                                     "max_steps: 30": "max_steps: 2", "save_steps: 15": "save_steps: 100"})
+    local = spec.parent / "node-local"
+    chained.write_text(chained.read_text() + f"site: {{local_dir: '{local}'}}\n")
     env = dict(os.environ, HF_ENDPOINT=hub.url)
     staged = hfhpc("--store", str(store), "stage", str(chained), env=env)
     assert staged.returncode == 0, staged.stderr
@@ -186,6 +188,9 @@ def test_a_finished_run_is_the_next_specs_model_pinned_by_content_and_checked(dp
     out = hfhpc("--store", str(store), "run", str(chained), timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "model run/source:" in out.stdout
+    # Copied to node-local disk like a staged model, and loaded from there.
+    assert "node-local copy done" in out.stderr
+    assert (local / "hfhpc-store" / "hub" / "models--run--source" / "snapshots" / pinned["commit"] / "model.safetensors").is_file()
     job = json.loads((spec.parent / "runs" / "tiny-dpo-chained" / "job.json").read_text())
     assert job["spec"]["model"]["from_run"] == "runs/source"
     assert [a["commit"] for a in job["assets"] if a["id"] == "run/source"] == [pinned["commit"]]
