@@ -326,6 +326,13 @@ class JobSpec(_Strict):
             recipe.check(self)
         if self.launch.strategy == "fsdp" and self.resources.gpus_per_node == 0:
             raise ValueError("launch.strategy 'fsdp' needs GPUs: set resources.gpus_per_node, or use ddp on CPU")
+        sources: dict[str, str | None] = {}
+        for m in self.all_models():
+            # One id is one asset: two runs of the same folder name (or a run and a Hub model) cannot share it.
+            run = os.path.normpath(m.from_run) if m.from_run is not None else None
+            if sources.setdefault(m.id, run) != run:
+                raise ValueError(f"two models would be staged as {m.id} ({sources[m.id] or 'the Hub model'} and {m.from_run or 'the Hub model'}): "
+                                 "give the run folders different names")
         return self
 
     # -- derived ---------------------------------------------------------------------------

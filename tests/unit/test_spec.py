@@ -41,6 +41,8 @@ def test_short_forms_expand_and_defaults_fill():
         ({"model": {"from_run": ".."}}, "model", "does not end in a folder name"),
         ({"model": {"from_run": ""}}, "model", "is not a path"),
         ({"model": {"from_run": ["runs/a"]}}, "model", "from_run must be the path of a run folder"),
+        ({"recipe": "script", "script": "t.py", "model": {"from_run": "a/sft"}, "models": [{"from_run": "b/sft"}]}, "",
+         "two models would be staged as run/sft (a/sft and b/sft): give the run folders different names"),
         ({"recipe": "train"}, "recipe", "must be 'classify', 'dpo', 'evaluate', 'harness', 'infer', 'script' or 'sft'"),
         ({"recipe": "stf"}, "recipe", "(did you mean `sft`?)"),
         ({"resources": {"gpus_per_nod": 4}}, "resources.gpus_per_nod", "unknown key (did you mean `gpus_per_node`?)"),
