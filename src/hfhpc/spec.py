@@ -74,8 +74,8 @@ def run_model_id(from_run: str) -> str:
 class ModelRef(_Strict):
     """A model the job loads: a Hub model repo (``id``) or the final model of a finished run (``from_run``)."""
 
-    id: str = Field(description="Hub id, e.g. HuggingFaceH4/zephyr-7b-beta (with from_run: run/<folder name>, set for you)")
-    from_run: str | None = Field(None, description="instead of id: a finished run folder whose model/ the job starts from, e.g. runs/zephyr-sft (relative to the spec's folder)")
+    id: str = Field(description="Hub id, e.g. HuggingFaceH4/zephyr-7b-beta (or instead `from_run: RUN_DIR`, a finished run's model)")
+    from_run: str | None = Field(None, description="instead of id: a finished run folder whose model/ the job starts from, e.g. runs/zephyr-sft (relative to the spec's folder; staged as the model run/<folder name>)")
     revision: str = Field("main", description="branch, tag or commit sha")
     include: list[str] = Field(default_factory=list, description="glob patterns of files to stage (default: what loading needs)")
 
