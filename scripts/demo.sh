@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # The main job on the bundled tiny example, as a user would run it, with no GPU, SLURM or internet:
 # a local upstream stands in for the Hub; `hfhpc stage` on the "login node", `hfhpc check` with the
-# network sealed, then `hfhpc run` of each recipe: fine-tune a chat model (SFT), preference-tune it
-# (DPO), fine-tune and score a classifier with an Evaluate metric, batch inference, scoring a model on
-# a split; finally the reports of the SFT and DPO runs and where everything is.
+# network sealed, then `hfhpc run` of each recipe: fine-tune a chat model (SFT), preference-tune the
+# SFT run's model (DPO, a second spec whose `model: {from_run: …}` names the SFT run: staged and
+# checked once that run has finished), fine-tune and score a classifier with an Evaluate metric,
+# batch inference, scoring a model on a split; finally the reports of the SFT and DPO runs and where
+# everything is.
 #
 # Everything goes under $DEMO_DIR (default: demo/). The specs are examples/demo/*.yaml, copied to
-# $DEMO_DIR/specs/ with output_dir pointing at $DEMO_DIR/runs/, so that lockfiles and runs stay there.
+# $DEMO_DIR/specs/ with output_dir (and from_run) pointing at $DEMO_DIR/runs/, so that lockfiles and
+# runs stay there.
 # Each command's whole output is in $DEMO_DIR/logs/; the screen shows a few lines of each.
 # Runs start afresh every time; the store is kept (staging it again is a no-op).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO_DIR:-demo}
 RECIPES=(sft dpo classify infer evaluate)
+# Starts from the SFT run's model: staged and checked after that run, just before its own.
+CHAINED=dpo
 declare -A WHAT=(
   [sft]="fine-tune the tiny chat model on chat data (TRL SFT)"
-  [dpo]="preference-tune the tiny chat model on chosen/rejected pairs (TRL DPO; from the staged model)"
+  [dpo]="preference-tune the SFT run's model on chosen/rejected pairs (TRL DPO; model: {from_run: …/demo-sft})"
   [classify]="fine-tune MiniLM as a sentiment classifier, scored with Evaluate's accuracy"
   [infer]="batch generation with the chat model, one prediction per row"
   [evaluate]="score MiniLM on the test reviews, two CPU ranks"
@@ -86,32 +91,43 @@ echo "(at $HF_ENDPOINT)"
 
 for recipe in "${RECIPES[@]}"; do
   name=$(sed -n 's/^name: *//p' "examples/demo/$recipe.yaml")
-  sed "s#^output_dir: .*#output_dir: ../runs/$name#" "examples/demo/$recipe.yaml" >"$DEMO/specs/$recipe.yaml"
+  sed -e "s#^output_dir: .*#output_dir: ../runs/$name#" -e "s#from_run: \.\./\.\./demo/runs/#from_run: ../runs/#" \
+    "examples/demo/$recipe.yaml" >"$DEMO/specs/$recipe.yaml"
 done
 
 echo
-echo "3. stage each spec into the store $DEMO/store, pinning commits in a lockfile (the login-node step)"
+echo "3. stage each spec into the store $DEMO/store, pinning commits in a lockfile (the login-node step;"
+echo "   the DPO spec's model is the SFT run's output: it is staged in step 5, once that run has finished)"
 for recipe in "${RECIPES[@]}"; do
+  [ "$recipe" = "$CHAINED" ] && continue
   run stage "$LOGS/stage-$recipe.log" '^(model|dataset|metric) ' hfhpc stage --quiet "$DEMO/specs/$recipe.yaml"
 done
 
-# What a compute node sees: no endpoint at all.
+# What a compute node sees: no endpoint at all. The stand-in stays up for the DPO spec's stage (the
+# login node's side), which names it in its own environment.
+ENDPOINT=$HF_ENDPOINT
 unset HF_ENDPOINT
-kill $SERVER 2>/dev/null || true
 
 echo
 echo "4. check each spec with the network sealed: every asset loads offline"
 for recipe in "${RECIPES[@]}"; do
+  [ "$recipe" = "$CHAINED" ] && continue
   run check "$LOGS/check-$recipe.log" '^ready' hfhpc check "$DEMO/specs/$recipe.yaml"
 done
 
 echo
-echo "5. run each recipe here, sealed and offline"
+echo "5. run each recipe here, sealed and offline (the DPO spec is staged and checked first: its model is the SFT run's)"
 for recipe in "${RECIPES[@]}"; do
   echo "   ${WHAT[$recipe]}:"
+  if [ "$recipe" = "$CHAINED" ]; then
+    run stage "$LOGS/stage-$recipe.log" '^(model|dataset) ' env HF_ENDPOINT="$ENDPOINT" hfhpc stage --quiet "$DEMO/specs/$recipe.yaml"
+    run check "$LOGS/check-$recipe.log" '^ready' hfhpc check "$DEMO/specs/$recipe.yaml"
+  fi
   run "$recipe" "$LOGS/run-$recipe.log" '^hfhpc: (done|[0-9]+ labels|text-generation with|text-classification with)' \
     hfhpc run "$DEMO/specs/$recipe.yaml"
 done
+
+kill $SERVER 2>/dev/null || true
 
 echo
 echo "6. reports of the SFT and DPO runs: plots and a one-page HTML each"

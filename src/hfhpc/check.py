@@ -84,6 +84,7 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
     lock = load_lock(spec.lock_path(), missing_ok=True)
     cache = VerifyCache(store, full=full)
     dataset_refs = {d.id: d for d in spec.all_datasets()}
+    from_runs = {("model", m.id): m for m in spec.all_models() if m.from_run is not None}
     for req in requests_from_spec(spec):
         locked = lock.get(*req.key)
         if locked is None:
@@ -102,10 +103,32 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
         for p in problems:
             fix = _spec_fix(spec, " --repair") if p.fix.endswith("--repair") else _spec_fix(spec)
             report.problems.append(Problem(p.kind, p.repo_id, p.what, p.reason, fix))
+        if locked.key in from_runs:
+            _check_run_model(spec, from_runs[locked.key], locked, cache, report)
         if problems:
             continue
         _plan_locked(store, locked, dataset_refs.get(locked.id), plan, _spec_fix(spec))
     cache.save()
+
+
+def _check_run_model(spec: JobSpec, ref, locked: LockedAsset, cache: VerifyCache, report: CheckReport) -> None:
+    """A model taken from a run: that run's ``model/`` must still hold what the lockfile pinned, or the
+    job would start from an older model than the folder the spec names."""
+    from hfhpc.errors import RunModelError
+    from hfhpc.run.chain import changes, run_model_folder
+
+    try:
+        folder = run_model_folder(spec, ref)
+    except RunModelError as e:
+        # The staged copy is intact (verified above) and is what the job loads: it can still run.
+        report.warnings.append(f"model {locked.id}: {e.message}; the job starts from the copy staged at {locked.commit[:12]}")
+        return
+    changed = changes(folder, locked, cache)
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        report.problems.append(Problem("model", locked.id, str(folder),
+                                       f"changed since it was staged ({shown}); the job would start from the staged copy",
+                                       _spec_fix(spec)))
 
 
 def _plan_locked(store: Path, locked: LockedAsset, dref, plan: _Plan, fix: str) -> None:

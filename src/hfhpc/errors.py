@@ -135,6 +135,14 @@ class LockfileError(UsageError):
         super().__init__(f"{path}: {problem}", fix or "run `hfhpc stage` on the spec to write it again")
 
 
+class RunModelError(UsageError):
+    """A spec's ``model: {from_run: …}`` names a folder whose model cannot be staged."""
+
+    def __init__(self, run_dir: str, problem: str, fix: str):
+        self.run_dir, self.problem = run_dir, problem
+        super().__init__(f"model.from_run {run_dir}: {problem}", fix)
+
+
 class SealNotActiveError(HfhpcError):
     """A process that must run sealed (``HFHPC_SEAL=1``) runs without the guard, or the guard's
     files are missing: running on would leave the network open without a word."""

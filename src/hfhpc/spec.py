@@ -14,10 +14,11 @@ import difflib
 import os
 import re
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator, model_serializer,
+                      model_validator)
 
 from hfhpc import slurmtime
 from hfhpc.errors import SpecError
@@ -48,15 +49,65 @@ def _check_revision(value: str) -> str:
     return value
 
 
-class ModelRef(_Strict):
-    """A model (or any Hub model repo) the job loads."""
+# The namespace of the ids under which finished runs' models are staged (``run/<folder name>``).
+RUN_NAMESPACE = "run"
 
-    id: str = Field(description="Hub id, e.g. HuggingFaceH4/zephyr-7b-beta")
+
+def run_model_id(from_run: str) -> str:
+    """The store id of the model of the run folder ``from_run``: ``run/<the folder's name>``.
+
+    Derived from the text alone (the spec's folder is not known while it validates), so the same
+    spec names the same id wherever it is read; the lockfile pins the content under it.
+    """
+    if not from_run.strip() or "\0" in from_run:
+        raise ValueError(f"from_run {from_run!r} is not a path: name a run folder, e.g. runs/zephyr-sft")
+    name = PurePosixPath(os.path.normpath(from_run)).name
+    if name in ("", ".", ".."):
+        raise ValueError(f"from_run {from_run!r} does not end in a folder name: name the run folder itself, e.g. ../runs/zephyr-sft")
+    problem = repo_id_problem(f"{RUN_NAMESPACE}/{name}")
+    if problem:
+        raise ValueError(f"the run folder's name {name!r} cannot name its staged model ({problem}): "
+                         "rename the folder with letters, digits, '-', '_' and '.'")
+    return f"{RUN_NAMESPACE}/{name}"
+
+
+class ModelRef(_Strict):
+    """A model the job loads: a Hub model repo (``id``) or the final model of a finished run (``from_run``)."""
+
+    id: str = Field(description="Hub id, e.g. HuggingFaceH4/zephyr-7b-beta (or instead `from_run: RUN_DIR`, a finished run's model)")
+    from_run: str | None = Field(None, description="instead of id: a finished run folder whose model/ the job starts from, e.g. runs/zephyr-sft (relative to the spec's folder; staged as the model run/<folder name>)")
     revision: str = Field("main", description="branch, tag or commit sha")
     include: list[str] = Field(default_factory=list, description="glob patterns of files to stage (default: what loading needs)")
 
     _v_id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
     _v_rev = field_validator("revision")(classmethod(lambda cls, v: _check_revision(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        # The rest of hfhpc sees one model id: a run's model gets its derived id here, once, and every
+        # command (stage, check, the lockfile, the node-local copy, the recipes) uses `id` unchanged.
+        if not isinstance(data, dict):
+            return data
+        if data.get("from_run") is None:
+            if "id" not in data:
+                raise ValueError("give `id:` (a Hub model) or `from_run:` (a finished run folder)")
+            return data
+        if "id" in data:
+            raise ValueError("give `id:` (a Hub model) or `from_run:` (a finished run folder), not both")
+        if not isinstance(data["from_run"], str):
+            raise ValueError("from_run must be the path of a run folder, e.g. runs/zephyr-sft")
+        if data.get("revision", "main") != "main" or data.get("include"):
+            raise ValueError("`revision:` and `include:` belong to a Hub model: `from_run:` stages the run's whole model/ folder")
+        return {**data, "id": run_model_id(data["from_run"])}
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # Written as the spec wrote it: a Hub model without `from_run` (job.json as before), a run's
+        # model without its derived `id` (job.json reads back through _one_source).
+        out = handler(self)
+        out.pop("from_run" if self.from_run is None else "id", None)
+        return out
 
 
 class DatasetRef(_Strict):
@@ -275,6 +326,13 @@ class JobSpec(_Strict):
             recipe.check(self)
         if self.launch.strategy == "fsdp" and self.resources.gpus_per_node == 0:
             raise ValueError("launch.strategy 'fsdp' needs GPUs: set resources.gpus_per_node, or use ddp on CPU")
+        sources: dict[str, str | None] = {}
+        for m in self.all_models():
+            # One id is one asset: two runs of the same folder name (or a run and a Hub model) cannot share it.
+            run = os.path.normpath(m.from_run) if m.from_run is not None else None
+            if sources.setdefault(m.id, run) != run:
+                raise ValueError(f"two models would be staged as {m.id} ({sources[m.id] or 'the Hub model'} and {m.from_run or 'the Hub model'}): "
+                                 "give the run folders different names")
         return self
 
     # -- derived ---------------------------------------------------------------------------

@@ -159,3 +159,59 @@ def test_lora_trains_adapters_against_the_base(dpo_run):
     run_dir = spec.parent / "runs" / "tiny-dpo-lora"
     assert json.loads((run_dir / "summary.json").read_text())["reference"] == "base without adapters"
     assert (run_dir / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_a_finished_run_is_the_next_specs_model_pinned_by_content_and_checked(dpo_run, hub):
+    """SFT → DPO is two specs: the second names the first's run folder (here a finished DPO run's
+    copy); stage pins its model/ by content, check proves it loads and notices when it changes."""
+    import shutil
+
+    from hfhpc.store.layout import sha256_file
+
+    spec, store, run_dir, _ = dpo_run
+    source = spec.parent / "runs" / "source"
+    shutil.copytree(run_dir, source, ignore=shutil.ignore_patterns("checkpoint-*"))
+    chained = _variant(spec, "tiny-dpo-chained", **{f"model: {MODEL_ID}\n": "model: {from_run: runs/source}\n",
+                                                    "max_steps: 30": "max_steps: 2", "save_steps: 15": "save_steps: 100"})
+    local = spec.parent / "node-local"
+    chained.write_text(chained.read_text() + f"site: {{local_dir: '{local}'}}\n")
+    env = dict(os.environ, HF_ENDPOINT=hub.url)
+    staged = hfhpc("--store", str(store), "stage", str(chained), env=env)
+    assert staged.returncode == 0, staged.stderr
+    assert f"imported from {source / 'model'}" in staged.stdout
+    lock = {a["id"]: a for a in json.loads(chained.with_suffix(".lock").read_text())["assets"]}
+    pinned = lock["run/source"]
+    assert {f["path"]: f["sha256"] for f in pinned["files"]}["model.safetensors"] == sha256_file(source / "model" / "model.safetensors")
+
+    checked = hfhpc("--store", str(store), "check", str(chained))
+    assert checked.returncode == 0 and "ready:" in checked.stdout, checked.stdout + checked.stderr
+    out = hfhpc("--store", str(store), "run", str(chained), timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "model run/source:" in out.stdout
+    # Copied to node-local disk like a staged model, and loaded from there.
+    assert "node-local copy done" in out.stderr
+    assert (local / "hfhpc-store" / "hub" / "models--run--source" / "snapshots" / pinned["commit"] / "model.safetensors").is_file()
+    job = json.loads((spec.parent / "runs" / "tiny-dpo-chained" / "job.json").read_text())
+    assert job["spec"]["model"]["from_run"] == "runs/source"
+    assert [a["commit"] for a in job["assets"] if a["id"] == "run/source"] == [pinned["commit"]]
+
+    # The run's model changes after staging: check says so and how to fix it.
+    config = source / "model" / "config.json"
+    config.write_text(config.read_text() + "\n")
+    changed = hfhpc("--store", str(store), "check", "--no-probe", str(chained))
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert f"{source / 'model'}: changed since it was staged (config.json changed)" in changed.stdout
+    assert f"hfhpc stage {chained}" in changed.stdout
+    # Staged again, the lockfile pins the new contents, and the finished run of the old ones is not resumed.
+    again = hfhpc("--store", str(store), "stage", str(chained), env=env)
+    assert again.returncode == 0, again.stderr
+    assert f"updated {pinned['commit'][:12]} → " in again.stdout
+    assert hfhpc("--store", str(store), "check", "--no-probe", str(chained)).returncode == 0
+    rerun = hfhpc("--store", str(store), "run", str(chained))
+    assert rerun.returncode == 2 and "model run/source" in rerun.stderr, rerun.stderr
+
+    # The run folder gone: the staged copy still serves the job; check warns.
+    shutil.rmtree(source)
+    gone = hfhpc("--store", str(store), "check", "--no-probe", str(chained))
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert f"warning: model run/source: model.from_run {source}: no such run folder" in gone.stdout

@@ -466,3 +466,30 @@ def test_check_full_finds_bytes_changed_in_place_with_the_same_mtime(staged_lock
     assert full.returncode == 1, full.stdout
     assert "notes.txt: corrupt (sha256 mismatch)" in full.stdout
     assert sha256_file(blob) != json.loads(lock.read_text())["assets"][0]["files"][1]["sha256"]
+
+
+def test_stage_refuses_a_run_whose_model_links_out_of_it(tmp_path: Path):
+    """``model: {from_run: …}`` imports the run's model/ as ``--from`` does: the same links are refused,
+    before anything is staged."""
+    secret = tmp_path / "home" / "secret"
+    secret.parent.mkdir()
+    secret.write_text("API_KEY=hunter2\n")
+    model = tmp_path / "runs" / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    os.symlink(secret, model / "tokenizer_config.json")
+    (model.parent / "summary.json").write_text("{}")
+    spec = write_spec(tmp_path / "dpo.yaml", "name: d\nrecipe: dpo\nmodel: {from_run: runs/sft}\ndataset: org/prefs\n")
+    store = tmp_path / "store"
+    out = hfhpc("--store", str(store), "stage", str(spec), env=dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9"))
+    assert out.returncode == 2, out.stderr
+    assert "its model/ holds an unsafe link 'tokenizer_config.json': it leads out of the folder" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not store.exists() and not spec.with_suffix(".lock").exists()
+
+    # Turned into a link out of the run, model/ itself is refused too.
+    os.unlink(model / "tokenizer_config.json")
+    os.rename(model, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", model)
+    out = hfhpc("--store", str(store), "stage", str(spec), env=dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9"))
+    assert out.returncode == 2 and "holds no model/ folder" in out.stderr, out.stderr

@@ -302,3 +302,53 @@ def test_stage_warns_about_a_split_the_dataset_does_not_have(hub, tmp_path: Path
     assert (f"warning: dataset {CHAT_DATASET_ID} has no split 'train': it has train_sft, test_sft, train_gen, test_gen; "
             f"fix the split names in {spec}") in out.stdout
     assert "'test_sft'" not in out.stdout
+
+
+CHAINED = """\
+name: chained
+recipe: dpo
+model: {from_run: runs/sft}
+dataset: {id: org/prefs, split: train_prefs}
+resources: {gpus_per_node: 0}
+"""
+
+
+def _finished_run(folder: Path, *, summary: bool = True, model: bool = True, config: bool = True) -> Path:
+    """A run folder as a training recipe leaves it (or part of it)."""
+    (folder / "logs").mkdir(parents=True)
+    if model:
+        (folder / "model").mkdir()
+        (folder / "model" / "model.safetensors").write_bytes(b"w" * 2000)
+        if config:
+            (folder / "model" / "config.json").write_text('{"model_type": "mistral"}')
+    if summary:
+        (folder / "summary.json").write_text('{"name": "sft", "recipe": "sft"}')
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda runs: None, "runs/sft: no such run folder; run the spec that writes it first"),
+        (lambda runs: _finished_run(runs / "sft", summary=False), "the run has not finished (no summary.json); wait until it has"),
+        (lambda runs: _finished_run(runs / "sft", model=False), "holds no model/ folder"),
+        (lambda runs: _finished_run(runs / "sft", config=False), "its model/ has no config.json (a run with train.lora saves only its adapters)"),
+    ],
+)
+def test_stage_refuses_a_run_that_is_not_finished_writing_nothing(tmp_path: Path, store: Path, make, message):
+    make(tmp_path / "runs")
+    spec = write_spec(tmp_path / "dpo.yaml", CHAINED)
+    out = hfhpc("--store", str(store), "stage", str(spec), env=_env("http://127.0.0.1:9"))
+    assert out.returncode == 2, out.stderr
+    assert f"model.from_run {tmp_path}/" in out.stderr and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not store.exists() and not spec.with_suffix(".lock").exists()
+
+
+def test_stage_refuses_a_run_folder_that_is_the_specs_own_output(tmp_path: Path, store: Path):
+    _finished_run(tmp_path / "runs" / "sft")
+    spec = write_spec(tmp_path / "dpo.yaml", CHAINED + "output_dir: runs/sft\n")
+    out = hfhpc("--store", str(store), "stage", str(spec))
+    assert out.returncode == 2
+    assert "is this spec's own output_dir: the job would overwrite the model it starts from" in out.stderr
+    assert not spec.with_suffix(".lock").exists()

@@ -66,3 +66,20 @@ def test_zephyr_dpo_example_is_the_alignment_handbook_step_planned_and_rendered(
     script = render_sbatch(job)
     assert "#SBATCH --gpus-per-node=4" in script or "#SBATCH --gres=gpu:4" in script
     assert "hfhpc.launch.node" in script
+
+
+def test_each_dpo_examples_run_model_is_the_output_of_its_sft_example(tmp_path: Path):
+    """examples/demo/dpo.yaml starts from demo/sft.yaml's run; zephyr-dpo.yaml's commented line from zephyr-sft.yaml's."""
+    demo = load_spec(ROOT / "examples" / "demo" / "dpo.yaml")
+    assert demo.model.id == "run/demo-sft"
+    assert demo.resolve_path(demo.model.from_run).resolve() == load_spec(ROOT / "examples" / "demo" / "sft.yaml").run_dir()
+
+    text = (ROOT / "examples" / "zephyr-dpo.yaml").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("model: ")]
+    chained = tmp_path / "examples" / "zephyr-dpo.yaml"
+    chained.parent.mkdir()
+    chained.write_text("\n".join(line.removeprefix("# ") if line.startswith("# model: {from_run:") else line for line in lines))
+    spec = load_spec(chained)
+    assert spec.model.id == "run/zephyr-sft"
+    sft = load_spec(ROOT / "examples" / "zephyr-sft.yaml")
+    assert spec.resolve_path(spec.model.from_run).relative_to(tmp_path) == sft.run_dir().relative_to(ROOT)

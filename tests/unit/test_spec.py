@@ -31,7 +31,18 @@ def test_short_forms_expand_and_defaults_fill():
     [
         ({"bogus": 1}, "bogus", "unknown key; valid keys here: name, recipe, model"),
         ({"resources": {"gpu": 4}}, "resources.gpu", "valid keys here: nodes, gpus_per_node"),
-        ({"model": {"id": "org/m", "rev": "x"}}, "model.rev", "valid keys here: id, revision, include"),
+        ({"model": {"id": "org/m", "rev": "x"}}, "model.rev", "valid keys here: id, from_run, revision, include"),
+        ({"model": {"id": "org/m", "from_run": "runs/a"}}, "model", "give `id:` (a Hub model) or `from_run:` (a finished run folder), not both"),
+        ({"model": {"revision": "v1"}}, "model", "give `id:` (a Hub model) or `from_run:`"),
+        ({"model": {"from_run": "runs/a", "revision": "v1"}}, "model", "`from_run:` stages the run's whole model/ folder"),
+        ({"model": {"from_run": "runs/a", "include": ["*.json"]}}, "model", "`revision:` and `include:` belong to a Hub model"),
+        ({"model": {"from_run": "runs/my run"}}, "model", "the run folder's name 'my run' cannot name its staged model"),
+        ({"model": {"from_run": "runs/a--b"}}, "model", "rename the folder"),
+        ({"model": {"from_run": ".."}}, "model", "does not end in a folder name"),
+        ({"model": {"from_run": ""}}, "model", "is not a path"),
+        ({"model": {"from_run": ["runs/a"]}}, "model", "from_run must be the path of a run folder"),
+        ({"recipe": "script", "script": "t.py", "model": {"from_run": "a/sft"}, "models": [{"from_run": "b/sft"}]}, "",
+         "two models would be staged as run/sft (a/sft and b/sft): give the run folders different names"),
         ({"recipe": "train"}, "recipe", "must be 'classify', 'dpo', 'evaluate', 'harness', 'infer', 'script' or 'sft'"),
         ({"recipe": "stf"}, "recipe", "(did you mean `sft`?)"),
         ({"resources": {"gpus_per_nod": 4}}, "resources.gpus_per_nod", "unknown key (did you mean `gpus_per_node`?)"),
@@ -109,3 +120,23 @@ def test_job_json_keeps_every_key_of_the_recipes_own_train_section():
         frozen = json.loads(json.dumps(spec.model_dump(mode="json")))
         again = JobSpec.model_validate(frozen).train
         assert type(again) is type(spec.train) and again.model_dump() == spec.train.model_dump(), recipe
+
+
+def test_a_model_from_a_run_is_staged_under_an_id_derived_from_the_folder_name(tmp_path: Path):
+    from hfhpc.spec import JobSpec
+
+    (tmp_path / "specs").mkdir()
+    path = tmp_path / "specs" / "dpo.yaml"
+    path.write_text("name: d\nrecipe: dpo\nmodel: {from_run: ../runs/zephyr-sft/}\ndataset: org/prefs\n"
+                    "models: [{from_run: /abs/other-run}, org/extra]\n")
+    spec = load_spec(path)
+    assert spec.model.id == "run/zephyr-sft" and spec.model.from_run == "../runs/zephyr-sft/"
+    assert [m.id for m in spec.all_models()] == ["run/zephyr-sft", "run/other-run", "org/extra"]
+    # Relative to the spec's folder, as output_dir is.
+    assert spec.resolve_path(spec.model.from_run).resolve() == (tmp_path / "runs" / "zephyr-sft").resolve()
+    # job.json keeps the spec's own form, and reads back to the same model.
+    frozen = json.loads(json.dumps(spec.model_dump(mode="json")))
+    assert frozen["model"] == {"from_run": "../runs/zephyr-sft/", "revision": "main", "include": []}
+    assert frozen["models"][1] == {"id": "org/extra", "revision": "main", "include": []}
+    again = JobSpec.model_validate(frozen)
+    assert again.model == spec.model and again.models == spec.models

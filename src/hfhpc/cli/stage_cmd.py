@@ -83,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
 
         if args.include or args.revision != "main" or args.config or args.lock:
             raise UsageError("--include/--revision/--config/--lock apply to --model/--dataset/--metric; a spec sets them per asset")
+        from hfhpc.run.chain import model_folders
+
         spec = load_spec(args.spec)
+        folders = model_folders(spec)  # a model from a run: that run's model/, checked before anything is staged
         store = store_for_staging(spec.lock_path(), args.store)
-        report = stage_spec(spec, store, **common)
+        report = stage_spec(spec, store, folders=folders, **common)
     print(render(report, store, default_lock=adhoc is not None and not args.lock))
     return 0
 
@@ -96,7 +99,10 @@ def render(report, store: Path, *, default_lock: bool = False) -> str:
     lines = []
     for o in report.outcomes:
         a = o.asset
-        got = f", downloaded {human_bytes(o.downloaded_bytes)}" if o.downloaded_files else ", already staged"
+        if o.imported_from is not None:
+            got = f", imported from {o.imported_from}"
+        else:
+            got = f", downloaded {human_bytes(o.downloaded_bytes)}" if o.downloaded_files else ", already staged"
         lines.append(f"{a.kind:<7} {a.id}@{a.revision} → {a.commit[:12]} ({len(a.files)} files, {human_bytes(a.total_bytes)}{got})")
         if o.changed:
             lines.append(f"        updated {o.previous_commit[:12]} → {a.commit[:12]}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from hfhpc.errors import UsageError
@@ -21,7 +22,7 @@ SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 
 
-def _walk(src: Path) -> list[tuple[str, Path]]:
+def folder_files(src: Path) -> list[tuple[str, Path]]:
     """Every file under ``src`` with its repository path; links that lead out of ``src`` are refused.
 
     A link inside a clone (``tokenizer_config.json -> ~/secret``) would otherwise copy whatever it
@@ -55,7 +56,7 @@ def _walk(src: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def describe_file(rel: str, full: Path) -> FileEntry:
+def describe_file(rel: str, full: Path, sha256: Callable[[Path], str] = sha256_file) -> FileEntry:
     size = full.stat().st_size
     if size < 1024:
         head = full.read_bytes()
@@ -65,7 +66,7 @@ def describe_file(rel: str, full: Path) -> FileEntry:
                 f"run `git lfs pull` in {full.parent} (or clone with git-lfs installed) and import again",
             )
     if is_lfs_path(rel, size):
-        sha = sha256_file(full)
+        sha = sha256(full)
         return FileEntry(path=rel, size=size, blob_id=git_blob_sha1(lfs_pointer(sha, size)), lfs_sha256=sha)
     return FileEntry(path=rel, size=size, blob_id=git_sha1_file(full))
 
@@ -97,7 +98,7 @@ def import_folder(
     src = Path(src)
     if not src.is_dir():
         raise UsageError(f"{src} is not a folder", "pass --from the folder of a git-lfs clone or of plain files")
-    files = _walk(src)
+    files = folder_files(src)
     if not files:
         raise UsageError(f"{src} has no files to import", "pass --from a folder that holds the repository's files")
     entries = [describe_file(rel, full) for rel, full in files]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hfhpc import env as hfenv
+from hfhpc.errors import UsageError
 from hfhpc.store import fetch
 from hfhpc.store.cache import blob_path, read_tree
 from hfhpc.store.fetch import AssetRequest, Progress, StagedAsset
@@ -26,6 +28,7 @@ class AssetOutcome:
     downloaded_bytes: int
     downloaded_files: int
     prepared: list[str] = field(default_factory=list)  # dataset splits / metric module made loadable offline
+    imported_from: Path | None = None  # the local folder it was imported from (--from, a run's model/)
 
     @property
     def changed(self) -> bool:
@@ -98,9 +101,17 @@ def stage(
     prepare: bool = True,
     xet: bool = False,
     dataset_configs: dict[str, list[str | None]] | None = None,
+    folders: Mapping[tuple[str, str], Path] | None = None,
 ) -> StageReport:
-    """Stage every request; the lockfile is written once all of them succeeded."""
+    """Stage every request; the lockfile is written once all of them succeeded.
+
+    ``folders`` maps a request's key to a local folder imported instead of downloaded (a finished
+    run's ``model/``): imported again each time, so the lockfile pins what the folder holds now.
+    """
     from hfhpc.store import prepare as prep
+    from hfhpc.store.importer import import_folder
+
+    folders = folders or {}
 
     endpoint = endpoint or hfenv.endpoint()
     lock = load_lock(lock_path, missing_ok=True)
@@ -112,12 +123,17 @@ def stage(
             locked = lock.get(*req.key)
             if locked and repair:
                 _repair(store, locked, cache)
-            pinned = None if update else _pinned(store, req, locked)
-            staged = fetch.stage_revision(
-                store, req, endpoint=endpoint, token=token, workers=workers, progress=bar, pinned=pinned, xet=xet
-            )
+            src = folders.get(req.key)
+            if src is not None:
+                staged = StagedAsset(req, *import_folder(store, req.repo_type, req.repo_id, src, req.revision))
+            else:
+                pinned = None if update else _pinned(store, req, locked)
+                staged = fetch.stage_revision(
+                    store, req, endpoint=endpoint, token=token, workers=workers, progress=bar, pinned=pinned, xet=xet
+                )
             asset = _locked(staged, store, cache)
-            outcome = AssetOutcome(asset, locked.commit if locked else None, staged.downloaded_bytes, staged.downloaded_files)
+            outcome = AssetOutcome(asset, locked.commit if locked else None, staged.downloaded_bytes, staged.downloaded_files,
+                                   imported_from=src)
             if prepare and req.kind == "dataset":
                 configs = (dataset_configs or {}).get(req.repo_id) or [None]
                 outcome.prepared = prep.prepare_dataset(store, asset, configs, endpoint=endpoint, token=token)
@@ -131,11 +147,18 @@ def stage(
     return StageReport(lock_path, outcomes)
 
 
-def stage_spec(spec: JobSpec, store: Path, **kwargs) -> StageReport:
+def stage_spec(spec: JobSpec, store: Path, *, folders: Mapping[tuple[str, str], Path] | None = None, **kwargs) -> StageReport:
+    """Stage ``spec``'s assets. ``folders`` holds the folder of each model the spec takes from a run
+    (``model: {from_run: …}``), found and checked by ``hfhpc.run.chain.model_folders``."""
+    folders = dict(folders or {})
+    for m in spec.all_models():
+        if m.from_run is not None and ("model", m.id) not in folders:
+            raise UsageError(f"model {m.id} comes from the run folder {m.from_run}, which was not given",
+                             f"stage it with `hfhpc stage {spec.source or 'SPEC'}`")
     configs: dict[str, list[str | None]] = {}
     for d in spec.all_datasets():
         configs.setdefault(d.id, []).append(d.config)
-    report = stage(store, requests_from_spec(spec), spec.lock_path(), dataset_configs=configs, **kwargs)
+    report = stage(store, requests_from_spec(spec), spec.lock_path(), dataset_configs=configs, folders=folders, **kwargs)
     report.warnings.extend(missing_splits(spec, store, report))
     return report
 
@@ -171,7 +194,7 @@ def import_local(store: Path, kind: str, repo_id: str, src: Path, lock_path: Pat
     staged = StagedAsset(req, commit, entries)
     asset = _locked(staged, store, cache)
     cache.save()
-    outcome = AssetOutcome(asset, previous.commit if previous else None, 0, 0)
+    outcome = AssetOutcome(asset, previous.commit if previous else None, 0, 0, imported_from=Path(src))
     if kind == "metric":
         outcome.prepared = [prep.install_metric(store, asset)]
     elif kind == "dataset":
