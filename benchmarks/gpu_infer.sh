@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Generation on the GPU machine, one call: the engine's GPU tests, then benchmarks/bench_infer.py
-# (hfhpc infer defaults first; the slower paths only if it ran). Usage: bash benchmarks/gpu_infer.sh OUT [SRC]
+# (hfhpc infer defaults first; the slower paths only if it ran). Usage: bash benchmarks/gpu_infer.sh OUT [SRC];
+# BENCH_ARGS replaces the default "--levers --profile" (the engine alone per lever, a kernel profile)
 # where SRC holds src/, benchmarks/ and tests/ (default: this checkout). Wheels for packages missing
 # there go in .whl/.
 set -uo pipefail
@@ -14,4 +15,4 @@ mkdir -p "$OUT"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 (cd "$SRC" && timeout 240 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_gpu_generate.py) 2>&1 | tee "$OUT/gpu_tests.log"
 B=/tmp/bench
-python3 "$SRC/benchmarks/bench_infer.py" --dir $B --out "$OUT/infer_1b_h200.json" --stop-below 5000 --levers ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+python3 "$SRC/benchmarks/bench_infer.py" --dir $B --out "$OUT/infer_1b_h200.json" --stop-below 5000 ${BENCH_ARGS:---levers --profile} 2>&1 | tee "$OUT/bench.log"

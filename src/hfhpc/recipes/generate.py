@@ -286,7 +286,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         out = flash_varlen(query[:, :, 0].contiguous(), key.view(-1, kv_all, d), value.view(-1, kv_all, d),
                            cache.cu_q, cache.cu_k, 1, cache.max_len, scale, causal=False,
                            window=sliding_window, used=cache.used)
-        return out.view(b, 1, heads, d), None
+        return out.reshape(b, 1, heads, d), None
     # Decode: one query per slot. Grouped heads share their key/value head without copying it.
     q = query.reshape(b, kv, heads // kv, d)
     hidden = cache.hidden_window if sliding_window else cache.hidden
