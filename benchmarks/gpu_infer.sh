@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Generation on the GPU machine, one call: the engine's GPU tests, then benchmarks/bench_infer.py
-# (hfhpc infer defaults first; the slower paths only if it ran). Usage: bash benchmarks/gpu_infer.sh OUT [SRC];
-# BENCH_ARGS replaces the default "--levers --profile" (the engine alone per lever, a kernel profile)
+# (hfhpc infer defaults first; the slower paths only if it ran). Usage: bash benchmarks/gpu_infer.sh OUT [SRC]
 # where SRC holds src/, benchmarks/ and tests/ (default: this checkout). Wheels for packages missing
-# there go in .whl/.
+# there go in .whl/. BENCH_ARGS replaces bench_infer.py's default arguments here, "--levers --profile"
+# (the engine alone under each lever, then a kernel profile of prefill and decode).
 set -uo pipefail
 OUT=${1:?output folder}; SRC=${2:-$PWD}
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -e /tmp/site/.installed ]; then
