@@ -6,11 +6,17 @@ next: the GPU waits on Python between small kernels, and every row pays for the 
 - **Slots.** One preallocated KV cache per layer, ``[slots, kv_heads, max_len, head_dim]``. The
   number of slots comes from the GPU memory left after loading the model (``max_len`` is the longest
   prompt of the shard plus the new tokens), so the user picks no batch size.
-- **Prefill** of length-sorted, right-padded batches of prompts (a token budget per forward) with
-  PyTorch's causal SDPA; each row's keys and values go straight into its slot.
+- **Prefill** of length-sorted batches of prompts (a token budget per forward); each row's keys and
+  values go straight into its slot. On a GPU in bf16/fp16 (the ``varlen`` attention) the prompts are
+  packed end to end, no padding, through FlashAttention's variable-length kernel; otherwise they are
+  right-padded and run through PyTorch's causal SDPA.
 - **Decode** of every slot at once, one token per step: each row attends to its own slot up to its own
-  position, so rows of any lengths share a step. On CUDA the step is captured once per
-  attention-length bucket as a CUDA graph and replayed (no Python or launch gaps between kernels).
+  position, so rows of any lengths share a step. ``varlen`` (the GPU default): one FlashAttention
+  call per layer reads each slot's own length, grouped query heads sharing their key/value head, and
+  one CUDA graph serves every step. ``sdpa``/``matmul`` read every slot up to a shared span, masked;
+  on CUDA their step is captured once per span bucket. Graphs are replayed with no Python or launch
+  gaps between kernels. ``Engine(attention=...)`` or ``HFHPC_DECODE_ATTENTION`` picks one (for
+  measurements).
 - **Continuous batching.** A row that ends (EOS, ``max_new_tokens``, a stop string) frees its slot; the
   next prompts are prefilled into the free slots while the others keep decoding.
 - **Order.** Prompts are taken in windows, sorted by length within a window (similar lengths share
