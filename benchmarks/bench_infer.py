@@ -237,7 +237,7 @@ def profile_step(model, sampling, ids: list[list[int]], max_len: int, path: Path
         for title, prof in ((f"prefill of {slots} rows and the first decode steps", first), ("8 decode steps", steps)):
             lines.append(f"== {attention}: {title} (eager; the step's span {engine.buckets[-1]})")
             lines.append(prof.key_averages().table(sort_by="device_time_total", row_limit=20))
-        del engine
+        engine = None  # its cache freed before the next one is allocated
         torch.cuda.empty_cache()
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
