@@ -160,6 +160,7 @@ LEVERS = {
     "defaults-again": {},
     "no-cuda-graphs": {"graphs": False},
     "prefill-8k-tokens": {"prefill_tokens": 8192},
+    "prefill-64k-tokens": {"prefill_tokens": 65536},
     "check-every-16-steps": {"check_every": 16},
     "128-slots": {"slots": 128},
 }

@@ -271,9 +271,11 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     scale = scaling if scaling is not None else d ** -0.5
     if cache.packed is not None:
         # Packed prefill: one row of prompts end to end, each attending causally to itself alone.
+        # [total, heads, d], contiguous: the layout the kernel's varlen path is documented for (the
+        # copies are small beside the forward's matmuls).
         _, _, cu, longest = cache.packed
-        out = flash_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
-                           longest, longest, scale, causal=True, window=sliding_window)
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+        out = flash_varlen(q, k, v, cu, cu, longest, longest, scale, causal=True, window=sliding_window)
         return out[None], None
     if cache.prefill_slots is not None:
         # Key/value heads repeated for the grouped query heads: a prefill's copy is small beside its
