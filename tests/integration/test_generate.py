@@ -84,6 +84,16 @@ def test_a_sliding_window_is_kept_by_every_decode_attention(attention: str) -> N
     assert _engine(model, prompts, gen, slots=4, attention=attention) == _alone(model, prompts, gen)
 
 
+def test_flash_decode_keeps_its_fast_path_unless_a_window_hides_keys() -> None:
+    from hfhpc.recipes.generate import flash_window
+
+    assert flash_window(None, 1194, causal=False) == (-1, -1)
+    assert flash_window(4096, 1194, causal=False) == (-1, -1)  # Mistral's default window, longer than any slot
+    assert flash_window(512, 1194, causal=False) == (511, -1)
+    assert flash_window(512, 1194, causal=True) == (511, 0)
+    assert flash_window(None, 300, causal=True) == (-1, 0)
+
+
 def test_the_decode_attention_is_chosen_by_argument_then_environment(tiny, monkeypatch) -> None:
     from hfhpc.recipes import generate as g
 

@@ -230,11 +230,19 @@ def flash_varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, scale: f
 
     if query.device.type != "cuda":
         return _varlen_reference(query, key, value, cu_q, cu_k, scale, causal=causal, window=window, used=used)
-    left = window - 1 if window else -1
-    right = 0 if (causal or window) else -1
+    left, right = flash_window(window, max_k, causal)
     return torch.ops.aten._flash_attention_forward(
         query, key, value, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
         scale=scale, window_size_left=left, window_size_right=right, seqused_k=used)[0]
+
+
+def flash_window(window: int | None, max_k: int, causal: bool) -> tuple[int, int]:
+    """FlashAttention's (left, right) window bounds, -1 for none. A window no shorter than ``max_k``
+    hides nothing and is left out, and so is a right bound where nothing is causal (one query per
+    sequence, its keys all before it): with any bound the kernel skips its grouped-heads, split-keys
+    decode path (``seqlenq_ngroups_swapped`` in its ``mha_varlen_fwd``)."""
+    left = window - 1 if window and window < max_k else -1
+    return left, (0 if causal else -1)
 
 
 def _varlen_reference(query, key, value, cu_q, cu_k, scale: float, *, causal: bool, window: int | None, used):
