@@ -158,6 +158,7 @@ LEVERS = {
     "attention-matmul": {"attention": "matmul"},
     "attention-sdpa": {"attention": "sdpa"},
     "defaults-again": {},
+    "capture-before-prefill": {"overlap_capture": False},
     "no-cuda-graphs": {"graphs": False},
     "prefill-8k-tokens": {"prefill_tokens": 8192},
     "prefill-64k-tokens": {"prefill_tokens": 65536},

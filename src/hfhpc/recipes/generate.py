@@ -435,7 +435,7 @@ class Engine:
 
     def __init__(self, model: Any, sampling: Sampling, *, slots: int, max_len: int,
                  prefill_tokens: int | None = None, graphs: bool | None = None, tokenizer: Any = None,
-                 attention: str | None = None) -> None:
+                 attention: str | None = None, overlap_capture: bool = True) -> None:
         import torch
 
         check_model(model)
@@ -444,6 +444,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.graphs = self.cuda if graphs is None else graphs
+        # Capture the decode graphs while the first prefill runs on the GPU (the capture's host work,
+        # first use of its kernels included, hidden behind it) rather than before it.
+        self.overlap_capture = overlap_capture
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.slots, self.max_len = slots, max_len
@@ -499,12 +502,29 @@ class Engine:
             ended = ended | torch.isin(tok, self.eos)
         self.live.copy_(live & ~ended)
 
+    def _capture_graphs(self) -> None:
+        """Capture, timed; a model whose decode step cannot be captured decodes eagerly."""
+        import torch
+
+        t0 = time.perf_counter()
+        try:
+            self._capture()
+            self.stats["capture_s"] = round(time.perf_counter() - t0, 3)
+        except RuntimeError as e:
+            print(f"hfhpc: decoding without CUDA graphs ({str(e).splitlines()[0][:200]})", flush=True)
+            self.graphs, self._graphs = False, {}
+            torch.cuda.synchronize()
+
     def _capture(self) -> None:
-        """One CUDA graph per attention bucket, captured with no slot live (so warming up changes nothing)."""
+        """One CUDA graph per attention bucket, warmed up and captured with every slot held as not live:
+        a step then changes no slot's tokens, count or position (it writes each slot's key and value
+        at its next position, which that slot's next real step overwrites)."""
         import torch
 
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
+        live = self.live.clone()
+        self.live.zero_()
         side.wait_stream(torch.cuda.current_stream())
         # capture_begin/end rather than ``torch.cuda.graph``, which runs gc.collect() before each
         # capture: with transformers and datasets loaded that is ~0.5 s a graph.
@@ -521,6 +541,7 @@ class Engine:
                     graph.capture_end()
                 self._graphs[span] = graph
         torch.cuda.current_stream().wait_stream(side)
+        self.live.copy_(live)
         torch.cuda.synchronize()
 
     def _decode(self, span: int) -> None:
@@ -536,22 +557,23 @@ class Engine:
         packs them end to end (no padding); the others pad them to the longest."""
         import torch
 
-        dev, c = self.device, self.cache
+        dev, c, up = self.device, self.cache, self._upload
         lens = [len(p) for _, _, p in batch]
-        slots = torch.tensor([s for s, _, _ in batch], device=dev)
+        slots = up(torch.tensor([s for s, _, _ in batch]))
+        lengths = up(torch.tensor(lens))
         if self.attention == "varlen":
             flat = torch.tensor([t for _, _, p in batch for t in p], dtype=torch.long)
-            positions = torch.cat([torch.arange(n) for n in lens])
+            positions = up(torch.cat([torch.arange(n) for n in lens]))
             ends = torch.tensor(lens).cumsum(0)
-            cu = torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(dev, torch.int32)
+            cu = up(torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32))
             owner = torch.tensor([s for s, _, _ in batch]).repeat_interleave(torch.tensor(lens))
-            c.packed = (owner.to(dev), positions.to(dev), cu, max(lens))
+            c.packed = (up(owner), positions, cu, max(lens))
             try:
-                hidden = self.decoder(input_ids=flat.to(dev)[None], position_ids=c.packed[1][None], cache=c,
+                hidden = self.decoder(input_ids=up(flat)[None], position_ids=positions[None], cache=c,
                                       use_cache=True).last_hidden_state[0]
             finally:
                 c.packed = None
-            last = hidden[(ends - 1).to(dev)]
+            last = hidden[up(ends - 1)]
         else:
             width = max(lens)
             ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -560,14 +582,13 @@ class Engine:
             c.prefill_slots = slots
             try:
                 positions = torch.arange(width, device=dev)[None, :].expand(len(batch), width)
-                hidden = self.decoder(input_ids=ids.to(dev, non_blocking=True), position_ids=positions, cache=c,
+                hidden = self.decoder(input_ids=up(ids), position_ids=positions, cache=c,
                                       use_cache=True).last_hidden_state
             finally:
                 c.prefill_slots = None
-            last = hidden[torch.arange(len(batch), device=dev), torch.tensor(lens, device=dev) - 1]
-        lengths = torch.tensor(lens, device=dev)
-        rows = torch.tensor([r for _, r, _ in batch], device=dev)
-        limits = torch.tensor([self.row_limit(n) for n in lens], device=dev)
+            last = hidden[torch.arange(len(batch), device=dev), lengths - 1]
+        rows = up(torch.tensor([r for _, r, _ in batch]))
+        limits = up(torch.tensor([self.row_limit(n) for n in lens]))
         zero = torch.zeros(len(batch), dtype=torch.long, device=dev)
         tok = pick_tokens(self.head(last).float(), zero, rows, self.s, self.eos)
         self.out[slots, 0] = tok
@@ -580,6 +601,13 @@ class Engine:
         if self.eos is not None:
             ended = ended | torch.isin(tok, self.eos)
         self.live[slots] = ~ended
+
+    def _upload(self, t):
+        """A host tensor onto the device without waiting for the queued GPU work (pinned, asynchronous):
+        prefill forwards queue up behind each other, and behind them the graph capture's host work."""
+        if not self.cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _prefill_cost(self, lengths: list[int]) -> int:
         """Tokens one prefill forward of prompts of these lengths computes (padding included)."""
@@ -596,15 +624,8 @@ class Engine:
         self.model.config._attn_implementation = ATTENTION
         try:
             with torch.inference_mode():
-                if self.graphs and not self._graphs:
-                    t0 = time.perf_counter()
-                    try:
-                        self._capture()
-                        self.stats["capture_s"] = round(time.perf_counter() - t0, 3)
-                    except RuntimeError as e:  # a model whose forward cannot be captured still runs, eagerly
-                        print(f"hfhpc: decoding without CUDA graphs ({str(e).splitlines()[0][:200]})", flush=True)
-                        self.graphs, self._graphs = False, {}
-                        torch.cuda.synchronize()
+                if self.graphs and not self._graphs and not self.overlap_capture:
+                    self._capture_graphs()
                 yield from self._loop(iter(prompts), should_stop, check_every or (4 if self.cuda else 1))
         finally:
             self.model.config._attn_implementation = self._old_attention
@@ -660,9 +681,13 @@ class Engine:
                     self.stats["first_prefill_s"] = time.perf_counter() - t0
                 self.stats["prefill_forwards"] += 1
                 self.stats["prompt_tokens"] += sum(len(b[2]) for b in batch)
+            capture_s = 0.0
+            if admitted and self.graphs and not self._graphs:
+                self._capture_graphs()  # its host work while the GPU still runs the prefill queued above
+                capture_s = self.stats["capture_s"]
             if admitted:
                 self._sync()
-                self.stats["prefill_s"] += time.perf_counter() - t0
+                self.stats["prefill_s"] += time.perf_counter() - t0 - capture_s
             if not busy:
                 while nxt < len(order) and order[nxt] in done:
                     row = order[nxt]
