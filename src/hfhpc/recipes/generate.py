@@ -3,7 +3,7 @@
 The ``text-generation`` pipeline pads a batch, generates until its longest row ends and starts the
 next: the GPU waits on Python between small kernels, and every row pays for the slowest. Here:
 
-- **Slots.** One preallocated KV cache per layer, ``[slots, kv_heads, max_len, head_dim]``. The
+- **Slots.** One preallocated KV cache per layer (layouts: ``SlotCache``). The
   number of slots comes from the GPU memory left after loading the model (``max_len`` is the longest
   prompt of the shard plus the new tokens), so the user picks no batch size.
 - **Prefill** of length-sorted batches of prompts (a token budget per forward); each row's keys and
@@ -14,8 +14,8 @@ next: the GPU waits on Python between small kernels, and every row pays for the 
   position, so rows of any lengths share a step. ``varlen`` (the GPU default): one FlashAttention
   call per layer reads each slot's own length, grouped query heads sharing their key/value head, and
   one CUDA graph serves every step. ``sdpa``/``matmul`` read every slot up to a shared span, masked;
-  on CUDA their step is captured once per span bucket. Graphs are replayed with no Python or launch
-  gaps between kernels. ``Engine(attention=...)`` or ``HFHPC_DECODE_ATTENTION`` picks one (for
+  on CUDA their step is captured once per span bucket. Graphs are captured while the first prefill
+  runs on the GPU and replayed with no Python or launch gaps between kernels. ``Engine(attention=...)`` or ``HFHPC_DECODE_ATTENTION`` picks one (for
   measurements).
 - **Continuous batching.** A row that ends (EOS, ``max_new_tokens``, a stop string) frees its slot; the
   next prompts are prefilled into the free slots while the others keep decoding.
