@@ -508,17 +508,18 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
-            self._capture()
-            self.stats["capture_s"] = round(time.perf_counter() - t0, 3)
+            waited = self._capture()  # for the prefill queued before it: that time is the prefill's
+            self.stats["capture_s"] = round(time.perf_counter() - t0 - waited, 3)
         except RuntimeError as e:
             print(f"hfhpc: decoding without CUDA graphs ({str(e).splitlines()[0][:200]})", flush=True)
             self.graphs, self._graphs = False, {}
             torch.cuda.synchronize()
 
-    def _capture(self) -> None:
+    def _capture(self) -> float:
         """One CUDA graph per attention bucket, warmed up and captured with every slot held as not live:
         a step then changes no slot's tokens, count or position (it writes each slot's key and value
-        at its next position, which that slot's next real step overwrites)."""
+        at its next position, which that slot's next real step overwrites). Returns the seconds spent
+        waiting for the GPU work queued before the warm-up."""
         import torch
 
         pool = torch.cuda.graph_pool_handle()
@@ -526,23 +527,28 @@ class Engine:
         live = self.live.clone()
         self.live.zero_()
         side.wait_stream(torch.cuda.current_stream())
-        # capture_begin/end rather than ``torch.cuda.graph``, which runs gc.collect() before each
-        # capture: with transformers and datasets loaded that is ~0.5 s a graph.
-        with torch.cuda.stream(side):
-            for span in self.buckets:
-                self._step(span)  # warm-up: allocations and library handles outside the capture
-            side.synchronize()
-            for span in self.buckets:
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool)
-                try:
-                    self._step(span)
-                finally:
-                    graph.capture_end()
-                self._graphs[span] = graph
-        torch.cuda.current_stream().wait_stream(side)
-        self.live.copy_(live)
+        try:
+            # capture_begin/end rather than ``torch.cuda.graph``, which runs gc.collect() before each
+            # capture: with transformers and datasets loaded that is ~0.5 s a graph.
+            with torch.cuda.stream(side):
+                for span in self.buckets:
+                    self._step(span)  # warm-up: allocations and library handles outside the capture
+                t0 = time.perf_counter()
+                side.synchronize()
+                waited = time.perf_counter() - t0
+                for span in self.buckets:
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(pool=pool)
+                    try:
+                        self._step(span)
+                    finally:
+                        graph.capture_end()
+                    self._graphs[span] = graph
+        finally:  # the slots' own flags back, captured or not
+            torch.cuda.current_stream().wait_stream(side)
+            self.live.copy_(live)
         torch.cuda.synchronize()
+        return waited
 
     def _decode(self, span: int) -> None:
         graph = self._graphs.get(span)
