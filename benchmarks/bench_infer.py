@@ -43,11 +43,14 @@ launch: {{strategy: single, mixed_precision: {precision}}}
 resources: {{nodes: 1, gpus_per_node: {gpus}, time: "0-00:30:00"}}
 output_dir: {out}
 """
-# name → (extra infer: keys, rows cap): the recipe's defaults, then the pipeline path it replaced.
+# name → (extra infer: keys, environment): the recipe's defaults, the defaults on each decode attention
+# (hfhpc.recipes.generate.ATTENTION_ENV), then the pipeline path the engine replaced.
 HFHPC = {
-    "hfhpc-defaults": ("", None),
-    "hfhpc-pipeline-bs64": (", engine: pipeline, batch_size: 64", None),
-    "hfhpc-pipeline-bs8": (", engine: pipeline, batch_size: 8", None),
+    "hfhpc-defaults": ("", {}),
+    "hfhpc-defaults-matmul": ("", {"HFHPC_DECODE_ATTENTION": "matmul"}),
+    "hfhpc-defaults-sdpa": ("", {"HFHPC_DECODE_ATTENTION": "sdpa"}),
+    "hfhpc-pipeline-bs64": (", engine: pipeline, batch_size: 64", {}),
+    "hfhpc-pipeline-bs8": (", engine: pipeline, batch_size: 8", {}),
 }
 
 
@@ -80,7 +83,8 @@ def stage(root: Path, spec: Path, env: dict) -> None:
         serve.terminate()
 
 
-def run_hfhpc(root: Path, name: str, shape: str, rows: int, new: int, extra: str, gpus: int) -> dict:
+def run_hfhpc(root: Path, name: str, shape: str, rows: int, new: int, extra: str, gpus: int,
+              environ: dict[str, str] | None = None) -> dict:
     folder = root / "jobs" / name
     folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "job.yaml"
@@ -91,7 +95,7 @@ def run_hfhpc(root: Path, name: str, shape: str, rows: int, new: int, extra: str
     stage(root, spec, env)
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=env)
+    proc = subprocess.run([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=dict(env, **(environ or {})))
     wall = time.time() - t0
     if proc.returncode != 0:
         return {"name": name, "error": f"hfhpc run exited {proc.returncode}"}
@@ -148,16 +152,23 @@ def run_generate_batch(root: Path, shape: str, ids: list[list[int]], new: int) -
 
 
 # The engine's settings one at a time, in this process on the same prompt ids (name → Engine arguments).
+# The first pays each kernel's first use in the process; "defaults-again" is the same engine warm.
 LEVERS = {
     "defaults": {},
+    "attention-matmul": {"attention": "matmul"},
+    "attention-sdpa": {"attention": "sdpa"},
+    "defaults-again": {},
+    "capture-before-prefill": {"overlap_capture": False},
     "no-cuda-graphs": {"graphs": False},
     "prefill-8k-tokens": {"prefill_tokens": 8192},
+    "prefill-64k-tokens": {"prefill_tokens": 65536},
     "check-every-16-steps": {"check_every": 16},
     "128-slots": {"slots": 128},
 }
 
 
-def run_levers(root: Path, shape: str, ids: list[list[int]], new: int, bound: dict) -> list[dict]:
+def run_levers(root: Path, shape: str, ids: list[list[int]], new: int, bound: dict, names: list[str],
+               profile: Path | None = None) -> list[dict]:
     """The engine alone (no recipe around it), once per lever: new tokens/s and where the time went."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -172,8 +183,8 @@ def run_levers(root: Path, shape: str, ids: list[list[int]], new: int, bound: di
     sampling = g.sampling_of(config, 0)
     max_len = g.max_len_for(model, sampling, map(len, ids))
     out = []
-    for name, lever in LEVERS.items():
-        lever = dict(lever)
+    for name in names:
+        lever = dict(LEVERS[name])
         check_every = lever.pop("check_every", None)
         slots = lever.pop("slots", None) or g.plan_slots(model, max_len, len(ids))
         t0 = time.perf_counter()
@@ -189,8 +200,49 @@ def run_levers(root: Path, shape: str, ids: list[list[int]], new: int, bound: di
         del engine
         if device == "cuda":
             torch.cuda.empty_cache()
+    if profile is not None:
+        profile_step(model, sampling, ids, max_len, profile)
     del model
     return out
+
+
+def profile_step(model, sampling, ids: list[list[int]], max_len: int, path: Path) -> None:
+    """Kernel times, eager (graphs off, so that each kernel is seen), for each decode attention: the
+    first prefill round with its first decode steps, then 8 decode steps of every slot. The largest
+    kernels of each go to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from hfhpc.recipes import generate as g
+
+    slots = g.plan_slots(model, max_len, len(ids))
+    lines = []
+    for attention in ("varlen", "matmul"):
+        engine = g.Engine(model, sampling, slots=slots, max_len=max_len, graphs=False, attention=attention)
+        first, steps = profile(activities=[ProfilerActivity.CUDA]), profile(activities=[ProfilerActivity.CUDA])
+        calls = []
+
+        def stop() -> bool:  # called by the engine's loop, inside its context, before each round
+            calls.append(1)
+            if len(calls) == 1:
+                first.start()
+                return False
+            torch.cuda.synchronize()
+            first.stop()
+            with steps:
+                for _ in range(8):
+                    engine._decode(engine.buckets[-1])
+                torch.cuda.synchronize()
+            return True
+
+        list(engine.run(enumerate(ids), should_stop=stop))
+        for title, prof in ((f"prefill of {slots} rows and the first decode steps", first), ("8 decode steps", steps)):
+            lines.append(f"== {attention}: {title} (eager; the step's span {engine.buckets[-1]})")
+            lines.append(prof.key_averages().table(sort_by="device_time_total", row_limit=20))
+        engine = None  # its cache freed before the next one is allocated
+        torch.cuda.empty_cache()
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def bandwidth_bound(root: Path, shape: str, lengths: list[int], new: int) -> dict:
@@ -218,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--bs8-rows", type=int, default=256, help="rows for the slow pipeline path in batches of 8")
     ap.add_argument("--variants", default="hfhpc-defaults,hfhpc-pipeline-bs64,transformers-generate_batch,hfhpc-pipeline-bs8")
-    ap.add_argument("--levers", action="store_true", help="first, the engine alone under each of LEVERS")
+    ap.add_argument("--levers", nargs="?", const=",".join(LEVERS), default="",
+                    help="first, the engine alone under each of LEVERS (all, or a comma-separated subset)")
+    ap.add_argument("--profile", action="store_true", help="after the levers, a kernel profile of the decode step")
     ap.add_argument("--cpu", action="store_true", help="hfhpc's paths on a CPU rank (to try the benchmark itself)")
     ap.add_argument("--stop-below", type=float, default=0.0,
                     help="skip the remaining paths when the defaults' new tokens/s fall below this (or fail)")
@@ -233,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     bound = bandwidth_bound(root, args.shape, lengths, args.new)
     gpu = machine()
     if args.levers:
-        levers = run_levers(root, args.shape, ids, args.new, bound)
+        names = args.levers.split(",")
+        unknown = [n for n in names if n not in LEVERS]
+        if unknown:
+            raise SystemExit(f"unknown lever(s) {unknown}: choose from {', '.join(LEVERS)}")
+        profile = Path(args.out).with_name(Path(args.out).stem + "_profile.txt") if args.profile else None
+        levers = run_levers(root, args.shape, ids, args.new, bound, names, profile)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).with_name(Path(args.out).stem + "_levers.json").write_text(json.dumps({
             "benchmark": "infer_1b_h200_levers", "machine": gpu, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -247,11 +306,12 @@ def main(argv: list[str] | None = None) -> int:
             row = run_generate_batch(root, args.shape, ids, args.new)
             row["recipe"], row["defaults"] = "transformers", False
         else:
-            extra, _ = HFHPC[name]
+            extra, environ = HFHPC[name]
             rows = args.bs8_rows if name == "hfhpc-pipeline-bs8" else args.rows
-            row = run_hfhpc(root, name, args.shape, rows, args.new, extra, 0 if args.cpu else 1)
+            row = run_hfhpc(root, name, args.shape, rows, args.new, extra, 0 if args.cpu else 1, environ)
             row["recipe"], row["defaults"] = "hfhpc", name == "hfhpc-defaults"
             row["infer_keys"] = extra.lstrip(", ") or None
+            row["environment"] = environ or None
         row["gpu"] = gpu
         if "new_tokens_per_s" in row:
             row["bandwidth_bound_fraction"] = round(row["new_tokens_per_s"] / bound["bound_new_tokens_per_s"], 4)

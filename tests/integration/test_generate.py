@@ -38,12 +38,14 @@ def _alone(model, prompts, config, **kw) -> list[list[int]]:
     return out
 
 
-def _engine(model, prompts, config, *, slots: int, seed: int = 0, tokenizer=None, prefill_tokens: int = 96):
+def _engine(model, prompts, config, *, slots: int, seed: int = 0, tokenizer=None, prefill_tokens: int = 96,
+            attention: str | None = None):
     from hfhpc.recipes import generate as g
 
     s = g.sampling_of(config, seed)
     engine = g.Engine(model, s, slots=slots, max_len=g.max_len_for(model, s, map(len, prompts)),
-                      prefill_tokens=prefill_tokens, tokenizer=tokenizer)
+                      prefill_tokens=prefill_tokens, tokenizer=tokenizer, attention=attention)
+    assert engine.attention == (attention or "matmul")
     finished = list(engine.run(enumerate(prompts)))
     assert [f.row for f in finished] == list(range(len(prompts)))  # input order, whatever finished first
     return [f.tokens for f in finished]
@@ -55,13 +57,54 @@ def _config(model, **kw):
     return GenerationConfig(eos_token_id=model.generation_config.eos_token_id, pad_token_id=0, **kw)
 
 
-@pytest.mark.parametrize("slots", [1, 3, 16])
-def test_greedy_tokens_equal_generate_on_each_prompt_alone(tiny, slots: int) -> None:
+# None: the CPU's default (matmul). varlen runs its plain-PyTorch reference here: what is compared is
+# its cache layout, packed prefill and per-slot lengths; the GPU tests run FlashAttention's kernel.
+@pytest.mark.parametrize("slots, attention", [(1, None), (3, None), (16, None), (3, "sdpa"), (16, "sdpa"),
+                                              (1, "varlen"), (3, "varlen"), (16, "varlen")])
+def test_greedy_tokens_equal_generate_on_each_prompt_alone(tiny, slots: int, attention: str | None) -> None:
     model, _ = tiny
     prompts = _prompts(model)
     config = _config(model, max_new_tokens=12, do_sample=False)
     # 3 slots for 11 prompts: finished rows are replaced by new ones mid-run (continuous batching).
-    assert _engine(model, prompts, config, slots=slots) == _alone(model, prompts, config)
+    assert _engine(model, prompts, config, slots=slots, attention=attention) == _alone(model, prompts, config)
+
+
+@pytest.mark.parametrize("attention", ["matmul", "sdpa", "varlen"])
+def test_a_sliding_window_is_kept_by_every_decode_attention(attention: str) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    # A window of 24 positions, shorter than most prompts: prefill and decode must both drop old keys.
+    config = MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=24, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    prompts = _prompts(model, seed=5)
+    gen = _config(model, max_new_tokens=10, do_sample=False)
+    assert _engine(model, prompts, gen, slots=4, attention=attention) == _alone(model, prompts, gen)
+
+
+def test_flash_decode_keeps_its_fast_path_unless_a_window_hides_keys() -> None:
+    from hfhpc.recipes.generate import flash_window
+
+    assert flash_window(None, 1194, causal=False) == (-1, -1)
+    assert flash_window(4096, 1194, causal=False) == (-1, -1)  # Mistral's default window, longer than any slot
+    assert flash_window(512, 1194, causal=False) == (511, -1)
+    assert flash_window(512, 1194, causal=True) == (511, 0)
+    assert flash_window(None, 300, causal=True) == (-1, 0)
+
+
+def test_the_decode_attention_is_chosen_by_argument_then_environment(tiny, monkeypatch) -> None:
+    from hfhpc.recipes import generate as g
+
+    model, _ = tiny
+    assert g.decode_attention(model) == "matmul"  # auto on the CPU
+    monkeypatch.setenv(g.ATTENTION_ENV, "sdpa")
+    assert g.decode_attention(model) == "sdpa"
+    assert g.decode_attention(model, "varlen") == "varlen"
+    monkeypatch.setenv(g.ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match="auto, varlen, sdpa, matmul"):
+        g.decode_attention(model)
 
 
 def test_eos_ends_a_row_and_min_new_tokens_holds_it_back(tiny) -> None:
@@ -128,7 +171,8 @@ def test_buckets_cover_every_length_and_grow_slowly() -> None:
             assert need <= span <= max(256, int(need * 1.5) + 256)
 
 
-def test_a_row_longer_than_its_slot_is_cut_to_fit(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("attention", [None, "varlen"])
+def test_a_row_longer_than_its_slot_is_cut_to_fit(tiny, tmp_path: Path, attention: str | None) -> None:
     from hfhpc.recipes import generate as g
 
     model, _ = tiny
@@ -137,7 +181,7 @@ def test_a_row_longer_than_its_slot_is_cut_to_fit(tiny, tmp_path: Path) -> None:
     s = g.sampling_of(config, 0)
     # Room for the longest prompt plus 4 tokens: every row stops at what its slot holds.
     max_len = max(LENGTHS) + 3
-    engine = g.Engine(model, s, slots=4, max_len=max_len)
+    engine = g.Engine(model, s, slots=4, max_len=max_len, attention=attention)
     got = [f.tokens for f in engine.run(enumerate(prompts))]
     want = _alone(model, prompts, config)
     for p, tokens, ref in zip(prompts, got, want):

@@ -3,14 +3,20 @@
 The ``text-generation`` pipeline pads a batch, generates until its longest row ends and starts the
 next: the GPU waits on Python between small kernels, and every row pays for the slowest. Here:
 
-- **Slots.** One preallocated KV cache per layer, ``[slots, kv_heads, max_len, head_dim]``. The
+- **Slots.** One preallocated KV cache per layer (layouts: ``SlotCache``). The
   number of slots comes from the GPU memory left after loading the model (``max_len`` is the longest
   prompt of the shard plus the new tokens), so the user picks no batch size.
-- **Prefill** of length-sorted, right-padded batches of prompts (a token budget per forward) with
-  PyTorch's causal SDPA; each row's keys and values go straight into its slot.
+- **Prefill** of length-sorted batches of prompts (a token budget per forward); each row's keys and
+  values go straight into its slot. On a GPU in bf16/fp16 (the ``varlen`` attention) the prompts are
+  packed end to end, no padding, through FlashAttention's variable-length kernel; otherwise they are
+  right-padded and run through PyTorch's causal SDPA.
 - **Decode** of every slot at once, one token per step: each row attends to its own slot up to its own
-  position, so rows of any lengths share a step. On CUDA the step is captured once per
-  attention-length bucket as a CUDA graph and replayed (no Python or launch gaps between kernels).
+  position, so rows of any lengths share a step. ``varlen`` (the GPU default): one FlashAttention
+  call per layer reads each slot's own length, grouped query heads sharing their key/value head, and
+  one CUDA graph serves every step. ``sdpa``/``matmul`` read every slot up to a shared span, masked;
+  on CUDA their step is captured once per span bucket. Graphs are captured while the first prefill
+  runs on the GPU and replayed with no Python or launch gaps between kernels. ``Engine(attention=...)`` or ``HFHPC_DECODE_ATTENTION`` picks one (for
+  measurements).
 - **Continuous batching.** A row that ends (EOS, ``max_new_tokens``, a stop string) frees its slot; the
   next prompts are prefilled into the free slots while the others keep decoding.
 - **Order.** Prompts are taken in windows, sorted by length within a window (similar lengths share
@@ -48,6 +54,11 @@ NO_EFFECT = ("transformers_version", "use_cache", "cache_implementation", "retur
 DEFAULT_MAX_SLOTS = {"cuda": 512, "cpu": 64}
 PREFILL_TOKENS = {"cuda": 32768, "cpu": 2048}  # tokens per prefill forward (padding included)
 WINDOW_PER_SLOT = 8  # prompts sorted by length together: this many per slot
+# Decode attention: FlashAttention's variable-length kernel reading each slot's own length (``varlen``,
+# GPU), one masked SDPA call over a shared span (``sdpa``), or batched matmuls, a mask and a softmax
+# over that span (``matmul``). ``auto`` (the default) takes varlen where it runs, else matmul.
+ATTENTIONS = ("varlen", "sdpa", "matmul")
+ATTENTION_ENV = "HFHPC_DECODE_ATTENTION"  # read by decode_attention() alone: a switch for measurements
 
 
 class NotForEngine(Exception):
@@ -121,36 +132,57 @@ def check_model(model: Any) -> None:
 class SlotCache:
     """Per-layer keys and values of every slot; transformers' attention layers call ``update``.
 
-    Prefill (``prefill_slots`` set): a batch's keys and values are written at positions 0..T-1 of its
-    slots, and attention runs over the batch alone (causal, right padding never seen by a real token).
-    Decode: each slot's new key and value are written at its own position ``pos``, and attention runs
-    over the first ``span`` positions of every slot, masked to each slot's ``pos``.
+    Two layouts. ``varlen`` (FlashAttention's variable-length kernel on a GPU): ``[slots, max_len,
+    kv_heads, head_dim]``, so that the cache seen as ``[slots * max_len, kv_heads, head_dim]`` is the
+    kernel's packed key tensor, slot ``s`` starting at ``s * max_len`` and using its first ``pos + 1``
+    positions. The others: ``[slots, kv_heads, max_len, head_dim]``, whose ``[:, :, :span]`` views the
+    batched matmuls and SDPA read without a copy.
+
+    Prefill, padded (``prefill_slots`` set): a batch's keys and values are written at positions
+    0..T-1 of its slots, and attention runs over the batch alone (causal, right padding never seen by
+    a real token). Prefill, packed (``packed`` set, ``varlen`` only): the prompts end to end in one row,
+    each token's key and value written at (its slot, its position). Decode: each slot's new key and
+    value are written at its own position ``pos``; attention reads each slot up to ``pos`` (``varlen``),
+    or the first ``span`` positions of every slot, masked to each slot's ``pos`` (the others).
     """
 
     is_compileable = False
 
-    def __init__(self, config: Any, slots: int, max_len: int, dtype: Any, device: Any) -> None:
+    def __init__(self, config: Any, slots: int, max_len: int, dtype: Any, device: Any,
+                 attention: str = "matmul") -> None:
         import torch
 
+        self.attention = attention
         self.layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (slots, self.kv_heads, max_len, self.head_dim)
+        if attention == "varlen":
+            shape = (slots, max_len, self.kv_heads, self.head_dim)
+        else:
+            shape = (slots, self.kv_heads, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
         self.slots, self.max_len = slots, max_len
         self.slot_index = torch.arange(slots, device=device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
         self.prefill_slots = None
+        self.packed: tuple[Any, Any, Any, int] | None = None  # (token slots, token positions, cu_seqlens, longest)
         self.span = max_len
         self.window = getattr(config, "sliding_window", None)
         # Decode: [slots, span], True where a slot may not attend (past its position; out of its window).
         self.hidden = self.hidden_window = None
+        # Decode, varlen: where each slot starts in the packed view, and how many positions it uses.
+        self.cu_q = torch.arange(slots + 1, dtype=torch.int32, device=device)
+        self.cu_k = self.cu_q * max_len
+        self.used = torch.ones(slots, dtype=torch.int32, device=device)
 
     def set_span(self, span: int) -> None:
         import torch
 
         self.span = span
+        if self.attention == "varlen":
+            self.used = (self.pos + 1).to(torch.int32)
+            return
         distance = self.pos[:, None] - torch.arange(span, device=self.pos.device)[None, :]
         self.hidden = distance < 0
         self.hidden_window = (self.hidden | (distance >= self.window)) if self.window else self.hidden
@@ -161,11 +193,20 @@ class SlotCache:
         return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
 
     def update(self, key, value, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.packed is not None:
+            slots, positions = self.packed[0], self.packed[1]
+            self.k[layer_idx][slots, positions] = key[0].transpose(0, 1)
+            self.v[layer_idx][slots, positions] = value[0].transpose(0, 1)
+            return key, value
         if self.prefill_slots is not None:
             t = key.shape[2]
             self.k[layer_idx][self.prefill_slots, :, :t] = key
             self.v[layer_idx][self.prefill_slots, :, :t] = value
             return key, value
+        if self.attention == "varlen":
+            self.k[layer_idx][self.slot_index, self.pos] = key[:, :, 0]
+            self.v[layer_idx][self.slot_index, self.pos] = value[:, :, 0]
+            return self.k[layer_idx], self.v[layer_idx]
         self.k[layer_idx][self.slot_index, :, self.pos] = key[:, :, 0]
         self.v[layer_idx][self.slot_index, :, self.pos] = value[:, :, 0]
         return self.k[layer_idx][:, :, : self.span], self.v[layer_idx][:, :, : self.span]
@@ -177,6 +218,56 @@ class SlotCache:
 _CACHE: list[SlotCache] = []  # the engine whose model is running (one per process at a time)
 
 
+def flash_varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, scale: float, *, causal: bool,
+                 window: int | None = None, used=None):
+    """FlashAttention's variable-length forward as PyTorch ships it (``aten._flash_attention_forward``):
+    ``query`` [total_q, heads, d], ``key``/``value`` [total_k, kv_heads, d] (grouped heads read their
+    key/value head in place), sequence ``i`` at ``cu[i]:cu[i+1]``, of which the first ``used[i]`` keys
+    count when ``used`` is given. A sliding ``window`` keeps keys less than ``window`` positions back,
+    as the engine's masks do. On one query per sequence with grouped heads, PyTorch's kernel folds
+    the group into the query rows and splits long keys over the SMs (flash-decoding)."""
+    import torch
+
+    if query.device.type != "cuda":
+        return _varlen_reference(query, key, value, cu_q, cu_k, scale, causal=causal, window=window, used=used)
+    left, right = flash_window(window, max_k, causal)
+    return torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+        scale=scale, window_size_left=left, window_size_right=right, seqused_k=used)[0]
+
+
+def flash_window(window: int | None, max_k: int, causal: bool) -> tuple[int, int]:
+    """FlashAttention's (left, right) window bounds, -1 for none. A window no shorter than ``max_k``
+    hides nothing and is left out, and so is a right bound where nothing is causal (one query per
+    sequence, its keys all before it): with any bound the kernel skips its grouped-heads, split-keys
+    decode path (``seqlenq_ngroups_swapped`` in its ``mha_varlen_fwd``)."""
+    left = window - 1 if window and window < max_k else -1
+    return left, (0 if causal else -1)
+
+
+def _varlen_reference(query, key, value, cu_q, cu_k, scale: float, *, causal: bool, window: int | None, used):
+    """What ``flash_varlen`` computes, one sequence at a time with SDPA: where FlashAttention does not
+    run (the CPU), so that the varlen layout and packing are the same code everywhere. Queries are
+    the last keys' positions (FlashAttention's bottom-right alignment)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.empty_like(query)
+    group = query.shape[1] // key.shape[1]
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    used = used.tolist() if used is not None else [b - a for a, b in zip(cu_k, cu_k[1:])]
+    for i, n in enumerate(used):
+        q = query[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        k = key[cu_k[i]:cu_k[i] + n].transpose(0, 1).repeat_interleave(group, dim=0)
+        v = value[cu_k[i]:cu_k[i] + n].transpose(0, 1).repeat_interleave(group, dim=0)
+        distance = (torch.arange(n - q.shape[1], n)[:, None] - torch.arange(n)[None, :]).to(query.device)
+        mask = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+        if window:
+            mask = mask & (distance < window) & (distance >= 0)
+        out[cu_q[i]:cu_q[i + 1]] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+    return out
+
+
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
     """transformers attention function (registered as ``hfhpc_slots``): returns [B, T, heads, head_dim]."""
     import torch
@@ -186,6 +277,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     b, heads, t, d = query.shape
     kv = key.shape[1]
     scale = scaling if scaling is not None else d ** -0.5
+    if cache.packed is not None:
+        # Packed prefill: one row of prompts end to end, each attending causally to itself alone.
+        # [total, heads, d], contiguous: the layout the kernel's varlen path is documented for (the
+        # copies are small beside the forward's matmuls).
+        _, _, cu, longest = cache.packed
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+        out = flash_varlen(q, k, v, cu, cu, longest, longest, scale, causal=True, window=sliding_window)
+        return out[None], None
     if cache.prefill_slots is not None:
         # Key/value heads repeated for the grouped query heads: a prefill's copy is small beside its
         # matmuls, and plain causal SDPA (no mask, equal head counts) is what FlashAttention takes.
@@ -196,15 +295,73 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < sliding_window)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale)
         return out.transpose(1, 2), None
-    # Decode: one query per slot. Grouped heads share their key/value head without copying it. Scores
-    # in the model's dtype and softmax in float32, as transformers' eager attention does.
-    q = (query * scale).reshape(b, kv, heads // kv, d)
-    scores = torch.matmul(q, key.transpose(-1, -2))  # [b, kv, group, span]
+    if cache.attention == "varlen":
+        # Decode over the cache as it lies ([slots * max_len, kv, d]): each slot reads its own
+        # ``pos + 1`` keys, however long the other slots' rows are.
+        kv_all = key.shape[-2]
+        out = flash_varlen(query[:, :, 0].contiguous(), key.view(-1, kv_all, d), value.view(-1, kv_all, d),
+                           cache.cu_q, cache.cu_k, 1, cache.max_len, scale, causal=False,
+                           window=sliding_window, used=cache.used)
+        return out.reshape(b, 1, heads, d), None
+    # Decode: one query per slot. Grouped heads share their key/value head without copying it.
+    q = query.reshape(b, kv, heads // kv, d)
     hidden = cache.hidden_window if sliding_window else cache.hidden
+    if cache.attention == "sdpa":
+        # One fused kernel (masked, online softmax) with the group's heads as its query rows.
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=~hidden[:, None, None, :], scale=scale)
+        return out.reshape(b, 1, heads, d), None
+    # Scores in the model's dtype and softmax in float32, as transformers' eager attention does.
+    scores = torch.matmul(q * scale, key.transpose(-1, -2))  # [b, kv, group, span]
     scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs, value)  # [b, kv, group, d]
     return out.reshape(b, 1, heads, d), None
+
+
+def decode_attention(model: Any, requested: str | None = None) -> str:
+    """The engine's attention, from ``requested``, else ``HFHPC_DECODE_ATTENTION``, else ``auto``:
+    ``varlen`` where FlashAttention's variable-length kernel runs (a CUDA GPU, bf16 or fp16, head size
+    a multiple of 8 up to 256), else ``matmul``. ``varlen`` asked for on a GPU where the kernel cannot
+    run is a ValueError; on the CPU it runs a plain-PyTorch reference of the kernel (for tests)."""
+    import os
+
+    name = requested or os.environ.get(ATTENTION_ENV) or "auto"
+    if name not in ("auto", *ATTENTIONS):
+        raise ValueError(f"decode attention {name!r}: choose one of auto, {', '.join(ATTENTIONS)}")
+    if name == "auto" and next(model.parameters()).device.type != "cuda":
+        return "matmul"
+    if name in ("auto", "varlen"):
+        why = _varlen_unavailable(model)
+        if why is None:
+            return "varlen"
+        if name == "varlen":
+            raise ValueError(f"decode attention varlen: {why}")
+        return "matmul"
+    return name
+
+
+def _varlen_unavailable(model: Any) -> str | None:
+    """Why FlashAttention's variable-length kernel cannot serve this model here (None: it can)."""
+    import torch
+
+    param = next(model.parameters())
+    config = model.config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if param.device.type != "cuda":
+        return None  # the reference in plain PyTorch (what ``auto`` does not pick: it is for tests)
+    if param.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs bf16 or fp16 weights, not {param.dtype}"
+    if d % 8 or d > 256:
+        return f"head size {d} (needs a multiple of 8, at most 256)"
+    try:  # a build without FlashAttention, or a GPU older than it supports, says so here
+        q = torch.zeros(2, heads, d, dtype=param.dtype, device=param.device)
+        k = torch.zeros(8, kv, d, dtype=param.dtype, device=param.device)
+        cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=param.device)
+        flash_varlen(q, k, k, cu, cu * 4, 1, 4, 1.0, causal=False, used=cu[1:].contiguous())
+    except (RuntimeError, NotImplementedError) as e:
+        return str(e).splitlines()[0][:200]
+    return None
 
 
 def _register_attention() -> None:
@@ -277,7 +434,8 @@ class Engine:
     pairs and yields ``Finished`` rows in the order they were given."""
 
     def __init__(self, model: Any, sampling: Sampling, *, slots: int, max_len: int,
-                 prefill_tokens: int | None = None, graphs: bool | None = None, tokenizer: Any = None) -> None:
+                 prefill_tokens: int | None = None, graphs: bool | None = None, tokenizer: Any = None,
+                 attention: str | None = None, overlap_capture: bool = True) -> None:
         import torch
 
         check_model(model)
@@ -286,6 +444,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.graphs = self.cuda if graphs is None else graphs
+        # Capture the decode graphs while the first prefill runs on the GPU (the capture's host work,
+        # first use of its kernels included, hidden behind it) rather than before it.
+        self.overlap_capture = overlap_capture
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.slots, self.max_len = slots, max_len
@@ -294,7 +455,8 @@ class Engine:
         if sampling.stop_strings and tokenizer is None:
             raise ValueError("stop strings need the tokenizer")
         dtype = next(model.parameters()).dtype
-        self.cache = SlotCache(model.config, slots, max_len, dtype, self.device)
+        self.attention = decode_attention(model, attention)
+        self.cache = SlotCache(model.config, slots, max_len, dtype, self.device, self.attention)
         self.max_new = max(1, min(max_len, sampling.max_new_tokens or max_len))
         dev = self.device
         self.eos = torch.tensor(sampling.eos, device=dev, dtype=torch.long) if sampling.eos else None
@@ -307,9 +469,11 @@ class Engine:
         self.out = torch.zeros(slots, self.max_new, dtype=torch.long, device=dev)
         self._graphs: dict[int, Any] = {}
         # Where the time went (seconds; the device synchronised at each boundary).
-        self.stats = {"capture_s": 0.0, "prefill_s": 0.0, "prefill_forwards": 0, "prompt_tokens": 0,
-                      "decode_s": 0.0, "decode_steps": 0, "rows_per_step": 0.0}
-        self.buckets = _buckets(max_len)
+        self.stats = {"attention": self.attention, "capture_s": 0.0, "prefill_s": 0.0, "prefill_forwards": 0,
+                      "prompt_tokens": 0, "first_prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0,
+                      "rows_per_step": 0.0}
+        # varlen reads each slot's own length whatever the span: one graph serves every step.
+        self.buckets = [max_len] if self.attention == "varlen" else _buckets(max_len)
         self._old_attention = model.config._attn_implementation
 
     def row_limit(self, prompt_len: int) -> int:
@@ -338,29 +502,53 @@ class Engine:
             ended = ended | torch.isin(tok, self.eos)
         self.live.copy_(live & ~ended)
 
-    def _capture(self) -> None:
-        """One CUDA graph per attention bucket, captured with no slot live (so warming up changes nothing)."""
+    def _capture_graphs(self) -> None:
+        """Capture, timed; a model whose decode step cannot be captured decodes eagerly."""
+        import torch
+
+        t0 = time.perf_counter()
+        try:
+            waited = self._capture()  # for the prefill queued before it: that time is the prefill's
+            self.stats["capture_s"] = round(time.perf_counter() - t0 - waited, 3)
+        except RuntimeError as e:
+            print(f"hfhpc: decoding without CUDA graphs ({str(e).splitlines()[0][:200]})", flush=True)
+            self.graphs, self._graphs = False, {}
+            torch.cuda.synchronize()
+
+    def _capture(self) -> float:
+        """One CUDA graph per attention bucket, warmed up and captured with every slot held as not live:
+        a step then changes no slot's tokens, count or position (it writes each slot's key and value
+        at its next position, which that slot's next real step overwrites). Returns the seconds spent
+        waiting for the GPU work queued before the warm-up."""
         import torch
 
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
+        live = self.live.clone()
+        self.live.zero_()
         side.wait_stream(torch.cuda.current_stream())
-        # capture_begin/end rather than ``torch.cuda.graph``, which runs gc.collect() before each
-        # capture: with transformers and datasets loaded that is ~0.5 s a graph.
-        with torch.cuda.stream(side):
-            for span in self.buckets:
-                self._step(span)  # warm-up: allocations and library handles outside the capture
-            side.synchronize()
-            for span in self.buckets:
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool)
-                try:
-                    self._step(span)
-                finally:
-                    graph.capture_end()
-                self._graphs[span] = graph
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            # capture_begin/end rather than ``torch.cuda.graph``, which runs gc.collect() before each
+            # capture: with transformers and datasets loaded that is ~0.5 s a graph.
+            with torch.cuda.stream(side):
+                for span in self.buckets:
+                    self._step(span)  # warm-up: allocations and library handles outside the capture
+                t0 = time.perf_counter()
+                side.synchronize()
+                waited = time.perf_counter() - t0
+                for span in self.buckets:
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(pool=pool)
+                    try:
+                        self._step(span)
+                    finally:
+                        graph.capture_end()
+                    self._graphs[span] = graph
+        finally:  # the slots' own flags back, captured or not
+            torch.cuda.current_stream().wait_stream(side)
+            self.live.copy_(live)
         torch.cuda.synchronize()
+        return waited
 
     def _decode(self, span: int) -> None:
         graph = self._graphs.get(span)
@@ -371,26 +559,42 @@ class Engine:
 
     # -- prefill --------------------------------------------------------------------------------------
     def _prefill(self, batch: list[tuple[int, int, list[int]]]) -> None:
-        """Prompts ``(slot, row, ids)`` into their slots; their first new token is picked."""
+        """Prompts ``(slot, row, ids)`` into their slots; their first new token is picked. ``varlen``
+        packs them end to end (no padding); the others pad them to the longest."""
         import torch
 
-        dev, c = self.device, self.cache
-        width = max(len(ids) for _, _, ids in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, (_, _, p) in enumerate(batch):
-            ids[i, : len(p)] = torch.as_tensor(p)
-        lengths = torch.tensor([len(p) for _, _, p in batch], device=dev)
-        slots = torch.tensor([s for s, _, _ in batch], device=dev)
-        rows = torch.tensor([r for _, r, _ in batch], device=dev)
-        limits = torch.tensor([self.row_limit(len(p)) for _, _, p in batch], device=dev)
-        c.prefill_slots = slots
-        try:
-            positions = torch.arange(width, device=dev)[None, :].expand(len(batch), width)
-            hidden = self.decoder(input_ids=ids.to(dev, non_blocking=True), position_ids=positions, cache=c,
-                                  use_cache=True).last_hidden_state
-        finally:
-            c.prefill_slots = None
-        last = hidden[torch.arange(len(batch), device=dev), lengths - 1]
+        dev, c, up = self.device, self.cache, self._upload
+        lens = [len(p) for _, _, p in batch]
+        slots = up(torch.tensor([s for s, _, _ in batch]))
+        lengths = up(torch.tensor(lens))
+        if self.attention == "varlen":
+            flat = torch.tensor([t for _, _, p in batch for t in p], dtype=torch.long)
+            positions = up(torch.cat([torch.arange(n) for n in lens]))
+            ends = torch.tensor(lens).cumsum(0)
+            cu = up(torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32))
+            owner = torch.tensor([s for s, _, _ in batch]).repeat_interleave(torch.tensor(lens))
+            c.packed = (up(owner), positions, cu, max(lens))
+            try:
+                hidden = self.decoder(input_ids=up(flat)[None], position_ids=positions[None], cache=c,
+                                      use_cache=True).last_hidden_state[0]
+            finally:
+                c.packed = None
+            last = hidden[up(ends - 1)]
+        else:
+            width = max(lens)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, (_, _, p) in enumerate(batch):
+                ids[i, : len(p)] = torch.as_tensor(p)
+            c.prefill_slots = slots
+            try:
+                positions = torch.arange(width, device=dev)[None, :].expand(len(batch), width)
+                hidden = self.decoder(input_ids=up(ids), position_ids=positions, cache=c,
+                                      use_cache=True).last_hidden_state
+            finally:
+                c.prefill_slots = None
+            last = hidden[torch.arange(len(batch), device=dev), lengths - 1]
+        rows = up(torch.tensor([r for _, r, _ in batch]))
+        limits = up(torch.tensor([self.row_limit(n) for n in lens]))
         zero = torch.zeros(len(batch), dtype=torch.long, device=dev)
         tok = pick_tokens(self.head(last).float(), zero, rows, self.s, self.eos)
         self.out[slots, 0] = tok
@@ -404,6 +608,17 @@ class Engine:
             ended = ended | torch.isin(tok, self.eos)
         self.live[slots] = ~ended
 
+    def _upload(self, t):
+        """A host tensor onto the device without waiting for the queued GPU work (pinned, asynchronous):
+        prefill forwards queue up behind each other, and behind them the graph capture's host work."""
+        if not self.cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _prefill_cost(self, lengths: list[int]) -> int:
+        """Tokens one prefill forward of prompts of these lengths computes (padding included)."""
+        return sum(lengths) if self.attention == "varlen" else max(lengths) * len(lengths)
+
     # -- the loop -------------------------------------------------------------------------------------
     def run(self, prompts: Iterable[tuple[int, list[int]]], *, should_stop: Callable[[], bool] = lambda: False,
             check_every: int | None = None) -> Iterator[Finished]:
@@ -415,15 +630,8 @@ class Engine:
         self.model.config._attn_implementation = ATTENTION
         try:
             with torch.inference_mode():
-                if self.graphs and not self._graphs:
-                    t0 = time.perf_counter()
-                    try:
-                        self._capture()
-                        self.stats["capture_s"] = round(time.perf_counter() - t0, 3)
-                    except RuntimeError as e:  # a model whose forward cannot be captured still runs, eagerly
-                        print(f"hfhpc: decoding without CUDA graphs ({str(e).splitlines()[0][:200]})", flush=True)
-                        self.graphs, self._graphs = False, {}
-                        torch.cuda.synchronize()
+                if self.graphs and not self._graphs and not self.overlap_capture:
+                    self._capture_graphs()
                 yield from self._loop(iter(prompts), should_stop, check_every or (4 if self.cuda else 1))
         finally:
             self.model.config._attn_implementation = self._old_attention
@@ -466,8 +674,7 @@ class Engine:
                 batch: list[tuple[int, int, list[int]]] = []
                 while pending and free:
                     row, ids = pending[-1]
-                    width = max([len(ids)] + [len(b[2]) for b in batch])
-                    if batch and width * (len(batch) + 1) > self.prefill_tokens:
+                    if batch and self._prefill_cost([len(ids)] + [len(b[2]) for b in batch]) > self.prefill_tokens:
                         break
                     pending.pop()
                     slot = free.pop()
@@ -475,11 +682,18 @@ class Engine:
                     busy[slot] = (row, len(ids), ids)
                     steps_since[slot] = 0
                 self._prefill(batch)
+                if not self.stats["prefill_forwards"]:  # the first forward pays for first use (kernels, memory)
+                    self._sync()
+                    self.stats["first_prefill_s"] = time.perf_counter() - t0
                 self.stats["prefill_forwards"] += 1
                 self.stats["prompt_tokens"] += sum(len(b[2]) for b in batch)
+            capture_s = 0.0
+            if admitted and self.graphs and not self._graphs:
+                self._capture_graphs()  # its host work while the GPU still runs the prefill queued above
+                capture_s = self.stats["capture_s"]
             if admitted:
                 self._sync()
-                self.stats["prefill_s"] += time.perf_counter() - t0
+                self.stats["prefill_s"] += time.perf_counter() - t0 - capture_s
             if not busy:
                 while nxt < len(order) and order[nxt] in done:
                     row = order[nxt]
@@ -497,9 +711,9 @@ class Engine:
                 span = _bucket(self.buckets, min(longest + 1, self.max_len))
                 self._decode(span)
                 longest += 1
-                for sl in busy:
-                    steps_since[sl] += 1
-            live = self.live.cpu()
+            for sl in busy:
+                steps_since[sl] += steps
+            live = self.live.tolist()  # a list: indexing a CPU tensor per slot costs ~1 µs a slot, with the GPU idle
             st = self.stats
             st["rows_per_step"] = (st["rows_per_step"] * st["decode_steps"] + len(busy) * steps) / (st["decode_steps"] + steps)
             st["decode_steps"] += steps
