@@ -277,7 +277,8 @@ def collect(folders: list[Path], name: str, note: str = "") -> Path:
         raw = json.loads(path.read_text())
         if "recipe" not in raw:  # the seed script's own format
             raw = dict(
-                recipe="seed", shape=raw["shape"], tag=f"{raw['packing']}-{raw['attn']}" + ("-ckpt" if raw["ckpt"] else "-nockpt"),
+                recipe="seed", shape=raw["shape"], lora=raw.get("lora") or None,
+                tag=f"{raw['packing']}-{raw['attn']}" + ("-ckpt" if raw["ckpt"] else "-nockpt") + (f"-lora{raw['lora']}" if raw.get("lora") else ""),
                 gpu=raw["gpu"], world=raw["world"], bs=raw["bs"], seq=raw["seq"], activation_checkpointing=raw["ckpt"],
                 params_b=round(raw["params_b"], 3), tokens_per_s_per_gpu=round(raw["tokens_per_s_per_gpu"], 1),
                 tokens_counted="batch x seq per step (the seed's count, padding included)",

@@ -375,14 +375,14 @@ def test_gpu_results_in_benchmarks_supersede_the_built_in_anchors(tmp_path: Path
     results = tmp_path / "results"
     results.mkdir()
     # What benchmarks/bench_sft.py writes: a newer measurement of the built-in 7.24B layout.
-    (results / "seed_7b_w2.json").write_text(json.dumps({"benchmark": "sft_7b", "runs": [{
+    (results / "sft_7b_w2.json").write_text(json.dumps({"benchmark": "sft_7b", "runs": [{
         "recipe": "hfhpc", "shape": "7b", "activation_checkpointing": True, "world": 2, "bs": 8, "seq": 2048,
         "tokens_per_s_per_gpu": 4000.0, "peak_mem_gib": 60.0, "gpu": "NVIDIA H100 80GB HBM3"}]}))
     (results / "cli_latency.json").write_text(json.dumps({"benchmark": "cli_latency", "help_s_median": 0.08}))
     plan = make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=results)
     assert plan.throughput is not None and plan.throughput.tokens_per_s_per_gpu == pytest.approx(4000.0)
-    assert any("seed_7b_w2.json" in a for a in plan.throughput.anchors)
-    assert any("60.0 GiB" in m and "seed_7b_w2.json" in m for m in plan.measured)
+    assert any("sft_7b_w2.json" in a for a in plan.throughput.anchors)
+    assert any("60.0 GiB" in m and "sft_7b_w2.json" in m for m in plan.measured)
     # On another card the measured MFU carries over, scaled by the peak FLOPs.
     a100 = make_plan(load_spec(spec), tmp_path / "store", model_config=config, results_dir=results, gpu="a100-80")
     assert a100.throughput.tokens_per_s_per_gpu == pytest.approx(4000.0 * 312 / 989)

@@ -19,10 +19,12 @@ def test_steps_to_profile_reads_a_range_and_refuses_others(monkeypatch, capsys):
 
 
 def test_summary_sorts_kernels_into_kinds_and_counts_idle_time():
-    events = [SimpleNamespace(key=k, self_device_time_total=us) for k, us in (
+    events = [SimpleNamespace(key=k, self_device_time_total=us, device_type="DeviceType.CUDA") for k, us in (
         ("sm90_xmma_gemm_bf16bf16_bf16f32", 300_000), ("nvjet_tst_128x256", 100_000),
         ("flash_fwd_kernel", 150_000), ("triton_red_fused_rms_norm_0", 50_000),
         ("multi_tensor_apply_kernel<FusedAdam>", 40_000), ("aten::mm", 0), ("elementwise_kernel", 10_000))]
+    # The operator that launched the gemm carries its time again: not counted twice.
+    events.append(SimpleNamespace(key="aten::mm", self_device_time_total=400_000, device_type="DeviceType.CPU"))
     text = summarize(events, wall_s=1.0, steps=2)
     lines = text.splitlines()
     # 650 ms busy of 1 s over two steps: 325 ms busy and 175 ms idle per step.

@@ -75,12 +75,15 @@ CHECKPOINTING_SPEEDUP = 40360 / 32915
 
 
 
+SFT_RESULTS = "sft_"  # the anchors are SFT measurements (dpo_*, infer_* and the rest measure other things)
+
+
 def result_records(results_dir: Path) -> list[tuple[str, dict]]:
     """(file name, record) of every GPU training result in ``results_dir`` that makes an anchor."""
     if not Path(results_dir).is_dir():
         return []
     out = []
-    for path in sorted(Path(results_dir).glob("*.json")):
+    for path in sorted(Path(results_dir).glob(f"{SFT_RESULTS}*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -150,12 +153,16 @@ def _anchor_from_result(r: Any, source: str) -> Anchor | None:
 
 def _recipe_defaults(r: dict) -> bool:
     """Whether an hfhpc benchmark run used the sft recipe as a spec without extra settings gets it
-    (the plan estimates such a spec): no launch or environment overrides, compile not turned off,
-    not a code path the recipe has since replaced (``superseded``)."""
+    (the plan estimates such a spec): no launch or environment overrides, compile not turned off
+    (nor left off by a short job: the plan times the compiled steps of a long one), no LoRA (its own
+    cost per token), not a code path the recipe has since replaced (``superseded``)."""
+    train = [str(x) for x in r.get("train") or []]
+    if r.get("lora") or any(x.startswith("lora=") for x in train):
+        return False
     if r.get("recipe") != "hfhpc":
         return True
-    train = [str(x) for x in r.get("train") or []]
-    return not (r.get("launch") or r.get("env") or r.get("superseded") or "torch_compile=false" in train)
+    return not (r.get("launch") or r.get("env") or r.get("superseded") or "torch_compile=false" in train
+                or r.get("compile_decision") == "staying eager")
 
 
 @dataclass(frozen=True)

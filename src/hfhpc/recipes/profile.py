@@ -40,6 +40,9 @@ def summarize(events, wall_s: float, steps: int) -> str:
     kinds: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for e in events:
+        # Kernels only: an operator's device time is its kernels' again (aten::mm holds its gemm's).
+        if not str(getattr(e, "device_type", "")).endswith("CUDA"):
+            continue
         us = getattr(e, "self_device_time_total", 0.0) or 0.0
         if us <= 0:
             continue
