@@ -36,11 +36,11 @@ for v in "${VARIANTS[@]}"; do
   case $v in
     trl)             trl_ --tag defaults ;;                                  # DPOTrainer's defaults (activation checkpointing on)
     trl-nockpt)      trl_ --tag nockpt --train gradient_checkpointing=false ;;
-    hfhpc)           hfhpc --tag nockpt ;;                                   # the recipe's defaults, no activation checkpointing
-    hfhpc-ckpt)      hfhpc --tag ckpt --ckpt ;;                              # as TRL's defaults: activation checkpointing
-    hfhpc-padded)    hfhpc --tag padded-nockpt --train padding_free=false ;; # compiled layers, padded batches
+    hfhpc)           hfhpc --tag nockpt --train torch_compile=true ;;        # compiled from the first step, as the defaults do for a long job
+    hfhpc-ckpt)      hfhpc --tag ckpt --ckpt --train torch_compile=true ;;                              # as TRL's defaults: activation checkpointing
+    hfhpc-padded)    hfhpc --tag padded-nockpt --train padding_free=false --train torch_compile=true ;; # compiled layers, padded batches
     hfhpc-nocompile) hfhpc --tag nocompile-nockpt --train torch_compile=false ;;  # packed, not compiled
-    hfhpc-warm)      hfhpc --tag nockpt-warm --compile-cache store ;;        # a new node; the kernels an earlier job kept
+    hfhpc-warm)      hfhpc --tag nockpt-warm --compile-cache store --train torch_compile=true ;;        # a new node; the kernels an earlier job kept
     *) echo "unknown variant $v" ;;
   esac
 done

@@ -34,6 +34,7 @@ HFHPC_CPUS_PER_TASK = "HFHPC_CPUS_PER_TASK"
 HFHPC_GPUS_ON_NODE = "HFHPC_GPUS_ON_NODE"
 HFHPC_NODE_NAME = "HFHPC_NODE_NAME"
 HFHPC_LAUNCH_HOST = "HFHPC_LAUNCH_HOST"  # where the job step was launched from (an address)
+HFHPC_DECODE_ATTENTION = "HFHPC_DECODE_ATTENTION"  # the infer engine's decode attention: auto, varlen, sdpa, matmul
 HFHPC_PROFILE_STEPS = "HFHPC_PROFILE_STEPS"  # "A-B": profile steps A to B of each rank (logs/profile-rank*.txt)
 
 # SLURM's variables in a job (read only by hfhpc.scheduler.environment). SLURM_JOB_NODELIST and

@@ -73,8 +73,8 @@ def dpo_throughput(spec: Any, tp: Throughput) -> Throughput:
 
 
 def dpo_dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) -> tuple[DatasetTokens | None, str]:
-    """Tokens of one epoch of pairs: exact from the prepared pairs (prompt + chosen, prompt + rejected,
-    each padded to the longest of its micro-batch), else the staged split's row count at max_length."""
+    """Tokens of one epoch of pairs: exact from the prepared pairs (prompt + chosen, prompt + rejected;
+    each padded to the longest of its micro-batch unless ``train.padding_free``), else the staged split's row count at max_length."""
     from hfhpc.recipes import prefdata
     from hfhpc.store.prepare import dataset_cache_dir
 
@@ -102,7 +102,9 @@ def dpo_dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInpu
         lengths = [n for p, c, r in zip(prompt, chosen, rejected, strict=True) for n in (p + c, p + r)]
         found = tokens_from_lengths(lengths, seq_len=seq, packing=False, packing_strategy="bfd",
                                     micro_batch=inputs.micro_batch, source=f"prepared pairs {folder} (exact)", exact=True)
-        return replace(found, rows=len(prompt)), found.source
+        # Padding-free (the recipe's default): a step computes the pairs' own tokens, no padding.
+        padded = found.tokens if getattr(t, "padding_free", False) else found.padded_tokens
+        return replace(found, rows=len(prompt), padded_tokens=padded), found.source
     if files.dataset_commit is None:
         return None, "unknown: the dataset is not in the lockfile (run `hfhpc stage SPEC`)"
     for folder in dataset_cache_dir(store, dref.id, dref.config, files.dataset_commit):

@@ -203,9 +203,11 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     anchors = measured_anchors(results_dir)
     if dpo:
         data, data_note = dpo_plan.dpo_dataset_tokens(spec, store, files, run_layout)
-        # The dpo recipe runs TRL's padded batches, uncompiled: the anchors of TRL's own SFT, not the sft recipe's.
-        trl_anchors = [a for a in anchors if not a.per_document] or anchors
-        tp = None if on_cpus else dpo_plan.dpo_throughput(spec, estimate_throughput(run_layout, kind, trl_anchors))
+        # Padding-free, with compiled layers, the dpo recipe runs as the sft recipe does per FLOP
+        # (benchmarks/results/dpo_1b_h100.json: 43% MFU at 8N FLOPs a token); with padded batches, at
+        # the rate of TRL's own SFT.
+        dpo_anchors = anchors if spec.train.padding_free else [a for a in anchors if not a.per_document] or anchors
+        tp = None if on_cpus else dpo_plan.dpo_throughput(spec, estimate_throughput(run_layout, kind, dpo_anchors))
     else:
         data, data_note = dataset_tokens(spec, store, files, run_layout)
         tp = None if on_cpus else estimate_throughput(run_layout, kind, anchors)

@@ -124,6 +124,14 @@ def training_kwargs(job: JobFile, *, own_layers: bool = False) -> dict[str, Any]
     return kwargs
 
 
+def steps_per_job(args, rows: int) -> int:
+    """Optimizer steps of the whole run (the Trainer's count: per-rank batches, accumulation, epochs)."""
+    import math
+
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return math.ceil(args.num_train_epochs * math.ceil(rows / per_step))
+
+
 def _checkpointing_option() -> str:
     from transformers import TrainingArguments
 

@@ -18,9 +18,11 @@ SFT step's model staged like any other.
 Padding-free (``train.padding_free``, the default): the policy's and the reference's forward run each
 padded batch as one row of its real tokens, attention kept within each sequence
 (:mod:`hfhpc.recipes.prefpack`, :mod:`hfhpc.recipes.attention`); TRL's loss sees the padded layout.
-On GPUs, full fine-tuning compiles each decoder layer of the policy and of the reference (and
-checkpoints the policy's, per ``launch.activation_checkpointing``) as the sft recipe does
-(:mod:`hfhpc.recipes.layers`), with the compiled kernels kept in the store.
+On GPUs, full fine-tuning checkpoints the policy's decoder layers (per
+``launch.activation_checkpointing``) and compiles the policy's and the reference's as the sft recipe
+does (:mod:`hfhpc.recipes.layers`): with ``train.torch_compile`` unset, once the first steps show the
+job long enough to earn the compile back (:mod:`hfhpc.recipes.compiling`); the kernels are kept in
+the store.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def main(job) -> int:
         log,
         prepared_root,
         save_final_model,
+        steps_per_job,
         train_from_checkpoint,
         trainer_callbacks,
         training_kwargs,
@@ -145,13 +148,16 @@ def main(job) -> int:
                 "padding_free"}
     kwargs = {k: v for k, v in training_kwargs(job).items() if k not in modelled}
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
-    # Each decoder layer compiled (and checkpointed) by the recipe, as sft does: on GPUs, full
-    # fine-tuning, and not under FSDP1's flat parameters. The Trainer then checkpoints nothing itself.
+    # Each decoder layer checkpointed and compiled by the recipe, as sft does (hfhpc.recipes.layers): on
+    # GPUs, full fine-tuning, and not under FSDP1's flat parameters; the Trainer then checkpoints nothing
+    # itself. train.torch_compile unset: eager first steps, then compiled when the job's steps left earn
+    # the compile back (hfhpc.recipes.compiling); true: compiled before the first step; false: never.
     fsdp = spec.launch.strategy == "fsdp"
     layerwise = t.lora is None and (not fsdp or spec.fsdp_version == 2)
-    wanted = bool(kwargs.pop("torch_compile", gpu and layerwise))
-    own_layers = wanted and layerwise
-    if wanted and not own_layers:
+    setting = kwargs.pop("torch_compile", None)
+    setting = None if setting is None else bool(setting)
+    own_layers = layerwise and (setting is True or (setting is None and gpu))
+    if setting and not layerwise:
         kwargs["torch_compile"] = True  # asked for where the layers are not the recipe's: the Trainer compiles
     if own_layers:
         for key in ("activation_checkpointing", "gradient_checkpointing"):
@@ -189,11 +195,12 @@ def main(job) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
     log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
         f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
+    ref_layers = []
     if own_layers:
-        from hfhpc.recipes.layers import prepare_layers
+        from hfhpc.recipes import layers
 
-        done = prepare_layers(model, checkpoint=spec.launch.activation_checkpointing,
-                              keep=spec.launch.keep_activations, compile=True)
+        done = layers.prepare_layers(model, checkpoint=spec.launch.activation_checkpointing,
+                                     keep=spec.launch.keep_activations, compile=setting is True)
         log(f"decoder layers: {done['layers']}, {done['checkpointed']} checkpointed, {done['compiled']} compiled")
     peft_config = None
     ref_model = None
@@ -207,7 +214,8 @@ def main(job) -> int:
         ref_model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=ref_dtype, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
         if own_layers:
-            prepare_layers(ref_model, checkpoint=False, compile=True)
+            layers.prepare_layers(ref_model, checkpoint=False, compile=setting is True)
+            ref_layers = layers.decoder_layers(ref_model)  # found now, before FSDP2 renames their classes
     # else: TRL computes the reference log-probs with the policy before its first step.
 
     callbacks = trainer_callbacks(job, stop, logged=LOGGED + DPO_LOGGED)
@@ -217,6 +225,11 @@ def main(job) -> int:
         compiled = compilecache.for_job(prepared_root(job, "compiled"), model_id, commit)
         compiled.load()
         callbacks.append(compiled.callback())
+        if setting is None:
+            steps = args.max_steps if args.max_steps > 0 else steps_per_job(args, len(train_ds))
+            callbacks.append(layers.compile_when_it_pays(
+                model, steps_total=steps, stored=compiled.loaded > 0, log=log,
+                on_compile=lambda: layers.compile_layers(ref_layers)))
     trainer = trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config,

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from hfhpc.env import HFHPC_DECODE_ATTENTION
+
 # Decoder-only architectures whose attention goes through transformers' attention interface and
 # cache API as Llama's does (rotary positions from position_ids, no logit soft-capping).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -58,7 +60,7 @@ WINDOW_PER_SLOT = 8  # prompts sorted by length together: this many per slot
 # GPU), one masked SDPA call over a shared span (``sdpa``), or batched matmuls, a mask and a softmax
 # over that span (``matmul``). ``auto`` (the default) takes varlen where it runs, else matmul.
 ATTENTIONS = ("varlen", "sdpa", "matmul")
-ATTENTION_ENV = "HFHPC_DECODE_ATTENTION"  # read by decode_attention() alone: a switch for measurements
+ATTENTION_ENV = HFHPC_DECODE_ATTENTION  # read by decode_attention() alone: a switch for measurements
 
 
 class NotForEngine(Exception):

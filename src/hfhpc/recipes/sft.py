@@ -27,6 +27,7 @@ from hfhpc.recipes.common import (
     prepared_root,
     save_final_model,
     spec_path,
+    steps_per_job,
     train_from_checkpoint,
     trainer_callbacks,
     training_kwargs,
@@ -177,7 +178,7 @@ def main(job: JobFile) -> int:
         compiled.load()
         callbacks.append(compiled.callback())
         if setting is None:
-            steps = args.max_steps if args.max_steps > 0 else _steps_per_job(args, len(train_ds))
+            steps = args.max_steps if args.max_steps > 0 else steps_per_job(args, len(train_ds))
             callbacks.append(layers.compile_when_it_pays(model, steps_total=steps, stored=compiled.loaded > 0, log=log))
     elif setting is None and layers_here:
         from hfhpc.recipes.compiling import decide
@@ -230,10 +231,3 @@ def main(job: JobFile) -> int:
     log(f"done: model in {out}")
     return 0
 
-
-def _steps_per_job(args, rows: int) -> int:
-    """Optimizer steps of the whole run (the Trainer's count: per-rank batches, accumulation, epochs)."""
-    import math
-
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return math.ceil(args.num_train_epochs * math.ceil(rows / per_step))
