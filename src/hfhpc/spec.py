@@ -181,7 +181,7 @@ class LaunchSpec(_Strict):
     strategy: Literal["single", "ddp", "fsdp"] = Field("single", description="single | ddp | fsdp")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="no | bf16 | fp16")
     activation_checkpointing: bool = True
-    keep_activations: int = Field(0, ge=0, description="with activation checkpointing (sft, full fine-tuning; not FSDP1): this many decoder layers keep their activations instead of recomputing them (faster, more memory)")
+    keep_activations: int = Field(0, ge=0, description="with activation checkpointing (sft and dpo; not under FSDP1): this many decoder layers keep their activations instead of recomputing them (faster, more memory)")
     fsdp_version: Literal[1, 2] | None = Field(None, description="FSDP implementation: 2 (per-parameter sharding, fully_shard) or 1 (flat parameters); default 2 for the built-in recipes, 1 for scripts")
     port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port (default: derived from the job id)")
     node_local: bool = Field(True, description="copy the job's assets to node-local disk ($SLURM_TMPDIR) first")
