@@ -33,3 +33,13 @@ def test_summary_sorts_kernels_into_kinds_and_counts_idle_time():
     assert "attention:      75.0 ms per step" in text and "compiled fusion:      25.0 ms" in text
     assert "optimizer:      20.0 ms" in text and "other:       5.0 ms" in text
     assert lines[lines.index("busiest kernels (ms per step):") + 1].endswith("sm90_xmma_gemm_bf16bf16_bf16f32")
+
+
+def test_ready_to_train_names_the_seconds_of_each_start_up_phase(monkeypatch):
+    from hfhpc.recipes import common
+
+    monkeypatch.setattr(common, "STARTED", 100.0)
+    monkeypatch.setattr(common, "_MARKS", [("imports", 106.5), ("data", 107.0), ("model", 110.25)])
+    assert common.phases_line(112.0) == "imports 6.5 s, data 0.5 s, model 3.2 s, the rest 1.8 s"
+    monkeypatch.setattr(common, "_MARKS", [])
+    assert common.phases_line(112.0) == ""

@@ -117,6 +117,7 @@ def main(job) -> int:
         StopOnSignal,
         cuda_available,
         log,
+        mark,
         prepared_root,
         save_final_model,
         steps_per_job,
@@ -132,6 +133,8 @@ def main(job) -> int:
     import torch
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
+
+    mark("imports")
 
     spec, t = job.spec, job.spec.train
     model_id, commit = spec.model.id, job.model_commit
@@ -180,6 +183,7 @@ def main(job) -> int:
                 f"in {time.perf_counter() - t0:.1f} s")
     train_ds = prepared[dref.split]
     eval_ds = prepared[dref.eval_split] if dref.eval_split else None
+    mark("data")
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
     # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
@@ -218,6 +222,7 @@ def main(job) -> int:
             ref_layers = layers.decoder_layers(ref_model)  # found now, before FSDP2 renames their classes
     # else: TRL computes the reference log-probs with the policy before its first step.
 
+    mark("models")
     callbacks = trainer_callbacks(job, stop, logged=LOGGED + DPO_LOGGED)
     if own_layers:
         from hfhpc.recipes import compilecache
@@ -241,6 +246,7 @@ def main(job) -> int:
     if t.precompute_ref_log_probs:
         trainer.ref_model = None  # its log-probs are in the datasets now
     checkpoint.install(trainer, stop)
+    mark("trainer")
     if own_layers and fsdp:
         plugin = trainer.accelerator.state.fsdp_plugin
         plugin.activation_checkpointing = False  # done per layer, inside the compiled forward

@@ -24,6 +24,7 @@ from hfhpc.recipes.common import (
     StopOnSignal,
     cuda_available,
     log,
+    mark,
     prepared_root,
     save_final_model,
     spec_path,
@@ -96,6 +97,8 @@ def main(job: JobFile) -> int:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    mark("imports")
+
     spec, t = job.spec, job.spec.train
     model_id, commit = spec.model.id, job.model_commit
     dref = spec.dataset
@@ -152,6 +155,7 @@ def main(job: JobFile) -> int:
             what = "packed rows" if ready and packing else "rows"
             log(f"{split}: {len(ds)} {what} {'from the prepared cache' if hit else 'prepared'} in {time.perf_counter() - t0:.1f} s")
     args.dataset_kwargs = {"skip_prepare_dataset": all(ready for _, ready in prepared.values())}
+    mark("data")
     train_ds = prepared[dref.split][0]
     eval_ds = prepared[dref.eval_split][0] if dref.eval_split else None
 
@@ -164,6 +168,7 @@ def main(job: JobFile) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
     log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
         f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
+    mark("model")
     callbacks = trainer_callbacks(job, stop)
     if layers_here:
         from hfhpc.recipes import layers
@@ -184,6 +189,7 @@ def main(job: JobFile) -> int:
         from hfhpc.recipes.compiling import decide
 
         log(f"compile: {decide(None, steps_left=0, eager_step_s=None, stored=False, gpu=gpu).line()}")
+    mark("layers")
     peft_config = None
     if t.lora is not None:
         from peft import LoraConfig
@@ -195,6 +201,7 @@ def main(job: JobFile) -> int:
         callbacks=callbacks, peft_config=peft_config,
     )
     checkpoint.install(trainer, stop)
+    mark("trainer")
     if layers_here and trainer.is_fsdp_enabled:
         plugin = trainer.accelerator.state.fsdp_plugin
         plugin.activation_checkpointing = False  # done per layer, inside the compiled forward
