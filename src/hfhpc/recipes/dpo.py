@@ -120,7 +120,6 @@ def main(job) -> int:
         mark,
         prepared_root,
         save_final_model,
-        steps_per_job,
         train_from_checkpoint,
         trainer_callbacks,
         training_kwargs,
@@ -225,16 +224,9 @@ def main(job) -> int:
     mark("models")
     callbacks = trainer_callbacks(job, stop, logged=LOGGED + DPO_LOGGED)
     if own_layers:
-        from hfhpc.recipes import compilecache
-
-        compiled = compilecache.for_job(prepared_root(job, "compiled"), model_id, commit)
-        compiled.load()
-        callbacks.append(compiled.callback())
-        if setting is None:
-            steps = args.max_steps if args.max_steps > 0 else steps_per_job(args, len(train_ds))
-            callbacks.append(layers.compile_when_it_pays(
-                model, steps_total=steps, stored=compiled.loaded > 0, log=log,
-                on_compile=lambda: layers.compile_layers(ref_layers)))
+        compiled, more = layers.compile_callbacks(job, model, setting=setting, args=args, rows=len(train_ds),
+                                                  others=ref_layers)
+        callbacks += more
     trainer = trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config,

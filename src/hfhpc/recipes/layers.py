@@ -125,3 +125,24 @@ def compile_when_it_pays(model: torch.nn.Module, *, steps_total: int, stored: bo
                     on_compile()
 
     return CompileWhenItPays()
+
+
+def compile_callbacks(job, model: torch.nn.Module, *, setting: bool | None, args, rows: int,
+                      others: list[torch.nn.Module] = ()) -> tuple[object, list]:
+    """For a recipe whose layers are its own (:func:`prepare_layers`) and may be compiled: the store's
+    compiled kernels for this job's model, loaded now (:mod:`hfhpc.recipes.compilecache`), and the
+    callbacks that save new ones and, with ``train.torch_compile`` unset (``setting`` None), compile
+    ``model``'s layers and the ``others`` layers when the job's steps earn it back. ``args`` are the
+    Trainer's arguments and ``rows`` the training rows (for the job's step count)."""
+    from hfhpc.recipes import compilecache
+    from hfhpc.recipes.common import log, prepared_root, steps_per_job
+
+    cache = compilecache.for_job(prepared_root(job, "compiled"), job.spec.model.id, job.model_commit)
+    cache.load()
+    callbacks = [cache.callback()]
+    if setting is None:
+        steps = args.max_steps if args.max_steps > 0 else steps_per_job(args, rows)
+        others = list(others)
+        callbacks.append(compile_when_it_pays(model, steps_total=steps, stored=cache.loaded > 0, log=log,
+                                              on_compile=(lambda: compile_layers(others)) if others else None))
+    return cache, callbacks

@@ -28,7 +28,6 @@ from hfhpc.recipes.common import (
     prepared_root,
     save_final_model,
     spec_path,
-    steps_per_job,
     train_from_checkpoint,
     trainer_callbacks,
     training_kwargs,
@@ -177,14 +176,8 @@ def main(job: JobFile) -> int:
                                      keep=spec.launch.keep_activations, compile=setting is True)
         log(f"decoder layers: {done['layers']}, {done['checkpointed']} checkpointed, {done['compiled']} compiled")
     if may_compile:
-        from hfhpc.recipes import compilecache
-
-        compiled = compilecache.for_job(prepared_root(job, "compiled"), model_id, commit)
-        compiled.load()
-        callbacks.append(compiled.callback())
-        if setting is None:
-            steps = args.max_steps if args.max_steps > 0 else steps_per_job(args, len(train_ds))
-            callbacks.append(layers.compile_when_it_pays(model, steps_total=steps, stored=compiled.loaded > 0, log=log))
+        compiled, more = layers.compile_callbacks(job, model, setting=setting, args=args, rows=len(train_ds))
+        callbacks += more
     elif setting is None and layers_here:
         from hfhpc.recipes.compiling import decide
 
