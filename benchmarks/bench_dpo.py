@@ -25,18 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import SHAPES, VOCAB, _kill_tree, _phases, _steps_logged, build_model  # noqa: E402
-from common import machine, versions  # noqa: E402
+from bench_sft import SHAPES, VOCAB, _phases, build_model  # noqa: E402
+from common import machine, run_job, stage, versions  # noqa: E402
 
 MODEL_ID = "bench/mistral-{shape}"
 DATA_ID = "bench/prefs-lognormal"
@@ -160,36 +157,9 @@ def run_hfhpc(args) -> dict:
         train_extra="".join(f"  {k}: {v}\n" for k, v in (x.split("=", 1) for x in args.train)),
         launch_extra="".join(f", {k}: {v}" for k, v in (x.split("=", 1) for x in args.launch))))
     env = dict(os.environ, HFHPC_STORE=str(root / "store"))
-    serve = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "--store", str(root / "store"), "serve", "--port", "0"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = ""
-        while not line.startswith("serving"):
-            line = serve.stdout.readline()
-            if not line:
-                raise SystemExit("hfhpc serve did not start")
-        endpoint = line.rsplit(" at ", 1)[1].strip()
-        subprocess.run([sys.executable, "-m", "hfhpc.cli.main", "stage", "--quiet", str(spec)],
-                       env=dict(env, HF_ENDPOINT=endpoint), check=True)
-    finally:
-        serve.terminate()
+    stage(root / "store", spec, env)
     run_dir = folder / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a new job, not a resumed one
-    # A fresh node: empty local compile caches, and (cold) nothing compiled in the store either.
-    local = Path(tempfile.mkdtemp(prefix="node-", dir=root))
-    env.update(TORCHINDUCTOR_CACHE_DIR=str(local / "inductor"), TRITON_CACHE_DIR=str(local / "triton"))
-    if args.compile_cache == "cold":
-        shutil.rmtree(root / "store" / "hfhpc" / "compiled", ignore_errors=True)
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=env)
-    stopped = False
-    while proc.poll() is None:
-        time.sleep(1)
-        if args.stop_after and _steps_logged(run_dir) >= args.stop_after:
-            _kill_tree(proc.pid)  # throughput is measured: no final save
-            stopped = True
-    if proc.returncode != 0 and not stopped:
-        raise SystemExit(f"hfhpc run failed with status {proc.returncode}")
+    t0, _ = run_job(spec, root, run_dir, env, compile_cache=args.compile_cache, stop_after=args.stop_after)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [{"t": r["elapsed_s"], "unix_time": r["unix_time"], "num_tokens": r["num_tokens"], "loss": r["loss"]}
              for r in rows if "loss" in r and "num_tokens" in r]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sft import DATA_ID, MODEL_ID, build_data, build_model  # noqa: E402
-from common import machine, versions  # noqa: E402
+from common import machine, stage, versions  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet (docs: .library H200.md); the bound's denominator
 SPEC = """\
@@ -67,22 +67,6 @@ def build(root: Path, shape: str) -> None:
     import_folder(root / "store", "dataset", DATA_ID, src / "data")
 
 
-def stage(root: Path, spec: Path, env: dict) -> None:
-    serve = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "--store", str(root / "store"), "serve", "--port", "0"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = ""
-        while not line.startswith("serving"):
-            line = serve.stdout.readline()
-            if not line:
-                raise SystemExit("hfhpc serve did not start")
-        endpoint = line.rsplit(" at ", 1)[1].strip()
-        subprocess.run([sys.executable, "-m", "hfhpc.cli.main", "stage", "--quiet", str(spec)],
-                       env=dict(env, HF_ENDPOINT=endpoint), check=True)
-    finally:
-        serve.terminate()
-
-
 def run_hfhpc(root: Path, name: str, shape: str, rows: int, new: int, extra: str, gpus: int,
               environ: dict[str, str] | None = None) -> dict:
     folder = root / "jobs" / name
@@ -92,7 +76,7 @@ def run_hfhpc(root: Path, name: str, shape: str, rows: int, new: int, extra: str
     spec.write_text(SPEC.format(name=name, model=MODEL_ID.format(shape=shape), data=DATA_ID, rows=rows, new=new,
                                 extra=extra, out=str(run_dir), gpus=gpus, precision="bf16" if gpus else '"no"'))
     env = dict(os.environ, HFHPC_STORE=str(root / "store"))
-    stage(root, spec, env)
+    stage(root / "store", spec, env)
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=dict(env, **(environ or {})))

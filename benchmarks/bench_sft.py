@@ -22,16 +22,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, versions  # noqa: E402
+from common import machine, run_job, stage, versions  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
@@ -148,69 +146,13 @@ def run(args) -> dict:
         train_extra="".join(f"  {k}: {v}\n" for k, v in (x.split("=", 1) for x in args.train)),
         launch_extra="".join(f", {k}: {v}" for k, v in (x.split("=", 1) for x in args.launch))))
     env = dict(os.environ, HFHPC_STORE=str(root / "store"))
-    serve = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "--store", str(root / "store"), "serve", "--port", "0"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = ""
-        while not line.startswith("serving"):
-            line = serve.stdout.readline()
-            if not line:
-                raise SystemExit("hfhpc serve did not start")
-        endpoint = line.rsplit(" at ", 1)[1].strip()
-        subprocess.run([sys.executable, "-m", "hfhpc.cli.main", "stage", "--quiet", str(spec)],
-                       env=dict(env, HF_ENDPOINT=endpoint), check=True)
-    finally:
-        serve.terminate()
+    stage(root / "store", spec, env)
     run_dir = folder / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a new job, not a resumed one
-    # Every job starts on a "fresh node": empty local compile caches (inductor's and Triton's). Cold:
-    # nothing compiled in the store either; store: the kernels an earlier job left there.
-    local = Path(tempfile.mkdtemp(prefix="node-", dir=root))
-    env.update(TORCHINDUCTOR_CACHE_DIR=str(local / "inductor"), TRITON_CACHE_DIR=str(local / "triton"))
-    if args.compile_cache == "cold":
-        shutil.rmtree(root / "store" / "hfhpc" / "compiled", ignore_errors=True)
     env.update(x.split("=", 1) for x in args.env)
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "hfhpc.cli.main", "run", str(spec)], env=env)
-    stopped = False
-    while proc.poll() is None:
-        time.sleep(1)
-        if args.stop_after and _steps_logged(run_dir) >= args.stop_after:
-            # Throughput is measured: end the job without its final save (the launcher and the
-            # ranks each run in their own session, so the whole tree is killed).
-            _kill_tree(proc.pid)
-            stopped = True
-    wall = time.time() - t0
-    if proc.returncode != 0 and not stopped:
-        raise SystemExit(f"hfhpc run failed with status {proc.returncode}")
+    t0, wall = run_job(spec, root, run_dir, env, compile_cache=args.compile_cache, stop_after=args.stop_after)
     for profiled in (run_dir / "logs").glob("profile-rank*.txt"):  # HFHPC_PROFILE_STEPS in --env
         shutil.copy(profiled, Path(args.out) / f"hfhpc_{args.shape}_w{args.gpus}_{args.tag}_{profiled.name}")
-    return summarize(args, run_dir, t0, None if stopped else wall)
-
-
-def _steps_logged(run_dir: Path) -> int:
-    try:
-        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
-    except FileNotFoundError:
-        return 0
-
-
-def _kill_tree(pid: int) -> None:
-    import signal
-
-    from hfhpc.launch.node import children
-
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        todo += children(p)
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    time.sleep(3)  # GPU memory is freed once the ranks are gone
+    return summarize(args, run_dir, t0, wall)
 
 
 def summarize(args, run_dir: Path, t0: float, wall: float) -> dict:
