@@ -8,24 +8,7 @@ VARIANTS=("$@")
 [ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(trl hfhpc)
 STEPS=${STEPS:-20}  # optimizer steps per run; the median skips the first 4
 SEQ=${SEQ:-1024}    # max_length (DPOConfig's default)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  if [ ! -e /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    touch /tmp/site/.installed
-  fi
-  export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
-else
-  export PYTHONPATH=$PWD/src:$PWD/benchmarks
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT"
-python3 - <<'PY'
-import inspect, torch, transformers, trl
-from torch.nn.attention import varlen
-print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__,
-      torch.cuda.get_device_name(), "x", torch.cuda.device_count())
-print("varlen_attn", inspect.signature(varlen.varlen_attn))
-PY
+source "$(dirname "$0")/gpu_env.sh"
 B=/tmp/bench-dpo
 python3 benchmarks/bench_dpo.py build --shape "$SHAPE" --dir $B --seq "$SEQ" || exit 1
 trl_() { timeout 400 python3 benchmarks/bench_dpo.py trl --shape "$SHAPE" --dir $B --seq "$SEQ" --steps "$STEPS" --out "$OUT" "$@"; }

@@ -8,24 +8,7 @@ VARIANTS=("$@")
 STEPS=${STEPS:-20}  # optimizer steps per run; the median step time skips the first 4
 # Lanes: several calls can share one machine, each given its GPUs in CUDA_VISIBLE_DEVICES (and no
 # VARIANT on the first, which only installs, prints versions and builds the model and data).
-if ls .whl/*.whl >/dev/null 2>&1; then
-  if [ ! -e /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    touch /tmp/site/.installed
-  fi
-  export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
-else
-  export PYTHONPATH=$PWD/src:$PWD/benchmarks
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT"
-python3 - <<'PY'
-import inspect, torch, transformers, trl
-from torch.nn.attention import varlen
-print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__,
-      torch.cuda.get_device_name(), "x", torch.cuda.device_count())
-print("varlen_attn", inspect.signature(varlen.varlen_attn))
-PY
+source "$(dirname "$0")/gpu_env.sh"
 B=/tmp/bench
 python3 benchmarks/bench_sft.py build --shape "$SHAPE" --dir $B || exit 1
 seed() {  # the page's recipe
