@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,16 @@ def test_sft_on_one_gpu_compiles_its_layers_and_the_next_node_loads_them(staged)
     out = _cli("--store", str(store), "run", str(again), env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(root / "one-gpu-node")))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "compile cache: all" in out.stdout and "nothing compiled" in out.stdout, out.stdout[-4000:]
+
+
+def test_sft_lora_on_one_gpu_checkpoints_and_compiles_its_layers(staged):
+    run_dir, out = _run(staged, "one-gpu-lora", "{strategy: single, mixed_precision: bf16, keep_activations: 1}",
+                        "{gpus_per_node: 1}", train=", torch_compile: true, lora: {r: 8, lora_alpha: 16}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.search(r"decoder layers: (\d+), (\d+) checkpointed, \1 compiled", out.stdout), out.stdout[-3000:]
+    losses = _losses(run_dir)
+    assert losses[-1] < losses[0], losses
+    assert (run_dir / "model" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize("strategy,gpus", [
