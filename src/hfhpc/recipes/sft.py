@@ -125,7 +125,8 @@ def main(job: JobFile) -> int:
     # (hfhpc.recipes.compiling); true compiles before the first step; false never.
     setting = kwargs.pop("torch_compile", None)
     setting = None if setting is None else bool(setting)
-    kwargs["torch_compile"] = False
+    # Asked for where the layers are not the recipe's (FSDP1): the Trainer compiles the model.
+    kwargs["torch_compile"] = bool(setting) and not layers_here
     may_compile = layers_here and (setting is True or (setting is None and gpu))
     args = SFTConfig(**kwargs, max_length=t.max_length, packing=t.packing)
 
