@@ -12,6 +12,7 @@ weights and computes in bf16 (autocast, or FSDP's mixed precision); LoRA keeps t
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Literal
 
@@ -127,6 +128,10 @@ def main(job: JobFile) -> int:
     setting = None if setting is None else bool(setting)
     # Asked for where the layers are not the recipe's (FSDP1): the Trainer compiles the model.
     kwargs["torch_compile"] = bool(setting) and not layers_here
+    if kwargs["torch_compile"]:
+        # accelerate launch passes dynamic=False to the ranks: every new packed length would be compiled
+        # again. Unset, torch compiles the changing dimensions dynamically after seeing them change.
+        os.environ.pop("ACCELERATE_DYNAMO_USE_DYNAMIC", None)
     may_compile = layers_here and (setting is True or (setting is None and gpu))
     args = SFTConfig(**kwargs, max_length=t.max_length, packing=t.packing)
 
