@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sft import SHAPES, VOCAB, _phases, build_model  # noqa: E402
-from common import machine, run_job, stage, versions  # noqa: E402
+from common import machine, run_job, spec_overrides, stage, versions  # noqa: E402
 
 MODEL_ID = "bench/mistral-{shape}"
 DATA_ID = "bench/prefs-lognormal"
@@ -154,8 +154,7 @@ def run_hfhpc(args) -> dict:
     spec.write_text(SPEC.format(
         name=name, model=MODEL_ID.format(shape=args.shape), data=DATA_ID, split=SPLIT, out=str(folder / "run"),
         seq=args.seq, bs=args.bs, steps=args.steps, ckpt="true" if args.ckpt else "false", gpus=args.gpus,
-        train_extra="".join(f"  {k}: {v}\n" for k, v in (x.split("=", 1) for x in args.train)),
-        launch_extra="".join(f", {k}: {v}" for k, v in (x.split("=", 1) for x in args.launch))))
+        **spec_overrides(args.train, args.launch)))
     env = dict(os.environ, HFHPC_STORE=str(root / "store"))
     stage(root / "store", spec, env)
     run_dir = folder / "run"
@@ -163,6 +162,8 @@ def run_hfhpc(args) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [{"t": r["elapsed_s"], "unix_time": r["unix_time"], "num_tokens": r["num_tokens"], "loss": r["loss"]}
              for r in rows if "loss" in r and "num_tokens" in r]
+    if args.stop_after:
+        steps = steps[:args.stop_after]  # the steps asked for; the job may log one more before it is stopped
     return summarize(args, "hfhpc", steps, t0, peak_mem_gib=max((r.get("peak_mem_gib", 0) for r in rows), default=0),
                      activation_checkpointing=args.ckpt, launch=args.launch, compile_cache=args.compile_cache,
                      **_phases(run_dir))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, run_job, stage, versions  # noqa: E402
+from common import machine, run_job, spec_overrides, stage, versions  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
@@ -143,8 +143,7 @@ def run(args) -> dict:
         name=name, model=MODEL_ID.format(shape=args.shape), data=DATA_ID, out=str(folder / "run"), seq=args.seq,
         bs=args.bs, steps=args.steps, attention=args.attention, strategy="fsdp" if args.gpus > 1 else "single",
         ckpt="true" if args.ckpt else "false", gpus=args.gpus,
-        train_extra="".join(f"  {k}: {v}\n" for k, v in (x.split("=", 1) for x in args.train)),
-        launch_extra="".join(f", {k}: {v}" for k, v in (x.split("=", 1) for x in args.launch))))
+        **spec_overrides(args.train, args.launch)))
     env = dict(os.environ, HFHPC_STORE=str(root / "store"))
     stage(root / "store", spec, env)
     run_dir = folder / "run"
@@ -162,6 +161,8 @@ def summarize(args, run_dir: Path, t0: float, wall: float) -> dict:
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r for r in rows if "loss" in r and "num_tokens" in r]
+    if args.stop_after:
+        steps = steps[:args.stop_after]  # the steps asked for; the job may log one more before it is stopped
     times = [r["elapsed_s"] for r in steps]
     tokens = [r["num_tokens"] for r in steps]
     warm = 4

@@ -50,6 +50,14 @@ def write_result(name: str, data: dict) -> Path:
     return path
 
 
+def spec_overrides(train: list[str], launch: list[str]) -> dict[str, str]:
+    """``--train``/``--launch KEY=VALUE`` options as the text a benchmark's spec template takes:
+    ``train_extra`` (lines of the ``train:`` block) and ``launch_extra`` (keys of the ``launch:`` mapping)."""
+    pairs = lambda items: (x.split("=", 1) for x in items)  # noqa: E731
+    return {"train_extra": "".join(f"  {k}: {v}\n" for k, v in pairs(train)),
+            "launch_extra": "".join(f", {k}: {v}" for k, v in pairs(launch))}
+
+
 def stage(store: Path, spec: Path, env: dict) -> None:
     """Stage ``spec`` as a user would, from ``hfhpc serve`` of ``store`` itself standing in for the Hub
     (staging finds every file already there: no second copy of the model)."""
