@@ -142,6 +142,7 @@ LEVERS = {
     "attention-matmul": {"attention": "matmul"},
     "attention-sdpa": {"attention": "sdpa"},
     "defaults-again": {},
+    "unfused": {"fused": False},  # transformers' own layer forwards
     "capture-before-prefill": {"overlap_capture": False},
     "no-cuda-graphs": {"graphs": False},
     "prefill-8k-tokens": {"prefill_tokens": 8192},

@@ -46,8 +46,10 @@ def _engine(model, prompts, config, *, slots: int, seed: int = 0, tokenizer=None
     engine = g.Engine(model, s, slots=slots, max_len=g.max_len_for(model, s, map(len, prompts)),
                       prefill_tokens=prefill_tokens, tokenizer=tokenizer, attention=attention)
     assert engine.attention == (attention or "matmul")
+    assert engine.fused  # every model here is one the fused forwards serve
     finished = list(engine.run(enumerate(prompts)))
     assert [f.row for f in finished] == list(range(len(prompts)))  # input order, whatever finished first
+    assert not any("forward" in vars(m) for m in model.modules())  # transformers' forwards are back
     return [f.tokens for f in finished]
 
 
@@ -82,6 +84,39 @@ def test_a_sliding_window_is_kept_by_every_decode_attention(attention: str) -> N
     prompts = _prompts(model, seed=5)
     gen = _config(model, max_new_tokens=10, do_sample=False)
     assert _engine(model, prompts, gen, slots=4, attention=attention) == _alone(model, prompts, gen)
+
+
+# Each family the engine serves, with what sets it apart: Qwen2's query/key/value biases, Qwen3's
+# per-head query/key norms and a sliding-window layer, Llama's biases when attention_bias is set,
+# Mistral's window (from its config).
+FAMILIES = {
+    "llama": dict(attention_bias=True),
+    "mistral": dict(sliding_window=24),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=16, layer_types=["full_attention", "sliding_attention"], sliding_window=16,
+                  use_sliding_window=True, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_fused_forwards_give_generates_tokens_on_each_family(family: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                  eos_token_id=2, bos_token_id=1, initializer_range=0.3, **FAMILIES[family])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases and norm weights away from their zeros and ones, so that they count
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.5)
+    prompts = _prompts(model, seed=7)
+    gen = _config(model, max_new_tokens=10, do_sample=False)
+    want = _alone(model, prompts, gen)
+    assert _engine(model, prompts, gen, slots=4) == want
+    assert _engine(model, prompts, gen, slots=4, attention="varlen") == want
+    assert _alone(model, prompts, gen) == want  # the weights the fusion made views of hold their values
 
 
 def test_flash_decode_keeps_its_fast_path_unless_a_window_hides_keys() -> None:
@@ -187,3 +222,17 @@ def test_a_row_longer_than_its_slot_is_cut_to_fit(tiny, tmp_path: Path, attentio
     for p, tokens, ref in zip(prompts, got, want):
         n = min(12, max_len - len(p) + 1)
         assert tokens == ref[:n]
+
+
+def test_prompts_encoded_together_get_the_ids_each_gets_alone(tiny) -> None:
+    """``encode_many`` (one tokenizer call per kind of prompt) against ``encode`` row by row, on a mix
+    of conversations to answer, conversations to continue and plain strings, in no order."""
+    from hfhpc.recipes.generate import encode, encode_many
+
+    _, tokenizer = tiny
+    ask = [{"role": "user", "content": "What is 2 + 2?"}]
+    prompts = [ask, "Plain text, no template", ask + [{"role": "assistant", "content": "It is"}],
+               [{"role": "system", "content": "Be brief."}, *ask], "Another string", ask]
+    assert encode_many(tokenizer, prompts) == [encode(tokenizer, p) for p in prompts]
+    assert encode_many(tokenizer, prompts, add_special_tokens=True) == [
+        encode(tokenizer, p, add_special_tokens=True) for p in prompts]

@@ -838,12 +838,12 @@ def _run(work: _Work, num_proc: int | None) -> list[dict]:
 
 def _run_chunks(work: _Work, processes: int) -> list[dict]:
     if processes == 1:
-        with _tokenizer_threads("true"):
+        with tokenizer_threads("true"):
             return [_prepare_chunk(i) for i in range(len(work.chunks))]
     import multiprocessing
 
     # The parent does not tokenize while its workers run; they run one thread each.
-    with _tokenizer_threads("false"):
+    with tokenizer_threads("false"):
         if work.encoder is None or work.encoder.word_cache != work.word_cache:  # inherited by every worker
             work.encoder = _Tokenizer(work.tokenizer, word_cache=work.word_cache)
         with multiprocessing.get_context("fork").Pool(processes) as pool:
@@ -851,7 +851,7 @@ def _run_chunks(work: _Work, processes: int) -> list[dict]:
 
 
 @contextmanager
-def _tokenizer_threads(value: str):
+def tokenizer_threads(value: str):
     """TOKENIZERS_PARALLELISM for the preparation (jobs set it to false so that dataloader workers forked
     later do not deadlock): the fast tokenizer's own threads in one process, none in worker processes."""
     previous = os.environ.get("TOKENIZERS_PARALLELISM")

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfhpc.env import HFHPC_DECODE_ATTENTION
+from hfhpc.recipes import fused as fused_forwards
 
 # Decoder-only architectures whose attention goes through transformers' attention interface and
 # cache API as Llama's does (rotary positions from position_ids, no logit soft-capping).
@@ -437,7 +438,7 @@ class Engine:
 
     def __init__(self, model: Any, sampling: Sampling, *, slots: int, max_len: int,
                  prefill_tokens: int | None = None, graphs: bool | None = None, tokenizer: Any = None,
-                 attention: str | None = None, overlap_capture: bool = True) -> None:
+                 attention: str | None = None, overlap_capture: bool = True, fused: bool = True) -> None:
         import torch
 
         check_model(model)
@@ -450,6 +451,9 @@ class Engine:
         # first use of its kernels included, hidden behind it) rather than before it.
         self.overlap_capture = overlap_capture
         self.decoder = model.get_decoder()
+        # The layers' forwards in fewer kernels (``hfhpc.recipes.fused``) while the engine runs.
+        self.layers = list(getattr(self.decoder, "layers", []))
+        self.fused = fused and all(fused_forwards.supported(layer) for layer in self.layers) and bool(self.layers)
         self.head = model.get_output_embeddings()
         self.slots, self.max_len = slots, max_len
         self.prefill_tokens = prefill_tokens or PREFILL_TOKENS["cuda" if self.cuda else "cpu"]
@@ -471,7 +475,7 @@ class Engine:
         self.out = torch.zeros(slots, self.max_new, dtype=torch.long, device=dev)
         self._graphs: dict[int, Any] = {}
         # Where the time went (seconds; the device synchronised at each boundary).
-        self.stats = {"attention": self.attention, "capture_s": 0.0, "prefill_s": 0.0, "prefill_forwards": 0,
+        self.stats = {"attention": self.attention, "fused": self.fused, "capture_s": 0.0, "prefill_s": 0.0, "prefill_forwards": 0,
                       "prompt_tokens": 0, "first_prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0,
                       "rows_per_step": 0.0}
         # varlen reads each slot's own length whatever the span: one graph serves every step.
@@ -630,6 +634,8 @@ class Engine:
 
         _CACHE.append(self.cache)
         self.model.config._attn_implementation = ATTENTION
+        if self.fused:
+            fused_forwards.install(self.layers)
         try:
             with torch.inference_mode():
                 if self.graphs and not self._graphs and not self.overlap_capture:
@@ -638,6 +644,8 @@ class Engine:
         finally:
             self.model.config._attn_implementation = self._old_attention
             _CACHE.remove(self.cache)
+            if self.fused:
+                fused_forwards.uninstall(self.layers)
 
     def _loop(self, prompts: Iterator[tuple[int, list[int]]], should_stop, check_every: int) -> Iterator[Finished]:
         import torch
@@ -858,6 +866,27 @@ def encode(tokenizer: Any, value: Any, *, add_special_tokens: bool = False) -> l
                                             continue_final_message=continue_final, return_dict=True)
         return list(out["input_ids"])
     return list(tokenizer(value, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def encode_many(tokenizer: Any, values: list[Any], *, add_special_tokens: bool = False) -> list[list[int]]:
+    """``encode`` of every value, in one call of the tokenizer per kind of prompt (conversations to
+    answer, conversations to continue, strings): the same ids, tokenized by the fast tokenizer's
+    threads rather than one row at a time."""
+    kinds: dict[str, list[int]] = {}
+    for i, value in enumerate(values):
+        kind = "text" if not isinstance(value, list) else "continue" if value[-1]["role"] == "assistant" else "answer"
+        kinds.setdefault(kind, []).append(i)
+    out: list[list[int]] = [[] for _ in values]
+    for kind, rows in kinds.items():
+        group = [values[i] for i in rows]
+        if kind == "text":
+            ids = tokenizer(group, add_special_tokens=add_special_tokens)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(group, add_generation_prompt=kind == "answer",
+                                                continue_final_message=kind == "continue", return_dict=True)["input_ids"]
+        for i, row in zip(rows, ids, strict=True):
+            out[i] = list(row)
+    return out
 
 
 def decode(tokenizer: Any, tokens: list[int], options: dict[str, Any]) -> str:

@@ -246,12 +246,14 @@ def encode_prompts(tokenizer: Any, values: Any, options: dict[str, Any], *, chat
     import numpy as np
 
     from hfhpc.recipes import generate
+    from hfhpc.recipes.chatdata import tokenizer_threads
 
     add = bool(options.get("add_special_tokens", False))
     out = []
-    for lo in range(0, len(values), chunk):
-        for value in inputs_of(list(values[lo: lo + chunk]), chat=chat):
-            out.append(np.asarray(generate.encode(tokenizer, value, add_special_tokens=add), dtype=np.int32))
+    with tokenizer_threads("true"):  # no worker processes here: the fast tokenizer's threads may run
+        for lo in range(0, len(values), chunk):
+            ids = generate.encode_many(tokenizer, inputs_of(list(values[lo: lo + chunk]), chat=chat), add_special_tokens=add)
+            out.extend(np.asarray(x, dtype=np.int32) for x in ids)
     return out
 
 

@@ -166,11 +166,11 @@ def _run(work: _Work, num_proc: int | None) -> list[dict]:
     _WORK = work
     try:
         if processes == 1:
-            with chatdata._tokenizer_threads("true"):
+            with chatdata.tokenizer_threads("true"):
                 return [_prepare_chunk(i) for i in range(len(work.chunks))]
         import multiprocessing
 
-        with chatdata._tokenizer_threads("false"), multiprocessing.get_context("fork").Pool(processes) as pool:
+        with chatdata.tokenizer_threads("false"), multiprocessing.get_context("fork").Pool(processes) as pool:
             return sorted(pool.imap_unordered(_prepare_chunk, range(len(work.chunks))), key=lambda r: r["chunk"])
     finally:
         _WORK = None
