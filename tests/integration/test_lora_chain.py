@@ -83,6 +83,14 @@ def test_check_verifies_the_adapters_and_their_base(chained):
     assert checked.returncode == 0 and "ready:" in checked.stdout, checked.stdout + checked.stderr
 
 
+def test_plan_reads_the_shape_of_the_base(chained):
+    _, store, _, dpo, _ = chained
+    commit = _lock(dpo)[MODEL_ID]["commit"]
+    planned = hfhpc("--store", str(store), "plan", str(dpo))
+    assert planned.returncode == 0, planned.stderr
+    assert f"{snapshot_dir(store, 'model', MODEL_ID, commit) / 'config.json'}" in planned.stdout
+
+
 def test_the_job_starts_from_the_base_with_the_adapters_merged(chained):
     import torch
     from safetensors.torch import load_file
