@@ -9,20 +9,130 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# What a run trained with train.lora saves in its model/ (peft's save_pretrained): the adapters only.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The LoraConfig fields that say which layers carry adapters and how they scale: all a merge needs.
+# Nothing else of an adapter_config.json reaches peft; base_model_name_or_path (often a node-local
+# store path of the run that trained it) and revision are never followed.
+LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias",
+               "use_rslora", "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern",
+               "alpha_pattern", "use_dora", "init_lora_weights")
+LORA_BOOKKEEPING = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                    "inference_mode")
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
 
-def load_config(model_id: str, commit: str | None):
+# A model given as (id, commit); a model of adapters comes with the models under them, nearest first.
+Pinned = tuple[str, "str | None"]
+
+
+def load_config(model_id: str, commit: str | None, bases: Sequence[Pinned] = ()):
+    """The model's config; a model of adapters has its base's."""
     from transformers import AutoConfig
 
+    model_id, commit = bases[-1] if bases else (model_id, commit)
     return AutoConfig.from_pretrained(model_id, revision=commit)
 
 
-def load_tokenizer(model_id: str, commit: str | None):
+def load_tokenizer(model_id: str, commit: str | None, bases: Sequence[Pinned] = ()):
+    """The model's tokenizer; for a model of adapters, the one their run saved beside them, else the base's."""
+    from huggingface_hub import try_to_load_from_cache
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_id, revision=commit)
+    chain = [(model_id, commit), *bases]
+    source = next((m for m in chain[:-1] if isinstance(try_to_load_from_cache(m[0], "tokenizer_config.json", revision=m[1]), str)),
+                  chain[-1])
+    # A folder of adapters has no config.json, which AutoTokenizer reads first: it gets the base's.
+    config = load_config(*chain[-1]) if source != chain[-1] else None
+    return AutoTokenizer.from_pretrained(source[0], revision=source[1], config=config)
+
+
+def load_model(auto_class: Any, model_id: str, commit: str | None, bases: Sequence[Pinned] = (), **kwargs: Any):
+    """``auto_class.from_pretrained`` of the model at its locked commit. A model of LoRA adapters
+    (``bases``: ``JobFile.model_bases``) is its base, loaded the same way, with the adapters applied by
+    peft and merged: the job starts from the merged weights, and its own ``train.lora`` adds new ones."""
+    if not bases:
+        return auto_class.from_pretrained(model_id, revision=commit, **kwargs)
+    model = load_model(auto_class, *bases[0], bases[1:], **kwargs)
+    return merge_adapters(model, model_id, commit)
+
+
+def merge_adapters(model: Any, model_id: str, commit: str | None) -> Any:
+    """``model`` with the adapters of ``model_id`` (a staged folder of adapter_config.json and
+    adapter_model.safetensors) merged into its weights."""
+    from peft import LoraConfig, PeftModel
+
+    from hfhpc.errors import HfhpcError
+
+    settings, others = adapter_settings(model_file(model_id, commit, ADAPTER_CONFIG))
+    unmerged = unmerged_fields(others)
+    if unmerged:
+        raise HfhpcError(f"the adapters of {model_id} set {', '.join(unmerged)} in {ADAPTER_CONFIG}: "
+                         "hfhpc merges plain LoRA adapters only",
+                         "merge them into the base yourself (peft merge_and_unload) and start from that model")
+    weights = model_file(model_id, commit, ADAPTER_WEIGHTS)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # The snapshot folder, not the id: peft would take a folder of that name in the working directory first.
+    adapted = PeftModel.from_pretrained(model, str(weights.parent), config=LoraConfig(**settings), low_cpu_mem_usage=True)
+    merged = adapted.merge_and_unload()
+    # peft froze every weight but the adapters it loaded: the merged model trains as loaded models do.
+    for name, p in merged.named_parameters():
+        p.requires_grad_(name in trainable)
+    return merged
+
+
+def unmerged_fields(others: dict[str, Any]) -> list[str]:
+    """The fields of an ``adapter_config.json`` beyond :data:`LORA_FIELDS` that are set to something
+    other than a fresh ``LoraConfig``'s value (DoRA aside, peft's variants: QA-LoRA, layer
+    replication, Megatron …): adapters that need them are not plain LoRA, and merging without them
+    would be wrong."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    return sorted(k for k, v in others.items() if v not in (None, False) and (defaults[k] if k in defaults else None) != v)
+
+
+def adapter_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA settings of an ``adapter_config.json`` (:data:`LORA_FIELDS`) and its other fields,
+    checked: the file comes from a run folder, so it is untrusted. ``ValueError`` saying what is wrong.
+    Standard library only: ``stage`` and ``check`` call it on the login node."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_ADAPTER_CONFIG_BYTES + 1)
+    if len(raw) > MAX_ADAPTER_CONFIG_BYTES:
+        raise ValueError(f"is larger than {MAX_ADAPTER_CONFIG_BYTES >> 20} MiB")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError("is not JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError("is not a JSON object")
+    if data.get("peft_type") != "LORA":
+        raise ValueError(f"peft_type is {str(data.get('peft_type'))[:40]!r}, not 'LORA': only LoRA adapters are merged")
+    targets = data.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise ValueError("target_modules is not a module name or a list of module names")
+    for key in ("modules_to_save", "exclude_modules"):
+        value = data.get(key)
+        if not (value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, str) for t in value))):
+            raise ValueError(f"{key} is not a list of module names")
+    r = data.get("r")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise ValueError("r is not a positive integer")
+    alpha = data.get("lora_alpha", 8)
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)):
+        raise ValueError("lora_alpha is not a number")
+    # The initialisations that rewrite the base's weights (pissa, olora, loftq, corda …) need that
+    # rewritten base, which the run did not save: merged onto the original one they would be wrong.
+    if data.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights {str(data['init_lora_weights'])[:40]!r} changes the base weights: "
+                         "only adapters on an unchanged base are merged")
+    settings = {k: data[k] for k in LORA_FIELDS if k in data}
+    others = {k: v for k, v in data.items() if k not in LORA_FIELDS and k not in LORA_BOOKKEEPING}
+    return settings, others
 
 
 def load_split(dataset_id: str, commit: str | None, split: str, config: str | None = None):

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfhpc import registry
+from hfhpc.assets import ADAPTER_CONFIG
 from hfhpc.offline.environ import offline_environ
 from hfhpc.spec import JobSpec, canonical_metric_id
 from hfhpc.store import readonly
 from hfhpc.store.cache import snapshot_dir
 from hfhpc.store.layout import dataset_arrow_dir, read_ref
-from hfhpc.store.lock import LockedAsset, load_lock
+from hfhpc.store.lock import LockedAsset, base_chain, load_lock
 from hfhpc.store.prepare import metric_module_dir, prepared_splits
 from hfhpc.store.stage import requests_from_spec
 from hfhpc.store.verify import Problem, VerifyCache, stage_command, verify_asset
@@ -60,17 +61,20 @@ class _Plan:
     def empty(self) -> bool:
         return not (self.models or self.datasets or self.metrics or self.train or self.recipe)
 
-    def add_model(self, store: Path, repo_id: str, commit: str, fix: str) -> None:
+    def add_model(self, store: Path, repo_id: str, commit: str, fix: str, bases: list[LockedAsset] | None = None) -> None:
         snap = snapshot_dir(store, "model", repo_id, commit)
         has_config = (snap / "config.json").exists()
+        adapters = not has_config and (snap / ADAPTER_CONFIG).exists()  # a LoRA run's model: its base is probed on its own
         entry = {
             "id": repo_id,
             "commit": commit,
             "config": has_config,
+            "adapters": adapters,
+            "bases": [[b.id, b.commit] for b in bases or []],
             "tokenizer": any((snap / name).exists() for name in TOKENIZER_FILES),
             "weights": sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.safetensors")),
         }
-        if has_config:
+        if has_config or adapters:
             self.models.append(entry)
         self.fixes[("model", repo_id)] = fix
 
@@ -85,6 +89,7 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
     cache = VerifyCache(store, full=full)
     dataset_refs = {d.id: d for d in spec.all_datasets()}
     from_runs = {("model", m.id): m for m in spec.all_models() if m.from_run is not None}
+    pinned: list[LockedAsset] = []
     for req in requests_from_spec(spec):
         locked = lock.get(*req.key)
         if locked is None:
@@ -97,6 +102,18 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
                         _spec_fix(spec))
             )
             continue
+        pinned.append(locked)
+    # The models under adapters (a LoRA run's model, LockedAsset.base) are the job's assets too.
+    seen = {locked.key for locked in pinned}
+    for locked in list(pinned):
+        try:
+            bases = base_chain(locked, lock.assets)
+        except ValueError as e:
+            report.problems.append(Problem("model", locked.id, "lockfile", str(e), _spec_fix(spec)))
+            continue
+        pinned += [b for b in bases if b.key not in seen]
+        seen |= {b.key for b in bases}
+    for locked in pinned:
         report.assets += 1
         report.bytes += locked.total_bytes
         problems = verify_asset(store, locked, cache)
@@ -107,7 +124,7 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
             _check_run_model(spec, from_runs[locked.key], locked, cache, report)
         if problems:
             continue
-        _plan_locked(store, locked, dataset_refs.get(locked.id), plan, _spec_fix(spec))
+        _plan_locked(store, locked, dataset_refs.get(locked.id), plan, _spec_fix(spec), lock.assets)
     cache.save()
 
 
@@ -131,14 +148,18 @@ def _check_run_model(spec: JobSpec, ref, locked: LockedAsset, cache: VerifyCache
                                        _spec_fix(spec)))
 
 
-def _plan_locked(store: Path, locked: LockedAsset, dref, plan: _Plan, fix: str) -> None:
+def _plan_locked(store: Path, locked: LockedAsset, dref, plan: _Plan, fix: str, pinned: list[LockedAsset]) -> None:
     """Plan the load probes of an asset whose locked files all verified.
 
     Staging it again is a no-op unless it would prepare something (a dataset's Arrow cache, a
     metric's module): only then is ``hfhpc stage`` the fix for a failed load.
     """
     if locked.kind == "model":
-        plan.add_model(store, locked.id, locked.commit, fix)
+        try:
+            bases = base_chain(locked, pinned)
+        except ValueError:
+            bases = []  # reported as a lockfile problem already
+        plan.add_model(store, locked.id, locked.commit, fix, bases)
         plan.staged_as_is.add(locked.key)
     elif locked.kind == "dataset":
         config = dref.config if dref else None

@@ -332,7 +332,7 @@ def _finished_run(folder: Path, *, summary: bool = True, model: bool = True, con
         (lambda runs: None, "runs/sft: no such run folder; run the spec that writes it first"),
         (lambda runs: _finished_run(runs / "sft", summary=False), "the run has not finished (no summary.json); wait until it has"),
         (lambda runs: _finished_run(runs / "sft", model=False), "holds no model/ folder"),
-        (lambda runs: _finished_run(runs / "sft", config=False), "its model/ has no config.json (a run with train.lora saves only its adapters)"),
+        (lambda runs: _finished_run(runs / "sft", config=False), "its model/ holds neither a model (config.json) nor LoRA adapters (adapter_config.json)"),
     ],
 )
 def test_stage_refuses_a_run_that_is_not_finished_writing_nothing(tmp_path: Path, store: Path, make, message):
@@ -341,6 +341,80 @@ def test_stage_refuses_a_run_that_is_not_finished_writing_nothing(tmp_path: Path
     out = hfhpc("--store", str(store), "stage", str(spec), env=_env("http://127.0.0.1:9"))
     assert out.returncode == 2, out.stderr
     assert f"model.from_run {tmp_path}/" in out.stderr and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not store.exists() and not spec.with_suffix(".lock").exists()
+
+
+LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "/node-local/tmp/hfhpc-store/hub/models--org--tiny/snapshots/x"}
+
+
+def _record(base: dict, *, lora: bool = True) -> dict:
+    """The job.json of a run that started from ``base`` (a locked model asset)."""
+    spec = {"name": "sft", "recipe": "sft", "model": {"id": base["id"]} if not base["id"].startswith("run/") else
+            {"from_run": "../" + base["id"].removeprefix("run/")}, "dataset": {"id": "org/chat"},
+            "resources": {"gpus_per_node": 0}, **({"train": {"lora": {"r": 4}}} if lora else {})}
+    return {"version": 1, "hfhpc": "0", "created": "2026-01-01T00:00:00+00:00", "spec_path": "/lab/sft.yaml", "spec": spec,
+            "assets": [base], "store": "/lab/store", "run_dir": "/lab/runs/sft", "python": "python"}
+
+
+def _asset(repo_id: str, commit: str = "a" * 40) -> dict:
+    return {"kind": "model", "id": repo_id, "revision": "main", "commit": commit, "include": [],
+            "files": [{"path": "config.json", "size": 2, "sha256": "b" * 64, "blob_id": "c" * 40, "lfs": False}]}
+
+
+def _lora_run(folder: Path, config: object = LORA, record: dict | None = None) -> Path:
+    """A finished run trained with train.lora, as it leaves its folder: adapters, no model."""
+    (folder / "model").mkdir(parents=True)
+    text = config if isinstance(config, str) else json.dumps(config)
+    (folder / "model" / "adapter_config.json").write_text(text)
+    (folder / "model" / "adapter_model.safetensors").write_bytes(b"w" * 2000)
+    (folder / "summary.json").write_text("{}")
+    if record is not None:
+        (folder / "job.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{not json", "adapter_config.json is not JSON;"),
+        ([LORA], "adapter_config.json is not a JSON object;"),
+        ({**LORA, "peft_type": "PREFIX_TUNING"}, "adapter_config.json peft_type is 'PREFIX_TUNING', not 'LORA'"),
+        ({**LORA, "target_modules": ["q_proj", {"path": "/etc"}]}, "target_modules is not a module name or a list of module names"),
+        ({**LORA, "r": "4"}, "r is not a positive integer"),
+        ({**LORA, "init_lora_weights": "pissa"}, "init_lora_weights 'pissa' changes the base weights"),
+    ],
+)
+def test_stage_refuses_adapters_whose_config_is_not_plain_lora(tmp_path: Path, store: Path, config, message):
+    """adapter_config.json is untrusted: checked before anything is staged, nothing it names followed."""
+    _lora_run(tmp_path / "runs" / "sft", config, _record(_asset("org/tiny")))
+    spec = write_spec(tmp_path / "dpo.yaml", CHAINED)
+    out = hfhpc("--store", str(store), "stage", str(spec), env=_env("http://127.0.0.1:9"))
+    assert out.returncode == 2, out.stderr
+    assert f"model.from_run {tmp_path}/runs/sft: its model/adapter_config.json " in out.stderr and message in out.stderr
+    assert "train the adapters again" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not store.exists() and not spec.with_suffix(".lock").exists()
+
+
+@pytest.mark.parametrize(
+    "record, message, fix",
+    [
+        (None, "its job.json is missing or unreadable: the base model of its adapters is unknown", "its job.json records the base"),
+        (_record(_asset("org/tiny"), lora=False), "its job.json names no model trained with train.lora", "its job.json records the base"),
+        ({**_record(_asset("org/tiny")), "assets": []}, "it pins no commit of org/tiny", "its job.json records the base"),
+        (_record(_asset("org/tiny", commit="../../../etc/passwd")), "commit '../../../etc/passwd': a commit id of 40 is lowercase hex digits",
+         "its job.json records the base"),
+        (_record(_asset("run/base")), f"the base of its adapters, model run/base@{'a' * 12}, is not intact in the store",
+         "stage the spec of that run again into this store (`hfhpc --store"),
+    ],
+)
+def test_stage_refuses_adapters_whose_base_is_unknown_or_not_in_the_store(tmp_path: Path, store: Path, record, message, fix):
+    _lora_run(tmp_path / "runs" / "sft", record=record)
+    spec = write_spec(tmp_path / "dpo.yaml", CHAINED)
+    out = hfhpc("--store", str(store), "stage", str(spec), env=_env("http://127.0.0.1:9"))
+    assert out.returncode == 2, out.stderr
+    assert f"model.from_run {tmp_path}/runs/sft: " in out.stderr and message in out.stderr and fix in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not store.exists() and not spec.with_suffix(".lock").exists()
 

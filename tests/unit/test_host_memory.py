@@ -64,3 +64,18 @@ def test_submit_always_writes_mem_and_zero_means_the_whole_node(tmp_path: Path):
     assert _mem_line(_spec(tmp_path, mem_gb=0), store) == ["#SBATCH --mem=0"]
     assert _mem_line(_spec(tmp_path, mem_gb=250), store) == ["#SBATCH --mem=250G"]
     assert _mem_line(_spec(tmp_path), tmp_path / "empty-store")[0].startswith("#SBATCH --mem=")
+
+
+def test_a_model_of_lora_adapters_is_sized_by_its_base(tmp_path: Path):
+    """The job loads the adapters' base and merges them (hfhpc.assets.load_model): the base's weights count."""
+    store = _staged(tmp_path)
+    full = host_memory_gb(_spec(tmp_path), store)
+    lock = tmp_path / "job.lock"
+    data = json.loads(lock.read_text())
+    data["assets"].append({"kind": "model", "id": "run/sft-lora", "revision": "main", "commit": "1" * 40, "include": [],
+                           "files": [{"path": "adapter_model.safetensors", "size": 10**6, "sha256": "2" * 64,
+                                      "blob_id": "3" * 40, "lfs": False}], "base": "org/seven-b"})
+    lock.write_text(json.dumps(data))
+    spec = parse_spec({**_spec(tmp_path).model_dump(mode="json"), "model": {"from_run": "runs/sft-lora"}}, str(tmp_path / "job.yaml"))
+    spec._source = tmp_path / "job.yaml"
+    assert host_memory_gb(spec, store) == full

@@ -14,7 +14,7 @@ from hfhpc.errors import EntryNotFoundError, LockfileError, StoreLockedError
 from hfhpc.atomic import DirLock, atomic_write_text
 from hfhpc.store.fetch import select_files
 from hfhpc.store.layout import FileEntry, git_blob_sha1, repo_id_problem
-from hfhpc.store.lock import LockedAsset, LockedFile, Lockfile, load_lock
+from hfhpc.store.lock import LockedAsset, LockedFile, Lockfile, base_chain, load_lock
 
 
 @pytest.mark.parametrize("repo_id", ["gpt2", "org/name", "HuggingFaceH4/zephyr-7b-beta", "a.b_c-d/x.y"])
@@ -117,3 +117,56 @@ def test_atomic_write_leaves_no_temporary(tmp_path: Path):
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_lockfiles_base_names_a_model_of_the_same_lockfile(tmp_path: Path):
+    """A LoRA run's adapters name the model they apply to; the name is checked like every other field."""
+    path = tmp_path / "job.lock"
+    files = [LockedFile("adapter_config.json", 2, "b" * 64, "c" * 40, False)]
+    adapters = LockedAsset("model", "run/sft", "main", "a" * 40, [], files, base="org/m")
+    base = LockedAsset("model", "org/m", "main", "d" * 40, [], files)
+    lock = Lockfile(path)
+    lock.put(adapters)
+    lock.put(base)
+    lock.save()
+    again = load_lock(path)
+    assert again.get("model", "run/sft").base == "org/m" and again.get("model", "org/m").base is None
+    assert "base" not in json.loads(path.read_text())["assets"][0]  # a full model's entry is as before
+    assert base_chain(again.get("model", "run/sft"), again.assets) == [base]
+
+    with pytest.raises(ValueError, match="org/other, the base of run/sft's adapters, is not pinned"):
+        base_chain(LockedAsset("model", "run/sft", "main", "a" * 40, base="org/other"), again.assets)
+    with pytest.raises(ValueError, match="its own base"):
+        base_chain(LockedAsset("model", "org/m", "main", "a" * 40, base="org/m"), [])
+    for bad, message in [("../../etc", "base '../../etc'"), (["org/m"], "base \\['org/m'\\]: not a string")]:
+        data = json.loads(path.read_text())
+        data["assets"][1]["base"] = bad
+        path.write_text(json.dumps(data))
+        with pytest.raises(LockfileError, match=message):
+            load_lock(path)
+
+
+def test_adapter_settings_keep_what_a_merge_needs_and_no_path(tmp_path: Path):
+    from hfhpc.assets import adapter_settings
+
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                                  "base_model_name_or_path": "/node-local/store/x", "revision": "main",
+                                  "task_type": "CAUSAL_LM", "use_qalora": False}))
+    settings, others = adapter_settings(config)
+    assert settings == {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    assert others == {"use_qalora": False}
+    config.write_text(" " * (2 << 20))
+    with pytest.raises(ValueError, match="larger than 1 MiB"):
+        adapter_settings(config)
+
+
+def test_adapters_of_a_peft_variant_are_not_merged_as_plain_lora():
+    pytest.importorskip("peft")
+    from hfhpc.assets import unmerged_fields
+
+    # As peft 0.21 saves a plain LoRA run's adapter_config.json: the defaults, some null.
+    saved = {"megatron_core": "megatron.core", "qalora_group_size": 16, "loftq_config": {}, "use_qalora": False,
+             "layer_replication": None, "eva_config": None}
+    assert unmerged_fields(saved) == []
+    assert unmerged_fields({**saved, "use_qalora": True, "layer_replication": [[0, 2]]}) == ["layer_replication", "use_qalora"]

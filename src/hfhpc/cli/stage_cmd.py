@@ -83,12 +83,13 @@ def run(args: argparse.Namespace) -> int:
 
         if args.include or args.revision != "main" or args.config or args.lock:
             raise UsageError("--include/--revision/--config/--lock apply to --model/--dataset/--metric; a spec sets them per asset")
-        from hfhpc.run.chain import model_folders
+        from hfhpc.run.chain import model_bases, model_folders
 
         spec = load_spec(args.spec)
         folders = model_folders(spec)  # a model from a run: that run's model/, checked before anything is staged
         store = store_for_staging(spec.lock_path(), args.store)
-        report = stage_spec(spec, store, folders=folders, **common)
+        bases = model_bases(spec, store)  # the base under a LoRA run's adapters, as that run pinned it
+        report = stage_spec(spec, store, folders=folders, bases=bases, **common)
     print(render(report, store, default_lock=adhoc is not None and not args.lock))
     return 0
 
@@ -104,6 +105,8 @@ def render(report, store: Path, *, default_lock: bool = False) -> str:
         else:
             got = f", downloaded {human_bytes(o.downloaded_bytes)}" if o.downloaded_files else ", already staged"
         lines.append(f"{a.kind:<7} {a.id}@{a.revision} → {a.commit[:12]} ({len(a.files)} files, {human_bytes(a.total_bytes)}{got})")
+        if o.base_of is not None:
+            lines.append(f"        the base of the adapters of {o.base_of}, at the commit their run trained on")
         if o.changed:
             lines.append(f"        updated {o.previous_commit[:12]} → {a.commit[:12]}")
         for p in o.prepared:

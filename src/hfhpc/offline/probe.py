@@ -3,7 +3,8 @@
 Started by ``check`` in a child whose environment is sealed and offline from the first import. It
 loads each asset the way the recipes do (``hfhpc.assets``) and writes one result per probe.
 
-Plan: ``{"models": [{"id", "commit", "tokenizer": bool, "weights": [relative paths]}],
+Plan: ``{"models": [{"id", "commit", "adapters": bool, "bases": [[id, commit]…], "tokenizer": bool,
+"weights": [relative paths]}],
 "datasets": [{"id", "commit", "config", "splits": [...]}], "metrics": [{"id"}]}``
 """
 
@@ -46,12 +47,18 @@ def run_plan(plan: dict) -> list[dict]:
         })
 
     for m in plan.get("models", []):
-        mid, commit = m["id"], m.get("commit")
+        mid, commit, bases = m["id"], m.get("commit"), [tuple(b) for b in m.get("bases", [])]
         args = f"{mid!r}, revision={commit!r}"
-        probe("model", mid, "config", lambda: assets.load_config(mid, commit),
-              f"from transformers import AutoConfig; AutoConfig.from_pretrained({args})")
+        if m.get("adapters"):
+            # LoRA adapters (a LoRA run's model): their settings as the job will read them before merging.
+            probe("model", mid, assets.ADAPTER_CONFIG,
+                  lambda: assets.adapter_settings(assets.model_file(mid, commit, assets.ADAPTER_CONFIG)),
+                  f"from hfhpc import assets; assets.adapter_settings(assets.model_file({mid!r}, {commit!r}, {assets.ADAPTER_CONFIG!r}))")
+        else:
+            probe("model", mid, "config", lambda: assets.load_config(mid, commit),
+                  f"from transformers import AutoConfig; AutoConfig.from_pretrained({args})")
         if m.get("tokenizer"):
-            probe("model", mid, "tokenizer", lambda: assets.load_tokenizer(mid, commit),
+            probe("model", mid, "tokenizer", lambda: assets.load_tokenizer(mid, commit, bases),
                   f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained({args})")
         for rel in m.get("weights", []):
 

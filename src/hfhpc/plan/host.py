@@ -34,14 +34,19 @@ def host_memory_gb(spec: Any, store: Path) -> int:
     - the tokenizer and datasets' tables once per node when there is a dataset (:data:`HOST_DATA_GIB`).
     """
     from hfhpc.store.layout import snapshot_dir
-    from hfhpc.store.lock import load_lock
+    from hfhpc.store.lock import base_chain, load_lock
 
     res = spec.resources
     procs = res.procs
     file_bytes, bytes_per_param = 0, 2  # unknown dtype: assume half precision, the Hub's usual
     if spec.model is not None:
-        locked = load_lock(spec.lock_path(), missing_ok=True).get("model", spec.model.id)
+        lock = load_lock(spec.lock_path(), missing_ok=True)
+        locked = lock.get("model", spec.model.id)
         if locked is not None:
+            try:  # LoRA adapters: the node holds their base, which they are merged into
+                locked = (base_chain(locked, lock.assets) or [locked])[-1]
+            except ValueError:
+                pass
             weights = [f.size for f in locked.files if f.path.endswith(".safetensors")]
             weights = weights or [f.size for f in locked.files if f.path.endswith((".bin", ".pt", ".pth"))]
             file_bytes = sum(weights)

@@ -148,8 +148,8 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     files = job_files(spec, store)
     if model_config is not None:
         config_path = Path(model_config)
-    elif files.model_snapshot is not None and (files.model_snapshot / "config.json").is_file():
-        config_path = files.model_snapshot / "config.json"
+    elif files.config_snapshot is not None and (files.config_snapshot / "config.json").is_file():
+        config_path = files.config_snapshot / "config.json"
     else:
         raise HfhpcError(f"the config.json of {spec.model.id} is not staged",
                          f"run `hfhpc stage {spec.source or 'SPEC'}` on a login node, or pass --model-config PATH")

@@ -76,10 +76,10 @@ def main(job: JobFile) -> int:
 
     stop = StopOnSignal().install()
     spec, t, dref = job.spec, job.spec.train, job.spec.dataset
-    model_id, commit = spec.model.id, job.model_commit
+    model_id, commit, bases = spec.model.id, job.model_commit, job.model_bases
 
     # -- setup -------------------------------------------------------------------------------------
-    tokenizer = assets.load_tokenizer(model_id, commit)
+    tokenizer = assets.load_tokenizer(model_id, commit, bases)
     splits = {}
     for split in dref.all_splits():
         ds = assets.load_split(dref.id, job.dataset_commit, split, dref.config)
@@ -132,8 +132,8 @@ def main(job: JobFile) -> int:
     args = TrainingArguments(**kwargs)
 
     # A checkpoint that already has a classification head of another size gets a new one.
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_id, revision=commit, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
+    model = assets.load_model(
+        AutoModelForSequenceClassification, model_id, commit, bases, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
         ignore_mismatched_sizes=True,
     )
     # The loss is a mean over this rank's batch, whatever `num_items_in_batch` says. Left to guess

@@ -136,11 +136,11 @@ def main(job) -> int:
     mark("imports")
 
     spec, t = job.spec, job.spec.train
-    model_id, commit = spec.model.id, job.model_commit
+    model_id, commit, bases = spec.model.id, job.model_commit, job.model_bases
     dref = spec.dataset
 
     # -- setup -------------------------------------------------------------------------------
-    tokenizer = assets.load_tokenizer(model_id, commit)
+    tokenizer = assets.load_tokenizer(model_id, commit, bases)
     if t.chat_template:
         tokenizer.chat_template = t.chat_template
     if tokenizer.pad_token is None:
@@ -187,7 +187,7 @@ def main(job) -> int:
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
     # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
     dtype = half if (gpu and half is not None and t.lora is not None) else torch.float32
-    saved_dtype = getattr(assets.load_config(model_id, commit), "dtype", None)
+    saved_dtype = getattr(assets.load_config(model_id, commit, bases), "dtype", None)
     if t.padding_free:
         from hfhpc.recipes import attention
 
@@ -195,7 +195,7 @@ def main(job) -> int:
     else:
         attn = "sdpa"
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
+    model = assets.load_model(AutoModelForCausalLM, model_id, commit, bases, dtype=dtype, attn_implementation=attn)
     log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
         f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
     ref_layers = []
@@ -214,7 +214,7 @@ def main(job) -> int:
     elif not (t.precompute_ref_log_probs and spec.launch.strategy != "fsdp"):
         # The frozen reference: the same commit, in the compute dtype on GPUs (it only runs forward).
         ref_dtype = half if (gpu and half is not None) else torch.float32
-        ref_model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=ref_dtype, attn_implementation=attn)
+        ref_model = assets.load_model(AutoModelForCausalLM, model_id, commit, bases, dtype=ref_dtype, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
         if own_layers:
             layers.prepare_layers(ref_model, checkpoint=False, compile=setting is True)

@@ -117,7 +117,7 @@ def main(job: JobFile) -> int:
             raise SpecError(spec_path(job), "dataset.label_column", "no column to score against",
                             f"set it to one of {ds.column_names}")
         feature = ds.features[label_column]
-        tokenizer = assets.load_tokenizer(spec.model.id, job.model_commit)
+        tokenizer = assets.load_tokenizer(spec.model.id, job.model_commit, job.model_bases)
         chat = is_chat(job, tokenizer)
         column = text_column(ds.column_names, dref.text_column, chat=chat, source=spec_path(job))
         r, world = rank(), world_size()

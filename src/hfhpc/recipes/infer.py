@@ -150,6 +150,13 @@ def build_pipeline(job: JobFile, tokenizer: Any) -> Any:
     dtype = half if (gpu and half is not None) else torch.float32
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching pads; generation stops at EOS anyway
+    if job.model_bases:
+        # A LoRA run's adapters: the pipeline gets their base with them merged in, loaded by the task's model class.
+        from transformers.pipelines import check_task
+
+        auto_class = check_task(spec.infer.task)[1]["pt"][0]
+        model = assets.load_model(auto_class, spec.model.id, job.model_commit, job.model_bases, dtype=dtype)
+        return pipeline(spec.infer.task, model=model, tokenizer=tokenizer, device=device)
     return pipeline(spec.infer.task, model=spec.model.id, tokenizer=tokenizer, revision=job.model_commit,
                     device=device, dtype=dtype)
 
@@ -396,7 +403,7 @@ def main(job: JobFile) -> int:
     if count_lines(final) == rows:
         log(f"{final} already holds all {rows} predictions: nothing to do")
         return 0
-    tokenizer = assets.load_tokenizer(spec.model.id, job.model_commit)
+    tokenizer = assets.load_tokenizer(spec.model.id, job.model_commit, job.model_bases)
     chat = is_chat(job, tokenizer)
     column = text_column(ds.column_names, dref.text_column, chat=chat, source=spec_path(job))
     label_column = dref.label_column

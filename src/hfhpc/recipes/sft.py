@@ -100,11 +100,11 @@ def main(job: JobFile) -> int:
     mark("imports")
 
     spec, t = job.spec, job.spec.train
-    model_id, commit = spec.model.id, job.model_commit
+    model_id, commit, bases = spec.model.id, job.model_commit, job.model_bases
     dref = spec.dataset
 
     # -- setup -------------------------------------------------------------------------------
-    tokenizer = assets.load_tokenizer(model_id, commit)
+    tokenizer = assets.load_tokenizer(model_id, commit, bases)
     if t.chat_template:
         tokenizer.chat_template = t.chat_template
     if not tokenizer.chat_template:
@@ -168,9 +168,9 @@ def main(job: JobFile) -> int:
     # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
     dtype = half if (gpu and half is not None and t.lora is not None) else torch.float32
     attn = attention_implementation(t.attention, packed=t.packing, max_length=t.max_length)
-    saved_dtype = getattr(assets.load_config(model_id, commit), "dtype", None)
+    saved_dtype = getattr(assets.load_config(model_id, commit, bases), "dtype", None)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit, dtype=dtype, attn_implementation=attn)
+    model = assets.load_model(AutoModelForCausalLM, model_id, commit, bases, dtype=dtype, attn_implementation=attn)
     log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
         f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
     mark("model")

@@ -23,7 +23,7 @@ from hfhpc.run.checkpoints import signal_delay_s
 from hfhpc.run.paths import RunDir
 from hfhpc.spec import JobSpec, parse_spec
 from hfhpc.atomic import atomic_write_text
-from hfhpc.store.lock import LockedAsset, load_lock
+from hfhpc.store.lock import LockedAsset, base_chain, load_lock
 from hfhpc.store.stage import requests_from_spec
 
 JOB_VERSION = 1
@@ -61,6 +61,13 @@ class JobFile:
     @property
     def model_commit(self) -> str | None:
         return self.commit_of("model", self.spec.model.id) if self.spec.model else None
+
+    @property
+    def model_bases(self) -> list[tuple[str, str]]:
+        """(id, commit) of the models under the spec's model's adapters, nearest first: empty for a
+        full model (``LockedAsset.base``; the recipes load them through ``hfhpc.assets.load_model``)."""
+        model = next((a for a in self.assets if self.spec.model and a.key == ("model", self.spec.model.id)), None)
+        return [] if model is None else [(b.id, b.commit) for b in base_chain(model, self.assets)]
 
     @property
     def dataset_commit(self) -> str | None:
@@ -111,7 +118,8 @@ def _parse_job(data: dict, path: Path) -> JobFile:
         spec._source = Path(data["spec_path"])
     assets = [
         LockedAsset(a["kind"], a["id"], a["revision"], a["commit"], a.get("include", []),
-                    [LockedFile(f["path"], f["size"], f["sha256"], f["blob_id"], f["lfs"]) for f in a["files"]])
+                    [LockedFile(f["path"], f["size"], f["sha256"], f["blob_id"], f["lfs"]) for f in a["files"]],
+                    a.get("base"))
         for a in data["assets"]
     ]
     delay = data.get("signal_delay_s")
@@ -131,6 +139,13 @@ def resolve_job(spec: JobSpec, store: Path) -> JobFile:
             raise LockfileError(str(lock.path), f"{req.kind} {req.repo_id}@{req.revision} is not in the lockfile",
                                 f"run `hfhpc stage {spec.source or 'SPEC'}` on a login node")
         assets.append(locked)
+    # The models that adapters apply to are the job's assets too: pinned, copied to node-local disk, loaded.
+    for locked in list(assets):
+        try:
+            bases = base_chain(locked, lock.assets)
+        except ValueError as e:
+            raise LockfileError(str(lock.path), str(e), f"run `hfhpc stage {spec.source or 'SPEC'}` on a login node") from None
+        assets += [b for b in bases if b.key not in {a.key for a in assets}]
     return JobFile(
         spec=spec,
         spec_path=str(spec.source) if spec.source else None,

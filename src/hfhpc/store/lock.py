@@ -5,6 +5,10 @@ JSON, next to the spec (``job.yaml`` → ``job.lock``)::
     {"version": 1, "assets": [{"kind": "model", "id": "org/name", "revision": "main",
       "commit": "<sha>", "include": [], "files": [{"path": …, "size": …, "sha256": …, "blob_id": …, "lfs": true}]}]}
 
+A model that holds only LoRA adapters (a run trained with ``train.lora``, ``model: {from_run: …}``)
+names the model they apply to in ``"base"``: another model asset of the same lockfile
+(:func:`base_chain`), which the job loads first and merges the adapters into.
+
 ``run`` and ``submit`` use the commits recorded here; ``check`` verifies the store against it.
 ``"store"`` records where the assets were staged, for commands run without ``--store``.
 Nothing secret goes in: no token, no endpoint credentials.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +55,7 @@ class LockedAsset:
     commit: str
     include: list[str] = field(default_factory=list)
     files: list[LockedFile] = field(default_factory=list)
+    base: str | None = None  # a model of adapters: the id of the model asset they apply to
 
     @property
     def repo_type(self) -> str:
@@ -64,7 +70,7 @@ class LockedAsset:
         return sum(f.size for f in self.files)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "kind": self.kind,
             "id": self.id,
             "revision": self.revision,
@@ -75,6 +81,27 @@ class LockedAsset:
                 for f in sorted(self.files, key=lambda f: f.path)
             ],
         }
+        if self.base is not None:
+            out["base"] = self.base
+        return out
+
+
+def base_chain(asset: LockedAsset, assets: Iterable[LockedAsset]) -> list[LockedAsset]:
+    """The models under ``asset``'s adapters, nearest first, each found among ``assets``: empty for a
+    full model. ``ValueError`` names a base that is not there, or one met twice (a circle)."""
+    by_key = {a.key: a for a in assets}
+    out: list[LockedAsset] = []
+    seen = {asset.key}
+    while asset.base is not None:
+        key = ("model", asset.base)
+        if key in seen:
+            raise ValueError(f"model {asset.base} is its own base")
+        if key not in by_key:
+            raise ValueError(f"model {asset.base}, the base of {asset.id}'s adapters, is not pinned")
+        seen.add(key)
+        asset = by_key[key]
+        out.append(asset)
+    return out
 
 
 @dataclass
@@ -115,8 +142,9 @@ def _field(path: Path, where: str, name: str, value: object, problem: str | None
         raise _bad(path, f"{where}: {name} {shown}: {problem}")
 
 
-def _asset(path: Path, a: object) -> LockedAsset:
-    """One asset of a lockfile, every field checked: a lockfile is shared and committed, so untrusted."""
+def parse_asset(path: Path, a: object) -> LockedAsset:
+    """One asset of a lockfile (or of a job file's record), every field checked: a lockfile is shared
+    and committed, so untrusted. :class:`LockfileError` naming ``path`` and the field."""
     if not isinstance(a, dict):
         raise _bad(path, "an asset is not a JSON object")
     where = f"asset {a.get('id')!r}"
@@ -131,6 +159,10 @@ def _asset(path: Path, a: object) -> LockedAsset:
         raise _bad(path, f"{where}: include is not a list of patterns")
     if not isinstance(a["files"], list):
         raise _bad(path, f"{where}: files is not a list")
+    base = a.get("base")
+    if base is not None:
+        _field(path, where, "base", base, (repo_id_problem(base) if isinstance(base, str) else "not a string")
+               or (None if a["kind"] == "model" else "only a model has a base"))
     files = []
     for f in a["files"]:
         if not isinstance(f, dict):
@@ -142,7 +174,7 @@ def _asset(path: Path, a: object) -> LockedAsset:
         _field(path, at, "blob_id", f["blob_id"], blob_id_problem(f["blob_id"]))
         _field(path, at, "lfs", f["lfs"], None if isinstance(f["lfs"], bool) else "not true or false")
         files.append(LockedFile(f["path"], f["size"], f["sha256"], f["blob_id"], f["lfs"]))
-    return LockedAsset(a["kind"], repo_id, revision, a["commit"], list(include), files)
+    return LockedAsset(a["kind"], repo_id, revision, a["commit"], list(include), files, base)
 
 
 def load_lock(path: Path, *, missing_ok: bool = False) -> Lockfile:
@@ -162,7 +194,7 @@ def load_lock(path: Path, *, missing_ok: bool = False) -> Lockfile:
         if not isinstance(data["assets"], list):
             raise _bad(path, "assets is not a list")
         for a in data["assets"]:
-            assets.append(_asset(path, a))
+            assets.append(parse_asset(path, a))
     except (KeyError, TypeError) as e:
         raise _bad(path, f"missing {e}") from None
     return Lockfile(path, assets, _recorded_store(path, data.get("store")))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from hfhpc import env as hfenv
 from hfhpc.errors import UsageError
 from hfhpc.store import fetch
-from hfhpc.store.cache import blob_path, read_tree
+from hfhpc.store.cache import blob_path, is_installed, read_tree
 from hfhpc.store.fetch import AssetRequest, Progress, StagedAsset
 from hfhpc.store.layout import repo_dir
 from hfhpc.store.lock import LockedAsset, LockedFile, load_lock, update_lock
@@ -29,6 +29,7 @@ class AssetOutcome:
     downloaded_files: int
     prepared: list[str] = field(default_factory=list)  # dataset splits / metric module made loadable offline
     imported_from: Path | None = None  # the local folder it was imported from (--from, a run's model/)
+    base_of: str | None = None  # the model of adapters that this model is the base of
 
     @property
     def changed(self) -> bool:
@@ -102,16 +103,22 @@ def stage(
     xet: bool = False,
     dataset_configs: dict[str, list[str | None]] | None = None,
     folders: Mapping[tuple[str, str], Path] | None = None,
+    bases: Mapping[tuple[str, str], list[LockedAsset]] | None = None,
 ) -> StageReport:
     """Stage every request; the lockfile is written once all of them succeeded.
 
     ``folders`` maps a request's key to a local folder imported instead of downloaded (a finished
     run's ``model/``): imported again each time, so the lockfile pins what the folder holds now.
+    ``bases`` maps the key of such a folder of LoRA adapters to the models under them, nearest first,
+    as the run that trained them pinned them (``hfhpc.run.chain.model_bases``): each is pinned at
+    that commit with those files (fetched first if the store lacks any), and the adapters name the
+    first as their ``base``.
     """
     from hfhpc.store import prepare as prep
     from hfhpc.store.importer import import_folder
 
     folders = folders or {}
+    bases = bases or {}
 
     endpoint = endpoint or hfenv.endpoint()
     lock = load_lock(lock_path, missing_ok=True)
@@ -119,6 +126,16 @@ def stage(
     outcomes: list[AssetOutcome] = []
     bar = Progress(enabled=progress)
     try:
+        # The bases first: a failed download then leaves no adapters imported for nothing.
+        below: dict[tuple[str, str], tuple[LockedAsset, str]] = {}
+        for key, chain in bases.items():
+            above = key[1]
+            for base in chain:
+                below.setdefault(base.key, (base, above))
+                above = base.id
+        for base, above in below.values():
+            outcomes.append(_stage_base(store, base, lock.get(*base.key), cache, repair=repair, base_of=above,
+                                        endpoint=endpoint, token=token, workers=workers, progress=bar, xet=xet))
         for req in requests:
             locked = lock.get(*req.key)
             if locked and repair:
@@ -132,6 +149,8 @@ def stage(
                     store, req, endpoint=endpoint, token=token, workers=workers, progress=bar, pinned=pinned, xet=xet
                 )
             asset = _locked(staged, store, cache)
+            if req.key in bases:
+                asset.base = bases[req.key][0].id
             outcome = AssetOutcome(asset, locked.commit if locked else None, staged.downloaded_bytes, staged.downloaded_files,
                                    imported_from=src)
             if prepare and req.kind == "dataset":
@@ -147,9 +166,28 @@ def stage(
     return StageReport(lock_path, outcomes)
 
 
-def stage_spec(spec: JobSpec, store: Path, *, folders: Mapping[tuple[str, str], Path] | None = None, **kwargs) -> StageReport:
+def _stage_base(store: Path, base: LockedAsset, locked: LockedAsset | None, cache: VerifyCache, *, repair: bool,
+                base_of: str, **fetch_kwargs) -> AssetOutcome:
+    """Pin ``base`` (a model under adapters, as their run pinned it) as it is; fetch its files at that
+    commit when the store lacks any (a ``run/…`` base never: ``hfhpc.run.chain`` refused it already)."""
+    if repair:
+        _repair(store, base, cache)
+    got, nbytes = 0, 0
+    entries = [f.entry() for f in base.files]
+    if not all(is_installed(store, base.repo_type, base.id, base.commit, e) for e in entries):
+        # Asked for by commit: the store's refs (what `main` means there) stay as they are.
+        req = AssetRequest(base.kind, base.id, base.commit, tuple(base.include))
+        everything = read_tree(store, base.repo_type, base.id, base.commit) or entries
+        staged = fetch.stage_revision(store, req, pinned=(base.commit, entries, everything), **fetch_kwargs)
+        got, nbytes = staged.downloaded_files, staged.downloaded_bytes
+    return AssetOutcome(base, locked.commit if locked else None, nbytes, got, base_of=base_of)
+
+
+def stage_spec(spec: JobSpec, store: Path, *, folders: Mapping[tuple[str, str], Path] | None = None,
+               bases: Mapping[tuple[str, str], list[LockedAsset]] | None = None, **kwargs) -> StageReport:
     """Stage ``spec``'s assets. ``folders`` holds the folder of each model the spec takes from a run
-    (``model: {from_run: …}``), found and checked by ``hfhpc.run.chain.model_folders``."""
+    (``model: {from_run: …}``), found and checked by ``hfhpc.run.chain.model_folders``; ``bases`` the
+    models under those that hold LoRA adapters (``hfhpc.run.chain.model_bases``)."""
     folders = dict(folders or {})
     for m in spec.all_models():
         if m.from_run is not None and ("model", m.id) not in folders:
@@ -158,7 +196,8 @@ def stage_spec(spec: JobSpec, store: Path, *, folders: Mapping[tuple[str, str], 
     configs: dict[str, list[str | None]] = {}
     for d in spec.all_datasets():
         configs.setdefault(d.id, []).append(d.config)
-    report = stage(store, requests_from_spec(spec), spec.lock_path(), dataset_configs=configs, folders=folders, **kwargs)
+    report = stage(store, requests_from_spec(spec), spec.lock_path(), dataset_configs=configs, folders=folders,
+                   bases=bases, **kwargs)
     report.warnings.extend(missing_splits(spec, store, report))
     return report
 
