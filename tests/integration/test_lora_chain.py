@@ -171,3 +171,33 @@ resources: {{gpus_per_node: 0, cpus_per_gpu: 1}}
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = (folder / "runs" / "infer-from-lora" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 4 and all(json.loads(r)["prediction"] for r in rows)
+
+
+@pytest.mark.slow
+def test_the_harness_evaluates_the_merged_model(chained, tmp_path_factory):
+    """lm-evaluation-harness gets the base with the adapters merged (a model object, not an id)."""
+    from hfhpc.store.importer import import_folder
+    from hfhpc.store.server import StoreServer
+    from tests.harness_data import CUSTOM_ID, CUSTOM_TASK_YAML, build_custom
+
+    folder, store, _, _, _ = chained
+    upstream = tmp_path_factory.mktemp("task-hub")
+    import_folder(upstream / "store", "dataset", CUSTOM_ID, build_custom(upstream / "data"))
+    (folder / "tasks").mkdir(exist_ok=True)
+    (folder / "tasks" / "yesno_tiny.yaml").write_text(CUSTOM_TASK_YAML)
+    spec = folder / "harness.yaml"
+    spec.write_text("""\
+name: harness-from-lora
+recipe: harness
+model: {from_run: runs/sft-lora}
+harness: {tasks: [tasks/yesno_tiny.yaml], batch_size: 4}
+resources: {gpus_per_node: 0, time: "0-00:30:00"}
+""")
+    env = dict(os.environ, HFHPC_STATE_DIR=str(folder / "state"))
+    with StoreServer(upstream / "store") as tasks_hub:
+        out = hfhpc("--store", str(store), "stage", str(spec), env=dict(env, HF_ENDPOINT=tasks_hub.url), timeout=900)
+    assert out.returncode == 0, out.stderr
+    out = hfhpc("--store", str(store), "run", str(spec), env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = json.loads((folder / "runs" / "harness-from-lora" / "eval.json").read_text())
+    assert 0.0 <= table["yesno_tiny"]["acc"]["value"] <= 1.0

@@ -23,9 +23,10 @@ next: the GPU waits on Python between small kernels, and every row pays for the 
   prefill batches and attention buckets); finished rows come back in input order, so the output file
   grows in order and a rerun resumes after its last complete line.
 
-The model is the transformers model itself: its layers, rotary embeddings and projections run as
-written, with two hooks of transformers' own API (a ``Cache`` object's ``update`` and a registered
-attention function). Greedy output equals ``model.generate`` on each prompt alone
+The model is the transformers model itself, with two hooks of transformers' own API (a ``Cache``
+object's ``update`` and a registered attention function). While the engine runs, the decoder layers
+of Llama-family models take the engine's forwards (``hfhpc.recipes.fused``: the same math in fewer
+kernels; ``Engine(fused=False)`` keeps transformers' own). Greedy output equals ``model.generate`` on each prompt alone
 (``tests/integration/test_generate.py``, ``tests/gpu/test_gpu_generate.py``). Sampling draws its
 random numbers from a hash of (seed, input row, token position), so a fixed seed gives the same text
 whatever the batching, the number of ranks or a resume. Speed: ``benchmarks/bench_infer.py``,

@@ -140,8 +140,19 @@ def main(job) -> int:
     log(f"lm-evaluation-harness {lm_eval.__version__}: {', '.join(settings.tasks)} on {spec.model.id} "
         f"({world} rank{'s' if world > 1 else ''}, batch size {batch_size})")
     try:
-        lm = HFLM(pretrained=spec.model.id, revision=job.model_commit, device=device,
-                  dtype="bfloat16" if cuda else "float32", batch_size=batch_size)
+        if job.model_bases:
+            # A LoRA run's adapters: their base with them merged in, handed to the harness loaded.
+            from transformers import AutoModelForCausalLM
+
+            from hfhpc import assets
+
+            model = assets.load_model(AutoModelForCausalLM, spec.model.id, job.model_commit, job.model_bases,
+                                      dtype=torch.bfloat16 if cuda else torch.float32).to(device).eval()
+            lm = HFLM(pretrained=model, tokenizer=assets.load_tokenizer(spec.model.id, job.model_commit, job.model_bases),
+                      batch_size=batch_size)
+        else:
+            lm = HFLM(pretrained=spec.model.id, revision=job.model_commit, device=device,
+                      dtype="bfloat16" if cuda else "float32", batch_size=batch_size)
         if world > 1:
             # The harness splits requests by its model's rank and world size but counts ranks per
             # node (local_process_index); hfhpc's ranks are global, over every node.
