@@ -103,7 +103,11 @@ def _base_model_dir(run_dir: Path) -> Path | None:
         return None
     if job.spec.model is None or job.model_commit is None:
         return None
-    path = snapshot_dir(job.store, "model", job.spec.model.id, job.model_commit)
+    try:  # a job started from a LoRA run's adapters: its config is their base's
+        model_id, commit = (job.model_bases or [(job.spec.model.id, job.model_commit)])[-1]
+    except ValueError:
+        return None
+    path = snapshot_dir(job.store, "model", model_id, commit)
     return path if path.is_dir() else None
 
 

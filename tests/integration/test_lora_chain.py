@@ -32,7 +32,7 @@ recipe: dpo
 model: {{from_run: runs/sft-lora}}
 dataset: {{id: {PREFS_DATASET_ID}, split: train_prefs}}
 train: {{beta: 0.1, max_length: 128, max_prompt_length: 64, max_steps: 1, learning_rate: 1.0e-20, per_device_batch_size: 4,
-        save_steps: 100}}
+        save_steps: 1}}
 launch: {{strategy: single, mixed_precision: "no"}}
 resources: {{gpus_per_node: 0}}
 """
@@ -113,6 +113,12 @@ def test_the_job_starts_from_the_base_with_the_adapters_merged(chained):
     started = load_file(run / "model" / "model.safetensors")[WEIGHT]
     assert not torch.allclose(expected, base)  # the adapters learned something
     assert torch.allclose(started.float(), expected.float(), atol=1e-6)
+
+    # Its checkpoint exports with the base's config (the adapters' folder has none).
+    out = hfhpc("export", str(run))
+    assert out.returncode == 0, out.stderr
+    exported = next((run / "export").iterdir())
+    assert {"model.safetensors", "config.json"} <= {p.name for p in exported.iterdir()}
 
 
 def test_the_jobs_own_lora_adds_fresh_adapters_on_the_merged_model(chained):
