@@ -119,6 +119,25 @@ def test_the_fused_forwards_give_generates_tokens_on_each_family(family: str) ->
     assert _alone(model, prompts, gen) == want  # the weights the fusion made views of hold their values
 
 
+def test_fused_forwards_that_fail_give_way_to_transformers_own(tiny, monkeypatch, capsys) -> None:
+    from hfhpc.recipes import fused
+    from hfhpc.recipes import generate as g
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    model, _ = tiny
+    monkeypatch.setattr(fused, "_attention", broken)
+    prompts = _prompts(model)
+    config = _config(model, max_new_tokens=6, do_sample=False)
+    s = g.sampling_of(config, 0)
+    engine = g.Engine(model, s, slots=3, max_len=g.max_len_for(model, s, map(len, prompts)), prefill_tokens=96)
+    assert [f.tokens for f in engine.run(enumerate(prompts))] == _alone(model, prompts, config)
+    assert not engine.fused and engine.stats["fused"] is False
+    assert "fused layer forwards failed (no kernel image" in capsys.readouterr().out
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def test_flash_decode_keeps_its_fast_path_unless_a_window_hides_keys() -> None:
     from hfhpc.recipes.generate import flash_window
 

@@ -615,6 +615,21 @@ class Engine:
             ended = ended | torch.isin(tok, self.eos)
         self.live[slots] = ~ended
 
+    def _prefill_or_unfuse(self, batch: list[tuple[int, int, list[int]]]) -> None:
+        """``_prefill``; if the fused forwards fail on the first one (a kernel this build lacks), once
+        more on transformers' own, for the rest of the run. A failed prefill changed no slot's state:
+        the keys and values it wrote are written again."""
+        if not (self.fused and not self.stats["prefill_forwards"]):
+            return self._prefill(batch)
+        try:
+            self._prefill(batch)
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            print(f"hfhpc: the engine's fused layer forwards failed ({str(e).splitlines()[0][:200]}): "
+                  "using transformers' own", flush=True)
+            fused_forwards.uninstall(self.layers)
+            self.fused = self.stats["fused"] = False
+            self._prefill(batch)
+
     def _upload(self, t):
         """A host tensor onto the device without waiting for the queued GPU work (pinned, asynchronous):
         prefill forwards queue up behind each other, and behind them the graph capture's host work."""
@@ -635,8 +650,7 @@ class Engine:
 
         _CACHE.append(self.cache)
         self.model.config._attn_implementation = ATTENTION
-        if self.fused:
-            fused_forwards.install(self.layers)
+        installed = self.fused and fused_forwards.install(self.layers)
         try:
             with torch.inference_mode():
                 if self.graphs and not self._graphs and not self.overlap_capture:
@@ -645,7 +659,7 @@ class Engine:
         finally:
             self.model.config._attn_implementation = self._old_attention
             _CACHE.remove(self.cache)
-            if self.fused:
+            if installed:
                 fused_forwards.uninstall(self.layers)
 
     def _loop(self, prompts: Iterator[tuple[int, list[int]]], should_stop, check_every: int) -> Iterator[Finished]:
@@ -692,7 +706,7 @@ class Engine:
                     batch.append((slot, row, ids))
                     busy[slot] = (row, len(ids), ids)
                     steps_since[slot] = 0
-                self._prefill(batch)
+                self._prefill_or_unfuse(batch)
                 if not self.stats["prefill_forwards"]:  # the first forward pays for first use (kernels, memory)
                     self._sync()
                     self.stats["first_prefill_s"] = time.perf_counter() - t0
