@@ -48,18 +48,20 @@ def _config(**kw):
     return GenerationConfig(eos_token_id=2, pad_token_id=0, **kw)
 
 
-def _run(model, prompts, config, slots: int, seed: int = 0, attention: str | None = None) -> list[list[int]]:
+def _run(model, prompts, config, slots: int, seed: int = 0, attention: str | None = None,
+         fused: bool = True) -> list[list[int]]:
     from hfhpc.recipes import generate as g
 
     s = g.sampling_of(config, seed)
     engine = g.Engine(model, s, slots=slots, max_len=g.max_len_for(model, s, map(len, prompts)), prefill_tokens=1024,
-                      attention=attention)
+                      attention=attention, fused=fused)
     if engine.attention == "varlen":  # every slot reads its own length: one graph for all steps
         assert engine.graphs and engine.buckets == [engine.max_len]
     else:
         assert engine.graphs and len(engine.buckets) >= 3
     finished = list(engine.run(enumerate(prompts)))
     assert engine._graphs, "the decode step was not captured"
+    assert engine.stats["fused"] is fused  # the fused forwards ran (none failed and gave way)
     assert [f.row for f in finished] == list(range(len(prompts)))
     return [f.tokens for f in finished]
 
@@ -128,6 +130,20 @@ def test_the_default_gpu_engine_decodes_on_flash_varlen_in_bf16(model) -> None:
     want = _generate(half, prompts, config)
     assert sum(a == b for a, b in zip(got, want)) >= len(prompts) // 2, (got, want)
     assert sum(a[0] == b[0] for a, b in zip(got, want)) >= len(prompts) - 2
+
+
+def test_the_fused_forwards_decode_as_transformers_own_in_bf16(model) -> None:
+    """bf16, varlen: the engine's fused layer forwards against transformers' own on the same engine.
+    The fused RMSNorm rounds once where transformers rounds twice, so a nearly tied greedy choice may
+    flip; a wrong rotation or projection split would change nearly every row."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = _prompts(4)
+    config = _config(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    fused, plain = _run(half, prompts, config, slots=5), _run(half, prompts, config, slots=5, fused=False)
+    assert sum(a == b for a, b in zip(fused, plain)) >= len(prompts) // 2, (fused, plain)
+    assert sum(a[0] == b[0] for a, b in zip(fused, plain)) >= len(prompts) - 2
 
 
 def test_sampled_tokens_on_the_gpu_depend_on_the_seed_not_on_the_slots(model) -> None:
