@@ -1,4 +1,5 @@
-"""``hfhpc plan SPEC``: memory per GPU, tokens, wall time and the resources to ask for.
+"""``hfhpc plan SPEC``: memory per GPU, tokens, wall time and the resources to ask for (fine-tuning;
+for ``recipe: infer``, memory, rows at once and the generation time: ``hfhpc.plan.infer``).
 
 Runs on a login node from staged files alone: no torch, no GPU.
 """
@@ -30,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from hfhpc.store.location import store_for_spec
 
     spec = load_spec(args.spec)
+    if spec.recipe == "infer":
+        from hfhpc.plan.infer import make_infer_plan, render_infer_plan
+
+        found = make_infer_plan(spec, store_for_spec(spec, args.store), gpu=args.gpu, model_config=args.model_config)
+        print(json.dumps(found.to_json(), indent=2) if args.json else render_infer_plan(found))
+        return 0
     plan = make_plan(spec, store_for_spec(spec, args.store), gpu=args.gpu, model_config=args.model_config,
                      results_dir=args.results, weights_dtype=args.weights_dtype)
     print(json.dumps(plan.to_json(), indent=2) if args.json else render_plan(plan))

@@ -141,8 +141,8 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
     """The plan of ``spec``: model shape from its staged config.json (or ``model_config``), data
     from the store, throughput from measured anchors."""
     if spec.recipe not in (SFT.name, DPO.name):
-        raise UsageError(f"plan estimates fine-tuning (recipe: {SFT.name} or {DPO.name}); this spec's recipe is {spec.recipe!r}",
-                         "size inference jobs by the model's weights (2 bytes per parameter in bf16)")
+        raise UsageError(f"plan estimates fine-tuning (recipe: {SFT.name} or {DPO.name}) and generation (recipe: infer); "
+                         f"this spec's recipe is {spec.recipe!r}", "size such jobs by the model's weights (2 bytes per parameter in bf16)")
     from hfhpc.run.checkpoints import signal_delay_s
 
     files = job_files(spec, store)

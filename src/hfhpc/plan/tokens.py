@@ -222,7 +222,6 @@ def dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) 
     """Tokens of one epoch of the training split: exact from the prepared dataset, else estimated
     from a sample of the staged dataset, else None with the reason."""
     from hfhpc.recipes.chatdata import cache_key, template_marks_assistant
-    from hfhpc.store.prepare import dataset_cache_dir
 
     t, dref = spec.train, spec.dataset
     if dref is None:
@@ -246,7 +245,25 @@ def dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) 
                 return found, found.source
     if files.dataset_commit is None:
         return None, "unknown: the dataset is not in the lockfile (run `hfhpc stage SPEC`)"
-    for folder in dataset_cache_dir(store, dref.id, dref.config, files.dataset_commit):
+    staged = staged_sample(store, dref, files.dataset_commit)
+    if staged is None:
+        return None, NOT_STAGED
+    rows, sample = staged
+    lengths, how = sample_row_lengths(sample, files.model_snapshot, template)
+    found = tokens_from_lengths(lengths, rows=rows, exact=False, **kw,
+                                source=f"estimate: {len(sample)}-row sample ({how}) × {rows:,} rows")
+    return found, found.source
+
+
+NOT_STAGED = "unknown: the dataset is not staged in this store (run `hfhpc stage SPEC` on a login node)"
+
+
+def staged_sample(store: Path, dref: Any, dataset_commit: str) -> tuple[int, list[dict]] | None:
+    """(rows of the split, up to ``max_samples``; its first SAMPLE_ROWS rows) from the store's Arrow
+    copy of a staged dataset; None where there is none."""
+    from hfhpc.store.prepare import dataset_cache_dir
+
+    for folder in dataset_cache_dir(store, dref.id, dref.config, dataset_commit):
         arrow = sorted(folder.glob(f"*-{dref.split}.arrow")) or sorted(folder.glob(f"*-{dref.split}-*-of-*.arrow"))
         try:
             info = json.loads((folder / "dataset_info.json").read_text())
@@ -255,13 +272,7 @@ def dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) 
             continue
         if not arrow:
             continue
-        if dref.max_samples:
-            rows = min(rows, dref.max_samples)
         sample = _arrow_head_rows(arrow[0], SAMPLE_ROWS)
-        if not sample:
-            continue
-        lengths, how = sample_row_lengths(sample, files.model_snapshot, template)
-        found = tokens_from_lengths(lengths, rows=rows, exact=False, **kw,
-                                    source=f"estimate: {len(sample)}-row sample ({how}) × {rows:,} rows")
-        return found, found.source
-    return None, "unknown: the dataset is not staged in this store (run `hfhpc stage SPEC` on a login node)"
+        if sample:
+            return (min(rows, dref.max_samples) if dref.max_samples else rows), sample
+    return None

@@ -832,15 +832,21 @@ def plan_slots(model: Any, max_len: int, rows: int, cap: int | None = None) -> i
     limit = cap or DEFAULT_MAX_SLOTS[kind]
     if kind == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        config = model.config
-        vocab = config.vocab_size
-        # Work outside the cache: a prefill forward (hidden and MLP activations of its tokens) and a
-        # decode step's float32 logits and sampling temporaries for each slot.
-        prefill = PREFILL_TOKENS["cuda"] * (config.hidden_size * 8 + config.intermediate_size * 4) * param.element_size()
-        per_slot = SlotCache.bytes_per_token(config, param.element_size()) * max_len + vocab * 4 * 8
-        budget = free * 0.9 - prefill - (1 << 30)
-        limit = min(limit, max(0, int(budget // per_slot)))
+        c = model.config
+        limit = min(limit, slots_in(free, hidden=c.hidden_size, intermediate=c.intermediate_size, vocab=c.vocab_size,
+                                    kv_bytes_per_token=SlotCache.bytes_per_token(c, param.element_size()),
+                                    max_len=max_len, element_size=param.element_size()))
     return max(0, min(limit, rows))
+
+
+def slots_in(free_bytes: float, *, hidden: int, intermediate: int, vocab: int, kv_bytes_per_token: int,
+             max_len: int, element_size: int) -> int:
+    """Slots of ``max_len`` positions that ``free_bytes`` of GPU memory holds, after the work outside
+    the cache: a prefill forward (hidden and MLP activations of its tokens), a decode step's float32
+    logits and sampling temporaries for each slot, and 1 GiB to spare. ``hfhpc plan`` uses it too."""
+    prefill = PREFILL_TOKENS["cuda"] * (hidden * 8 + intermediate * 4) * element_size
+    per_slot = kv_bytes_per_token * max_len + vocab * 4 * 8
+    return max(0, int((free_bytes * 0.9 - prefill - (1 << 30)) // per_slot))
 
 
 def generation_settings(pipe: Any, kwargs: dict[str, Any], seed: int) -> tuple[Sampling, dict[str, Any]]:
