@@ -130,10 +130,13 @@ def model_config_path(run: RunData) -> tuple[Path | None, str]:
 
     job = run.job
     if job is not None and job.spec.model is not None and job.model_commit:
-        model_id = job.spec.model.id
-        path = snapshot_dir(job.store, "model", model_id, job.model_commit) / "config.json"
+        try:  # a model of LoRA adapters has its base's config
+            model_id, commit = (job.model_bases or [(job.spec.model.id, job.model_commit)])[-1]
+        except ValueError:
+            model_id, commit = job.spec.model.id, job.model_commit
+        path = snapshot_dir(job.store, "model", model_id, commit) / "config.json"
         if path.is_file():
-            return path, f"config.json of {model_id}@{job.model_commit[:8]}"
+            return path, f"config.json of {model_id}@{commit[:8]}"
     final = RunDir(run.run_dir).model / "config.json"
     if final.is_file():
         return final, "config.json of the run's final model"

@@ -114,7 +114,11 @@ def test_the_job_starts_from_the_base_with_the_adapters_merged(chained):
     assert not torch.allclose(expected, base)  # the adapters learned something
     assert torch.allclose(started.float(), expected.float(), atol=1e-6)
 
-    # Its checkpoint exports with the base's config (the adapters' folder has none).
+    # The report reads the base's config (for MFU); its checkpoint exports with it.
+    from hfhpc.report import load_run, model_config_path
+
+    path, where = model_config_path(load_run(run))
+    assert path == snapshot_dir(store, "model", MODEL_ID, lock[MODEL_ID]["commit"]) / "config.json", where
     out = hfhpc("export", str(run))
     assert out.returncode == 0, out.stderr
     exported = next((run / "export").iterdir())
