@@ -30,8 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from hfhpc.spec import load_spec
     from hfhpc.store.location import store_for_spec
 
+    from hfhpc.recipes.infer import RECIPE as INFER
+
     spec = load_spec(args.spec)
-    if spec.recipe == "infer":
+    if spec.recipe == INFER.name:
         from hfhpc.plan.infer import make_infer_plan, render_infer_plan
 
         found = make_infer_plan(spec, store_for_spec(spec, args.store), gpu=args.gpu, model_config=args.model_config)
