@@ -24,6 +24,7 @@ from hfhpc.plan.tokens import NOT_STAGED, chat_template_of, job_files, sample_ro
 ANCHOR_SOURCE = "benchmarks/results/infer_1b_h100_encode.json"
 ANCHOR_NEW_TOKENS_PER_S = 15_545
 ANCHOR_PARAMS = 1.1e9
+ANCHOR_ROWS = 256  # rows generating at once in that measurement
 ANCHOR_GPU = "h100"
 SMALLEST_PARAMS = 100e6  # below this, scaling the measured rate by the parameters means nothing
 CONTEXT_BYTES = 1 << 29  # the CUDA context and libraries' workspaces, outside the caching allocator
@@ -105,8 +106,8 @@ def make_infer_plan(spec: Any, store: Path, *, gpu: str | None = None, model_con
     rate = est = None
     if kind.hbm_tb_s and fits:
         rate = ANCHOR_NEW_TOKENS_PER_S * (ANCHOR_PARAMS / shape.params) * (kind.hbm_tb_s / GPUS[ANCHOR_GPU].hbm_tb_s)
-        if slots is not None and rows and slots < min(rows, 256):
-            rate *= slots / min(rows, 256)  # fewer rows at once than measured: each step makes fewer tokens
+        if slots is not None and rows and slots < min(rows, ANCHOR_ROWS):
+            rate *= slots / min(rows, ANCHOR_ROWS)  # fewer rows at once than measured: each step makes fewer tokens
         est = rows * new / rate if rows else None
     if shape.params < SMALLEST_PARAMS:
         notes.append("a model this small is bound by per-step overheads, not by its weights: no time is estimated")
@@ -123,7 +124,7 @@ def make_infer_plan(spec: Any, store: Path, *, gpu: str | None = None, model_con
 
 
 def render_infer_plan(plan: InferPlan) -> str:
-    from hfhpc.plan.render import _duration
+    from hfhpc.plan.render import duration
 
     lines = [f"plan for {plan.name}: {plan.model} (text generation on the engine)",
              f"  model:    {plan.shape.describe()}",
@@ -140,6 +141,6 @@ def render_infer_plan(plan: InferPlan) -> str:
         lines.append(f"  DOES NOT FIT: the weights alone exceed {plan.gpu.memory_gib:.0f} GiB")
     if plan.new_tokens_per_s is not None:
         lines.append(f"  speed:    ~{plan.new_tokens_per_s:,.0f} new tokens/s a GPU (from {ANCHOR_SOURCE}, scaled by parameters "
-                     f"and memory bandwidth)" + (f"; ~{_duration(plan.est_s)} for the whole split" if plan.est_s else ""))
+                     f"and memory bandwidth)" + (f"; ~{duration(plan.est_s)} for the whole split" if plan.est_s else ""))
     lines += [f"  note:     {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ from hfhpc.plan.gpus import GIB
 from hfhpc.plan.make import Plan
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -57,8 +57,8 @@ def render_plan(plan: Plan) -> str:
     s = plan.schedule
     if s:
         lines += [
-            f"time: {s.steps:,} steps × {s.step_s:.2f} s = {_duration(s.train_s)}, + start-up {_duration(s.startup_s)}"
-            f" + {s.saves} checkpoint{'s' if s.saves != 1 else ''} × {_duration(s.save_s)} = {_duration(s.total_s)}",
+            f"time: {s.steps:,} steps × {s.step_s:.2f} s = {duration(s.train_s)}, + start-up {duration(s.startup_s)}"
+            f" + {s.saves} checkpoint{'s' if s.saves != 1 else ''} × {duration(s.save_s)} = {duration(s.total_s)}",
         ]
     lines += ["", "suggested:", f"  resources: {plan.suggestion}"]
     if plan.keep_activations:
@@ -68,7 +68,7 @@ def render_plan(plan: Plan) -> str:
         allocations = "one allocation" if s.allocations == 1 else f"{s.allocations} allocations: {s.allocations - 1} requeues"
         lines += [
             f"  --time {s.time_limit} ({allocations})",
-            f"  train.save_steps: {s.save_steps} (about every {_duration(s.save_steps * s.step_s)})",
+            f"  train.save_steps: {s.save_steps} (about every {duration(s.save_steps * s.step_s)})",
             f"  with the spec's time {s.spec_time_limit}: "
             + ("one allocation" if s.spec_allocations == 1 else
                f"{s.spec_allocations} allocations ({s.spec_allocations - 1} requeues; the job checkpoints and requeues itself)"

@@ -95,7 +95,7 @@ def _mlp(self, x):
     import torch.nn.functional as F
 
     weight, bias = getattr(self, GATE_UP)
-    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    gate, up = F.linear(x, weight, bias).split((self.gate_proj.out_features, self.up_proj.out_features), dim=-1)
     return self.down_proj(self.act_fn(gate) * up)
 
 
