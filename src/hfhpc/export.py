@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hfhpc.assets import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from hfhpc.errors import HfhpcError
 from hfhpc.run.checkpoints import MARKER, last_complete, problem, step_of
 from hfhpc.run.paths import RunDir
@@ -34,7 +35,6 @@ FSDP_FULL_FILE = "pytorch_model_fsdp.bin"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
-ADAPTER_SAFE = "adapter_model.safetensors"
 # Files of a checkpoint that are training state, not model.
 TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", MARKER, "README.md"}
 TRAINING_STATE_PREFIXES = ("rng_state", "optimizer", "pytorch_model_fsdp")
@@ -82,7 +82,7 @@ def source_format(checkpoint: Path) -> str:
         return "fsdp-full"
     if (checkpoint / TORCH_WEIGHTS).is_file():
         return "torch-bin"
-    if (checkpoint / ADAPTER_SAFE).is_file():
+    if (checkpoint / ADAPTER_WEIGHTS).is_file():
         return "adapter"
     raise ExportError(f"{checkpoint} holds no model weights this knows (FSDP shards, safetensors, .bin or a LoRA adapter)",
                       "check that the job trained with the Trainer and saved model weights")
@@ -136,7 +136,7 @@ def _write_weights(checkpoint: Path, fmt: str, dest: Path) -> None:
     elif fmt == "safetensors":
         names = [SAFE_WEIGHTS]
     else:
-        names = [ADAPTER_SAFE, "adapter_config.json"]
+        names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
     for name in names:
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, dest / name)
