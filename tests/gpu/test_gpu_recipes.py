@@ -118,8 +118,42 @@ def test_sft_lora_on_one_gpu_checkpoints_and_compiles_its_layers(staged):
     assert (run_dir / "model" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_sft_lora_under_fsdp2_trains_checkpoints_sharded_and_resumes(staged, gpus: int):
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
+    # A frozen bf16 base beside fp32 adapters in each FSDP2 unit (only trainable parameters must share
+    # a dtype), the recipe's own checkpointed + compiled layers inside.
+    name = f"fsdp2-lora-{gpus}"
+    run_dir, out = _run(staged, name, "{strategy: fsdp, mixed_precision: bf16, fsdp_version: 2}", f"{{gpus_per_node: {gpus}}}",
+                        save=30, train=", torch_compile: true, lora: {r: 8, lora_alpha: 16}")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    config = (run_dir / "logs" / "accelerate-node0.yaml").read_text()
+    assert "distributed_type: FSDP" in config and "fsdp_version: 2" in config
+    assert re.search(r"decoder layers: (\d+), (\d+) checkpointed, \1 compiled", out.stdout), out.stdout[-3000:]
+    losses = _losses(run_dir)
+    assert losses[-1] < losses[0], losses
+    assert (run_dir / "model" / "adapter_config.json").is_file()
+    assert (run_dir / "checkpoint-30").is_dir()
+    root, store = staged
+    spec = root / f"{name}.yaml"
+    more = root / f"{name}-more.yaml"
+    more.write_text(spec.read_text().replace(f"name: {name}", f"name: {name}-more").replace("max_steps: 30", "max_steps: 40"))
+    more.with_suffix(".lock").write_text(spec.with_suffix(".lock").read_text())
+    more_dir = root / "runs" / f"{name}-more"
+    shutil.copytree(run_dir / "checkpoint-30", more_dir / "checkpoint-30")
+    again = _cli("--store", str(store), "run", str(more))
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "resuming from" in again.stdout + again.stderr
+    assert json.loads((more_dir / "summary.json").read_text())["steps"] == 40
+    export = _cli("export", str(more_dir), "-o", str(more_dir / "merged"))
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    merged = more_dir / "merged"
+    assert (merged / "adapter_config.json").is_file() or (merged / "config.json").is_file(), sorted(p.name for p in merged.iterdir())
+
+
 @pytest.mark.parametrize("strategy,gpus", [
-    ("ddp", 2), ("fsdp", 2), ("fsdp1", 2),
+    ("fsdp", 1), ("ddp", 2), ("fsdp", 2), ("fsdp1", 2),
     pytest.param("fsdp", 4, marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
 ])
 def test_sft_on_several_gpus(staged, strategy: str, gpus: int):

@@ -4,6 +4,9 @@ A tiny Mistral with the sft recipe's FSDP2 layers (hfhpc.recipes.layers: checkpo
 forward, FSDP2 hooks outside) trains three steps on the same batch on every rank, then saves what a
 run saves: the full state dict (the final model) and the sharded one (a checkpoint, torch's DCP as
 accelerate writes it). A fresh sharded model loads the checkpoint back (a resumed job).
+
+With ``lora`` as second argument the model is what the recipe trains with LoRA: a frozen bf16 base,
+peft's fp32 adapters beside it in each unit, bf16 compute (FSDP2's mixed-precision policy).
 """
 
 from __future__ import annotations
@@ -36,19 +39,37 @@ def batches():
     return [torch.randint(0, 300, (1, 24 + 4 * i), generator=g) for i in range(3)]
 
 
-def sharded(mesh):
-    model = tiny_model()
+def lora_model():
+    """The recipe's LoRA model: the base loaded in bf16, its layers prepared, then peft's adapters
+    (kept in fp32 by peft) on every linear layer."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model().to(torch.bfloat16)
     prepare_layers(model, checkpoint=True, keep=1, compile=True)
+    torch.manual_seed(2)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+def sharded(mesh, lora: bool = False):
+    if lora:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        model, policy = lora_model(), MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        model, policy = tiny_model(), None
+        prepare_layers(model, checkpoint=True, keep=1, compile=True)
+    kw = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(layer, **kw)
+    return fully_shard(model, **kw)
 
 
-def main(out: Path) -> None:
+def main(out: Path, lora: bool = False) -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = sharded(mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model = sharded(mesh, lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for ids in batches():
         loss = model(input_ids=ids, labels=ids).loss
@@ -62,7 +83,7 @@ def main(out: Path) -> None:
     with torch.no_grad():
         trained = model(input_ids=probe).logits
 
-    resumed = sharded(mesh)
+    resumed = sharded(mesh, lora)
     state = {"model": get_model_state_dict(resumed)}
     dcp.load(state, checkpoint_id=str(out / "pytorch_model_fsdp_0"))
     set_model_state_dict(resumed, state["model"])
@@ -72,10 +93,11 @@ def main(out: Path) -> None:
         torch.save(full, out / "full.pt")
         (out / "result.json").write_text(json.dumps({
             "losses": losses, "resumed_logits_max_diff": float((trained - again).abs().max()),
+            "dtypes": sorted({f"{p.requires_grad}:{p.dtype}" for p in model.parameters()}),
         }))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), lora=sys.argv[2:] == ["lora"])

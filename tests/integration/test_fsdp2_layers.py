@@ -35,12 +35,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def _two_ranks(out: Path, *args: str) -> Path:
     """Two ranks, started here (not by torchrun) so that a hang ends with both killed."""
-    out = tmp_path_factory.mktemp("fsdp2")
     port = str(_free_port())
-    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in range(2)]
@@ -51,6 +49,16 @@ def trained(tmp_path_factory) -> Path:
             p.kill()
     assert all(p.returncode == 0 for p in ranks), "\n".join(log[-3000:] for log in logs)
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return _two_ranks(tmp_path_factory.mktemp("fsdp2"))
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tmp_path_factory) -> Path:
+    return _two_ranks(tmp_path_factory.mktemp("fsdp2-lora"), "lora")
 
 
 def test_sharded_compiled_layers_train_like_the_plain_model(trained):
@@ -81,3 +89,29 @@ def test_the_sharded_checkpoint_merges_into_the_final_weights_and_resumes(traine
     for key, value in full.items():
         torch.testing.assert_close(merged[key], value)
     assert json.loads((trained / "result.json").read_text())["resumed_logits_max_diff"] < 1e-6
+
+
+def test_lora_adapters_beside_a_frozen_bf16_base_shard_train_and_resume(trained_lora):
+    # What the sft recipe hands FSDP2 for LoRA: each unit holds bf16 frozen weights and fp32 adapters
+    # (FSDP2 needs one dtype among the trainable parameters only); compute in bf16.
+    w = _worker()
+    model = w.lora_model()
+    start = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    expected = []
+    for ids in w.batches():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        expected.append(float(loss))
+    result = json.loads((trained_lora / "result.json").read_text())
+    assert result["dtypes"] == ["False:torch.bfloat16", "True:torch.float32"]
+    assert result["losses"] == pytest.approx(expected, rel=3e-2)  # bf16 compute both ways, not bit-equal
+    full = torch.load(trained_lora / "full.pt")
+    assert sorted(full) == sorted(model.state_dict()) and start
+    for key, before in start.items():  # the adapters trained as the plain model's did; the base stayed
+        assert not torch.equal(full[key], before), key
+        torch.testing.assert_close(full[key], model.state_dict()[key], rtol=0, atol=2e-3)
+    assert result["resumed_logits_max_diff"] < 1e-6

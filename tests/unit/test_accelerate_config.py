@@ -127,3 +127,17 @@ def test_other_models_are_wrapped_by_size(tmp_path):
     cfg = accelerate_config(_spec(), num_machines=1, num_processes=4, machine_rank=0, main_process_ip="127.0.0.1",
                             main_process_port=29555)
     assert cfg["fsdp_config"]["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP"
+
+
+def test_fsdp_on_one_gpu_starts_under_the_launcher_as_the_spec_asks():
+    # FSDP on one GPU is still FSDP: sharded checkpoints that resume on more GPUs, offload if asked.
+    from hfhpc.launch.node import uses_launcher
+
+    one = JobSpec.model_validate({"name": "x", "recipe": "sft", "model": "o/m", "dataset": "o/d",
+                                  "launch": {"strategy": "fsdp"}, "resources": {"gpus_per_node": 1}})
+    assert uses_launcher(one, 1)
+    assert not uses_launcher(one.model_copy(update={"launch": one.launch.model_copy(update={"strategy": "single"})}), 1)
+    assert uses_launcher(_spec("sft", fsdp_version=1), 4)
+    cfg = accelerate_config(one, num_machines=1, num_processes=1, machine_rank=0, main_process_ip="127.0.0.1",
+                            main_process_port=29555, layer_cls="MistralDecoderLayer")
+    assert cfg["distributed_type"] == "FSDP" and cfg["num_processes"] == 1

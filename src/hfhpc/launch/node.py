@@ -29,6 +29,7 @@ from hfhpc.run.jobfile import JobFile, load_job
 from hfhpc.scheduler.environment import LOOPBACK, JobEnvironment, without_handed_down
 from hfhpc import registry
 from hfhpc.atomic import atomic_write_text
+from hfhpc.spec import JobSpec
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PORT_BASE, PORT_SPAN = 20000, 20000
@@ -122,6 +123,12 @@ def _model_dir(job: JobFile, store: Path) -> Path | None:
     return snapshot_dir(store, "model", job.spec.model.id, job.model_commit)
 
 
+def uses_launcher(spec: JobSpec, world_size: int) -> bool:
+    """Whether the ranks start under a launcher: several ranks, or FSDP on one GPU (what the spec asks
+    for: its sharded checkpoints resume on more GPUs, and its offload settings apply)."""
+    return world_size > 1 or spec.launch.strategy == "fsdp"
+
+
 def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[str]:
     """The command that starts this node's ranks."""
     spec = job.spec
@@ -132,7 +139,7 @@ def ranks_command(job: JobFile, topo: Topology, port: int, store: Path) -> list[
         target = [str(job.run_dir)]
         module = ["-m", "hfhpc.recipes.run"]
     py = job.python if Path(job.python).exists() else sys.executable
-    if topo.world_size == 1:
+    if not uses_launcher(spec, topo.world_size):
         return [py, *module, *target]
     if spec.resources.gpus_per_node == 0:
         return [
@@ -360,7 +367,7 @@ def _run_node(run_dir: Path, fwd: _Forwarder, *, local: bool, environ: dict[str,
     store = node_local_store(job, jobenv, log)
     port = rendezvous_port(job, topo)
     cmd = ranks_command(job, topo, port, store)
-    launcher = topo.world_size > 1
+    launcher = uses_launcher(job.spec, topo.world_size)
     env = ranks_environ(job, topo, store, environ, jobenv)
     env[hfenv.HFHPC_NODE_STARTED] = f"{started:.3f}"  # the ranks log their start-up against it
     cwd = job.spec.base_dir() if registry.get(job.spec.recipe).user_script else job.run_dir
