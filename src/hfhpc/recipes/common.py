@@ -102,6 +102,38 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def half_dtype(spec):
+    """The half-precision torch dtype ``launch.mixed_precision`` names, or None ("no")."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
+
+
+def weights_dtype(spec, *, gpu: bool, frozen: bool):
+    """The dtype a model's weights are loaded in. Trained weights: fp32 masters (the compute runs in
+    half precision under autocast or FSDP's policy). Frozen weights (a LoRA base, a DPO reference, an
+    inference model) only run forward: half precision on GPUs."""
+    import torch
+
+    half = half_dtype(spec)
+    return half if (gpu and frozen and half is not None) else torch.float32
+
+
+def load_causal_lm(job: JobFile, *, dtype, attn: str):
+    """The job's model (its locked commit; a LoRA run's adapters merged into their base), logged with
+    its size, dtype, attention and loading time."""
+    from transformers import AutoModelForCausalLM
+
+    from hfhpc import assets
+
+    t0 = time.perf_counter()
+    model = assets.load_model(AutoModelForCausalLM, job.spec.model.id, job.model_commit, job.model_bases, dtype=dtype,
+                              attn_implementation=attn)
+    log(f"model {job.spec.model.id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
+        f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
 def training_kwargs(job: JobFile, *, own_layers: bool = False) -> dict[str, Any]:
     """Trainer/SFTConfig arguments from the spec; any key of ``train:`` not modelled passes through.
     ``own_layers``: the recipe checkpoints the decoder layers itself (hfhpc.recipes.layers), so the

@@ -116,6 +116,8 @@ def main(job) -> int:
         LOGGED,
         StopOnSignal,
         cuda_available,
+        half_dtype,
+        load_causal_lm,
         log,
         mark,
         prepared_root,
@@ -123,13 +125,13 @@ def main(job) -> int:
         train_from_checkpoint,
         trainer_callbacks,
         training_kwargs,
+        weights_dtype,
         write_summary,
     )
 
     # First: SLURM's warning can come early, and a SIGUSR1 with no handler ends the process.
     stop = StopOnSignal().install()
 
-    import torch
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
@@ -184,9 +186,6 @@ def main(job) -> int:
     eval_ds = prepared[dref.eval_split] if dref.eval_split else None
     mark("data")
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
-    # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
-    dtype = half if (gpu and half is not None and t.lora is not None) else torch.float32
     saved_dtype = getattr(assets.load_config(model_id, commit, bases), "dtype", None)
     if t.padding_free:
         from hfhpc.recipes import attention
@@ -194,10 +193,7 @@ def main(job) -> int:
         attn = attention.register(t.max_length)
     else:
         attn = "sdpa"
-    t0 = time.perf_counter()
-    model = assets.load_model(AutoModelForCausalLM, model_id, commit, bases, dtype=dtype, attn_implementation=attn)
-    log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
-        f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
+    model = load_causal_lm(job, dtype=weights_dtype(spec, gpu=gpu, frozen=t.lora is not None), attn=attn)
     ref_layers = []
     if own_layers:
         from hfhpc.recipes import layers
@@ -213,8 +209,8 @@ def main(job) -> int:
         peft_config = LoraConfig(task_type="CAUSAL_LM", **{"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **t.lora})
     elif not (t.precompute_ref_log_probs and spec.launch.strategy != "fsdp"):
         # The frozen reference: the same commit, in the compute dtype on GPUs (it only runs forward).
-        ref_dtype = half if (gpu and half is not None) else torch.float32
-        ref_model = assets.load_model(AutoModelForCausalLM, model_id, commit, bases, dtype=ref_dtype, attn_implementation=attn)
+        ref_model = assets.load_model(AutoModelForCausalLM, model_id, commit, bases,
+                                      dtype=weights_dtype(spec, gpu=gpu, frozen=True), attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
         if own_layers:
             layers.prepare_layers(ref_model, checkpoint=False, compile=setting is True)
@@ -240,13 +236,7 @@ def main(job) -> int:
     checkpoint.install(trainer, stop)
     mark("trainer")
     if own_layers and fsdp:
-        plugin = trainer.accelerator.state.fsdp_plugin
-        plugin.activation_checkpointing = False  # done per layer, inside the compiled forward
-        if half is not None:
-            # bf16 compute and all-gathers, gradients reduced in fp32 (accelerate's default reduces in bf16).
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
-            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)
+        layers.hand_to_fsdp2(trainer, half_dtype(spec))
 
     # -- train ---------------------------------------------------------------------------------
     t0 = time.perf_counter()

@@ -42,6 +42,7 @@ from hfhpc.recipes.common import (
     log,
     rank,
     spec_path,
+    weights_dtype,
     world_size,
     write_summary,
 )
@@ -146,8 +147,7 @@ def build_pipeline(job: JobFile, tokenizer: Any) -> Any:
     set_seed(spec.infer.seed)
     gpu = spec.resources.gpus_per_node > 0 and cuda_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
-    dtype = half if (gpu and half is not None) else torch.float32
+    dtype = weights_dtype(spec, gpu=gpu, frozen=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching pads; generation stops at EOS anyway
     if job.model_bases:

@@ -146,3 +146,15 @@ def compile_callbacks(job, model: torch.nn.Module, *, setting: bool | None, args
         callbacks.append(compile_when_it_pays(model, steps_total=steps, stored=cache.loaded > 0, log=log,
                                               on_compile=(lambda: compile_layers(others)) if others else None))
     return cache, callbacks
+
+
+def hand_to_fsdp2(trainer, half) -> None:
+    """Before the Trainer wraps the model: FSDP2 checkpoints nothing itself (the recipe's layers do,
+    inside their compiled forwards); with ``half`` (a half dtype) it computes and all-gathers in it and
+    reduces gradients in fp32 (accelerate's default reduces in half precision)."""
+    plugin = trainer.accelerator.state.fsdp_plugin
+    plugin.activation_checkpointing = False
+    if half is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)

@@ -24,6 +24,8 @@ from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
     cuda_available,
+    half_dtype,
+    load_causal_lm,
     log,
     mark,
     prepared_root,
@@ -32,6 +34,7 @@ from hfhpc.recipes.common import (
     train_from_checkpoint,
     trainer_callbacks,
     training_kwargs,
+    weights_dtype,
     write_summary,
 )
 from hfhpc.errors import SpecError
@@ -93,8 +96,6 @@ def main(job: JobFile) -> int:
     # First: SLURM's warning can come early, and a SIGUSR1 with no handler ends the process.
     stop = StopOnSignal().install()
 
-    import torch
-    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     mark("imports")
@@ -164,15 +165,9 @@ def main(job: JobFile) -> int:
     train_ds = prepared[dref.split][0]
     eval_ds = prepared[dref.eval_split][0] if dref.eval_split else None
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.launch.mixed_precision)
-    # Full fine-tuning: fp32 master weights, bf16 compute. LoRA: the frozen base in half precision.
-    dtype = half if (gpu and half is not None and t.lora is not None) else torch.float32
     attn = attention_implementation(t.attention, packed=t.packing, max_length=t.max_length)
     saved_dtype = getattr(assets.load_config(model_id, commit, bases), "dtype", None)
-    t0 = time.perf_counter()
-    model = assets.load_model(AutoModelForCausalLM, model_id, commit, bases, dtype=dtype, attn_implementation=attn)
-    log(f"model {model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {dtype}, "
-        f"attention {attn}, loaded in {time.perf_counter() - t0:.1f} s")
+    model = load_causal_lm(job, dtype=weights_dtype(spec, gpu=gpu, frozen=t.lora is not None), attn=attn)
     mark("model")
     callbacks = trainer_callbacks(job, stop)
     if layers_here:
@@ -202,13 +197,7 @@ def main(job: JobFile) -> int:
     checkpoint.install(trainer, stop)
     mark("trainer")
     if layers_here and trainer.is_fsdp_enabled:
-        plugin = trainer.accelerator.state.fsdp_plugin
-        plugin.activation_checkpointing = False  # done per layer, inside the compiled forward
-        if half is not None:
-            # bf16 compute and all-gathers, gradients reduced in fp32 (accelerate's default reduces in bf16).
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
-            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=half)
+        layers.hand_to_fsdp2(trainer, half_dtype(spec))
 
     # -- train ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
