@@ -31,6 +31,7 @@ for v in "${VARIANTS[@]}"; do
     seed-lora)     seed --lora 16 ;;                          # TRL + peft defaults, rank 16 on all linear layers
     hfhpc)         hfhpc --tag nockpt ;;                      # the recipe's defaults (a short job: stays eager)
     hfhpc-long)    hfhpc --tag nockpt-long --steps 5000 --stop-after 24 ;;  # defaults, a long job: compiles after step 2
+    hfhpc-long-warm) hfhpc --tag nockpt-long-warm --steps 5000 --stop-after 24 --compile-cache store ;;  # a new node, the store's kernels
     hfhpc-compiled) hfhpc --tag compiled-nockpt --train torch_compile=true ;;  # compiled before the first step, cold
     hfhpc-compiled-warm) hfhpc --tag compiled-nockpt-warm --train torch_compile=true --compile-cache store \
                      --env HFHPC_PROFILE_STEPS=14-16 ;;  # and where a step's time goes (logs/profile-rank0.txt)

@@ -338,12 +338,12 @@ class JobSpec(_Strict):
     # -- derived ---------------------------------------------------------------------------
     @property
     def fsdp_version(self) -> int:
-        """FSDP2 for the built-in recipes (measured faster, see docs/performance.md); a user's script
-        keeps accelerate's own default, FSDP1, which scripts written for the page expect, and so does
-        LoRA (a frozen half-precision base beside fp32 adapters, measured with FSDP1 only)."""
+        """FSDP2 for the built-in recipes, full fine-tuning and LoRA (measured faster, see
+        docs/performance.md); a user's script keeps accelerate's own default, FSDP1, which scripts
+        written for the page expect."""
         if self.launch.fsdp_version is not None:
             return self.launch.fsdp_version
-        return 1 if getattr(self.train, "lora", None) is not None else registry.get(self.recipe).fsdp_version
+        return registry.get(self.recipe).fsdp_version
 
     def all_models(self) -> list[ModelRef]:
         return ([self.model] if self.model else []) + list(self.models)

@@ -119,6 +119,32 @@ def test_the_fused_forwards_give_generates_tokens_on_each_family(family: str) ->
     assert _alone(model, prompts, gen) == want  # the weights the fusion made views of hold their values
 
 
+def test_the_fused_weights_follow_the_model_to_another_dtype_and_new_weights(tiny) -> None:
+    # A model served once, then cast (model.to) and given a new weight (a merged adapter does that):
+    # the next engine fuses the weights the model holds now, not the first run's.
+    import copy
+
+    from hfhpc.recipes import generate as g
+
+    model = copy.deepcopy(tiny[0])
+    prompts = _prompts(model)
+    config = _config(model, max_new_tokens=8, do_sample=False)
+    s = g.sampling_of(config, 0)
+
+    def served() -> list[list[int]]:
+        engine = g.Engine(model, s, slots=3, max_len=g.max_len_for(model, s, map(len, prompts)), prefill_tokens=96)
+        tokens = [f.tokens for f in engine.run(enumerate(prompts))]
+        assert engine.stats["fused"] is True
+        return tokens
+
+    assert served() == _alone(model, prompts, config)
+    model.to(torch.float64)
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.weight.data = q.weight * 3.0 + 0.1  # a tensor of its own, with other values
+    assert served() == _alone(model, prompts, config)
+
+
 def test_fused_forwards_that_fail_give_way_to_transformers_own(tiny, monkeypatch, capsys) -> None:
     from hfhpc.recipes import fused
     from hfhpc.recipes import generate as g

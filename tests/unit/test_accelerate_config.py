@@ -70,10 +70,11 @@ def test_a_users_script_keeps_accelerates_fsdp1_unless_asked(tmp_path):
     assert _launcher_env(_spec("script", fsdp_version=2), tmp_path)["FSDP_VERSION"] == "2"
 
 
-def test_lora_stays_on_fsdp1():
+def test_lora_runs_on_fsdp2_unless_asked():
     spec = JobSpec.model_validate({"name": "x", "recipe": "sft", "model": "o/m", "dataset": "o/d", "train": {"lora": {"r": 8}},
                                    "launch": {"strategy": "fsdp"}, "resources": {"gpus_per_node": 2}})
-    assert spec.fsdp_version == 1
+    assert spec.fsdp_version == 2
+    assert spec.model_copy(update={"launch": spec.launch.model_copy(update={"fsdp_version": 1})}).fsdp_version == 1
 
 
 def test_an_fsdp_version_other_than_1_or_2_is_refused():

@@ -119,6 +119,18 @@ def test_lora_trains_r_times_in_plus_out_per_adapted_linear():
     assert got["optimizer step"] == params + 4 * 65_536 + optimizer
 
 
+def test_lora_under_fsdp2_shards_the_frozen_base_as_loaded_and_only_adapters_take_gradients():
+    def states(version: int) -> dict[str, float]:
+        p = small(lora_rank=8, strategy="fsdp", gpus_per_node=2, fsdp_version=version)
+        return {t.name: t.bytes for t in estimate_memory(p).phases[-1].terms}
+
+    two, one = states(2), states(1)
+    assert two["parameters"] == (2 * N + 4 * 65_536) / 2  # bf16 base + fp32 adapters, halved
+    assert two["gradients"] == 4 * 65_536 / 2
+    # FSDP1's flat parameters upcast and give a gradient to each wrapped layer as a whole.
+    assert one["parameters"] > two["parameters"] and one["gradients"] == 4 * 2 * (LAYER + 32_768) / 2
+
+
 def test_full_logits_without_trls_fused_head_cost_12_bytes_per_logit():
     with_head = phases(small())["loss (end of forward)"]
     without = phases(small(fused_lm_head=False))["loss (end of forward)"]

@@ -107,7 +107,7 @@ def inputs_from_spec(spec: Any, shape: ModelShape, *, weights_dtype: str | None 
         weights_dtype=weights_dtype or ("bf16" if lora is not None and launch.mixed_precision != "no" else "fp32"),  # type: ignore[arg-type]
         optim=str(extra.get("optim", DEFAULT_OPTIM)), lora_rank=int(lora.get("r", 16)) if lora is not None else None,
         lora_targets=targets, fused_lm_head=trl_has_fused_lm_head() if fused_lm_head is None else fused_lm_head,
-        padding_free=padding_free,
+        padding_free=padding_free, fsdp_version=spec.fsdp_version,
     )
 
 

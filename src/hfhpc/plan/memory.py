@@ -107,6 +107,7 @@ class PlanInputs:
     weights_dtype: Literal["fp32", "bf16"] = "bf16"  # what the recipe loads the weights as
     optim: str = DEFAULT_OPTIM
     lora_rank: int | None = None
+    fsdp_version: int = 2  # under FSDP: 2 shards each parameter as it is; 1 flattens each unit (JobSpec.fsdp_version)
     lora_targets: tuple[str, ...] = LINEAR_NAMES
     fused_lm_head: bool = True  # TRL's chunked head; False: full logits
     padding_free: bool = True  # TRL's bfd packing: one flattened row with a block-diagonal SDPA mask
@@ -241,8 +242,15 @@ def estimate_memory(p: PlanInputs) -> MemoryEstimate:
     n_train = p.trainable_params
 
     # -- states
-    if p.lora and p.fsdp:
-        # A wrapped layer's flat parameter mixes adapters and base weights: upcast, sharded and
+    if p.lora and p.fsdp and p.fsdp_version == 2:
+        # Each parameter sharded as it is: the frozen base in its loaded dtype (accelerate upcasts only
+        # trainable parameters to fp32), the adapters and their gradients in fp32.
+        base = 4 if p.weights_dtype == "fp32" else c
+        params = Term("parameters", (base * s.params + 4 * n_train) / W,
+                      f"FSDP2 shards of the frozen base ({base} bytes) + fp32 adapters")
+        grads = Term("gradients", 4 * n_train / W, "fp32 adapter gradient shards")
+    elif p.lora and p.fsdp:
+        # FSDP1: a wrapped layer's flat parameter mixes adapters and base weights: upcast, sharded and
         # given a gradient as a whole; the root unit (embeddings, head) is frozen and stays as loaded.
         layer_flat = s.layers * (s.layer_params + p.lora_params_per_layer())
         frozen_root = s.embedding_params + s.hidden

@@ -85,6 +85,24 @@ def _fuse(owner: Any, attr: str, linears: list[Any]) -> None:
     setattr(owner, attr, (weight, bias))
 
 
+def _still_fused(owner: Any, attr: str, linears: list[Any]) -> bool:
+    """Whether ``owner``'s fused weight (and bias) still backs ``linears``: ``model.to(dtype)``, a
+    move to another device or a merged adapter gives a linear a tensor of its own, and the fused one
+    is then stale (another dtype, device, or old values)."""
+    weight, bias = getattr(owner, attr, (None, None))
+    if weight is None:
+        return False
+    at = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        if m.weight.dtype != weight.dtype or m.weight.data_ptr() != weight[at:at + n].data_ptr():
+            return False
+        if bias is not None and (m.bias is None or m.bias.dtype != bias.dtype or m.bias.data_ptr() != bias[at:at + n].data_ptr()):
+            return False
+        at += n
+    return True
+
+
 def _rms_norm(self, hidden_states):
     import torch.nn.functional as F
 
@@ -144,16 +162,17 @@ def _signed_for(sin):
 
 
 def install(layers: list[Any]) -> bool:
-    """Fused forwards on every layer (weights concatenated on the first call); False, and nothing
-    changed, when a layer is not one ``supported`` knows."""
+    """Fused forwards on every layer (weights concatenated on the first call, and again whenever the
+    linears' own weights no longer lie in them); False, and nothing changed, when a layer is not one
+    ``supported`` knows."""
     if not layers or not all(supported(layer) for layer in layers):
         return False
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not hasattr(attn, QKV):
-            _fuse(attn, QKV, [attn.q_proj, attn.k_proj, attn.v_proj])
-        if not hasattr(mlp, GATE_UP):
-            _fuse(mlp, GATE_UP, [mlp.gate_proj, mlp.up_proj])
+        for owner, attr, linears in ((attn, QKV, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                                     (mlp, GATE_UP, [mlp.gate_proj, mlp.up_proj])):
+            if not _still_fused(owner, attr, linears):
+                _fuse(owner, attr, linears)
         for module, forward in _forwards(layer):
             module.forward = types.MethodType(forward, module)
             setattr(module, _PATCHED, True)
