@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sft import DATA_ID, MODEL_ID, build_data, build_model  # noqa: E402
 from common import machine, stage, versions  # noqa: E402
 
-HBM_BYTES_PER_S = 4.8e12  # H200 datasheet (docs: .library H200.md); the bound's denominator
 SPEC = """\
 name: {name}
 recipe: infer
@@ -237,14 +236,22 @@ def bandwidth_bound(root: Path, shape: str, lengths: list[int], new: int) -> dic
 
     from hfhpc.recipes.generate import SlotCache
 
+    import torch
+
+    from hfhpc.plan.gpus import GPUS, gpu_kind_of
+
+    # The card's own memory bandwidth (its datasheet figure, hfhpc.plan.gpus): the bound's denominator.
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    kind = GPUS.get(gpu_kind_of(card) or "h200", GPUS["h200"])
+    hbm_bytes_per_s = kind.hbm_tb_s * 1e12
     config = AutoConfig.from_pretrained(root / "src" / "model" / shape)
     weights = sum(f.stat().st_size for f in (root / "src" / "model" / shape).glob("*.safetensors"))
     kv = SlotCache.bytes_per_token(config, 2)
     read = sum(weights + sum(n + k for n in lengths) * kv for k in range(new))
     tokens = len(lengths) * new
     return {"weights_bytes": weights, "kv_bytes_per_token": kv, "decode_bytes": read,
-            "bound_new_tokens_per_s": round(tokens / (read / HBM_BYTES_PER_S), 1),
-            "hbm_bytes_per_s": HBM_BYTES_PER_S}
+            "bound_new_tokens_per_s": round(tokens / (read / hbm_bytes_per_s), 1),
+            "hbm_bytes_per_s": hbm_bytes_per_s, "hbm_of": kind.name}
 
 
 def main(argv: list[str] | None = None) -> int:
