@@ -257,6 +257,7 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal, logged: tuple[str, ...] 
             self.last_t = self.t0
             self.last_tokens = None
             self.last_step = 0
+            self.first_logged = False
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
@@ -289,6 +290,9 @@ def trainer_callbacks(job: JobFile, stop: StopOnSignal, logged: tuple[str, ...] 
                 record["peak_mem_gib"] = peak
             if steps > 0:
                 record["step_s"] = round((now - self.t0) / steps, 4)
+            if steps > 0 and not self.first_logged:
+                self.first_logged = True  # the first step pays for every kernel's first use
+                log(f"step {state.global_step} done {now - self.t0:.1f} s after ready to train")
             append_jsonl(metrics_path, record)
 
         def on_step_end(self, args, state, control, **kw):
