@@ -222,7 +222,7 @@ def profile_step(model, sampling, ids: list[list[int]], max_len: int, path: Path
         list(engine.run(enumerate(ids), should_stop=stop))
         for title, prof in ((f"prefill of {slots} rows and the first decode steps", first), ("8 decode steps", steps)):
             lines.append(f"== {attention}: {title} (eager; the step's span {engine.buckets[-1]})")
-            lines.append(prof.key_averages().table(sort_by="device_time_total", row_limit=20))
+            lines.append(prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=140))
         engine = None  # its cache freed before the next one is allocated
         torch.cuda.empty_cache()
     path.write_text("\n".join(lines) + "\n")
