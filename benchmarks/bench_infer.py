@@ -287,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         levers = run_levers(root, args.shape, ids, args.new, bound, names, profile)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).with_name(Path(args.out).stem + "_levers.json").write_text(json.dumps({
-            "benchmark": "infer_1b_h200_levers", "machine": gpu, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "benchmark": f"infer_{args.shape}_levers", "machine": gpu, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "note": "the engine alone, in the benchmark's process, on the benchmark's prompt ids; seconds from "
                     "building the engine (cache allocation, graph capture) to the last row",
             "bandwidth_bound": bound, "rows": levers}, indent=2) + "\n")
     results = []
-    for name in args.variants.split(","):
+    for name in filter(None, args.variants.split(",")):  # --variants "": the levers alone
         print(f"=== {name} {time.strftime('%T')}", flush=True)
         if name == "transformers-generate_batch":
             row = run_generate_batch(root, args.shape, ids, args.new)
