@@ -67,11 +67,18 @@ def test_plan_sizes_the_kv_cache_and_the_time_from_the_staged_prompts(staged) ->
                                "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000,
                                "tie_word_embeddings": False}))
     h100 = _plan(spec, store, "--gpu", "h100", "--model-config", str(big))
-    assert h100["new_tokens_per_s"] == pytest.approx(15_545 * 1.1e9 / h100["shape"]["params"], rel=1e-9)
+    assert h100["new_tokens_per_s"] == pytest.approx(18_388 * 1.1e9 / h100["shape"]["params"], rel=1e-9)
+    assert h100["measured"] == ["benchmarks/results/infer_1b_h100_fused.json"]
     assert h100["est_s"] == pytest.approx(40 * 64 / h100["new_tokens_per_s"])
     assert h100["kv_bytes_per_token"] == 22528  # the bench model's, benchmarks/results/infer_1b_h100.json
     h200 = _plan(spec, store, "--gpu", "h200", "--model-config", str(big))
-    assert h200["new_tokens_per_s"] == pytest.approx(h100["new_tokens_per_s"] * 4.8 / 3.35)
+    assert h200["new_tokens_per_s"] == pytest.approx(h100["new_tokens_per_s"] * 19_482 / 18_388)  # measured on each
+    a100 = _plan(spec, store, "--gpu", "a100-80", "--model-config", str(big))  # not measured: the H100's, by bandwidth
+    assert a100["new_tokens_per_s"] == pytest.approx(h100["new_tokens_per_s"] * 2.04 / 3.35)
+    for card, source in (("h200", "infer_1b_h200_fused.json, scaled by parameters)"),
+                         ("a100-80", "infer_1b_h100_fused.json, scaled by parameters and memory bandwidth from the H100's)")):
+        text = hfhpc("--store", str(store), "plan", str(spec), "--gpu", card, "--model-config", str(big))
+        assert text.returncode == 0 and source in text.stdout, text.stdout + text.stderr
 
 
 def _first_rows(store: Path, lock: dict) -> list:
