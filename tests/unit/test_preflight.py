@@ -1,4 +1,5 @@
-"""`run` and `submit` refuse, before anything is queued or started, what needs no GPU to find."""
+"""`stage`, `run` and `submit` refuse, before anything is downloaded, queued or started, what needs no
+GPU to find."""
 
 from __future__ import annotations
 
@@ -27,15 +28,17 @@ def _spec(tmp_path: Path, train: str = "", output_dir: str = "out", recipe: str 
     return p
 
 
-@pytest.mark.parametrize("command", [["submit", "--dry-run"], ["run"]])
-def test_a_misspelt_trainer_key_stops_run_and_submit_with_a_suggestion(tmp_path: Path, command):
+@pytest.mark.parametrize("command", [["submit", "--dry-run"], ["run"], ["stage"]])
+def test_a_misspelt_trainer_key_stops_stage_run_and_submit_with_a_suggestion(tmp_path: Path, command):
     spec = _spec(tmp_path, "{max_lenght: 2048}")
-    out = hfhpc(*command, str(spec))
+    # stage: refused before any download (the endpoint answers nothing: a download would fail otherwise).
+    out = hfhpc(*command, str(spec), *(["--endpoint", "http://127.0.0.1:9"] if command == ["stage"] else []))
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0
     assert "train.max_lenght: unknown key (did you mean `max_length`?)" in out.stderr
     assert "Traceback" not in out.stderr and "TypeError" not in out.stderr
     assert not (tmp_path / "out").exists()  # nothing written, nothing queued
+    assert not (tmp_path / "job.lock").exists()  # nothing staged
 
 
 def test_trainer_config_fields_pass_through(tmp_path: Path):

@@ -85,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--include/--revision/--config/--lock apply to --model/--dataset/--metric; a spec sets them per asset")
         from hfhpc.run.chain import model_bases, model_folders
 
+        from hfhpc.preflight import check_trainer_keys
+
         spec = load_spec(args.spec)
+        # A misspelt train: key is refused before anything is downloaded; the fields read here are
+        # remembered, so `run` and `submit` do not read them again (hfhpc.preflight).
+        check_trainer_keys(spec)
         folders = model_folders(spec)  # a model from a run: that run's model/, checked before anything is staged
         store = store_for_staging(spec.lock_path(), args.store)
         bases = model_bases(spec, store)  # the base under a LoRA run's adapters, as that run pinned it
