@@ -338,9 +338,9 @@ class JobSpec(_Strict):
     # -- derived ---------------------------------------------------------------------------
     @property
     def fsdp_version(self) -> int:
-        """FSDP2 for the built-in recipes, full fine-tuning and LoRA (measured faster, see
-        docs/performance.md); a user's script keeps accelerate's own default, FSDP1, which scripts
-        written for the page expect."""
+        """FSDP2 for the built-in recipes, full fine-tuning and LoRA: it takes the recipes' compiled
+        layers (measured faster for full fine-tuning, docs/performance.md); a user's script keeps
+        accelerate's own default, FSDP1, which scripts written for the page expect."""
         if self.launch.fsdp_version is not None:
             return self.launch.fsdp_version
         return registry.get(self.recipe).fsdp_version

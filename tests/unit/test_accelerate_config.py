@@ -131,7 +131,7 @@ def test_other_models_are_wrapped_by_size(tmp_path):
 
 
 def test_fsdp_on_one_gpu_starts_under_the_launcher_as_the_spec_asks():
-    # FSDP on one GPU is still FSDP: sharded checkpoints that resume on more GPUs, offload if asked.
+    # FSDP on one GPU is still FSDP: its checkpoints sharded as FSDP writes them, resumable on more GPUs.
     from hfhpc.launch.node import uses_launcher
 
     one = JobSpec.model_validate({"name": "x", "recipe": "sft", "model": "o/m", "dataset": "o/d",

@@ -83,9 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.include or args.revision != "main" or args.config or args.lock:
             raise UsageError("--include/--revision/--config/--lock apply to --model/--dataset/--metric; a spec sets them per asset")
-        from hfhpc.run.chain import model_bases, model_folders
-
         from hfhpc.preflight import check_trainer_keys
+        from hfhpc.run.chain import model_bases, model_folders
 
         spec = load_spec(args.spec)
         # A misspelt train: key is refused before anything is downloaded; the fields read here are

@@ -125,7 +125,7 @@ def _model_dir(job: JobFile, store: Path) -> Path | None:
 
 def uses_launcher(spec: JobSpec, world_size: int) -> bool:
     """Whether the ranks start under a launcher: several ranks, or FSDP on one GPU (what the spec asks
-    for: its sharded checkpoints resume on more GPUs, and its offload settings apply)."""
+    for: its checkpoints are sharded as FSDP writes them, and resume on more GPUs)."""
     return world_size > 1 or spec.launch.strategy == "fsdp"
 
 
