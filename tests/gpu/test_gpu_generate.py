@@ -112,6 +112,12 @@ def test_flash_varlen_matches_its_reference_for_decode_and_packed_prefill(dtype:
     got = flash_varlen(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, causal=True, window=window)
     want = _varlen_reference(q.float(), k.float(), v.float(), cu, cu, d ** -0.5, causal=True, window=window, used=None)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    # The same, the inputs as the engine hands them over: views of one projection output, rows strided.
+    qkv = torch.cat((q, k, v), dim=1)
+    q2, k2, v2 = qkv.split((heads, kv, kv), dim=1)
+    assert not q2.is_contiguous()
+    got = flash_varlen(q2, k2, v2, cu, cu, max(lens), max(lens), d ** -0.5, causal=True, window=window)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
 def test_the_default_gpu_engine_decodes_on_flash_varlen_in_bf16(model) -> None:

@@ -15,8 +15,8 @@ of a ~880 ms prefill of 147k prompt tokens, and ~2.4 ms of a 6.2 ms decode step 
 - **RMSNorm as one kernel** (``torch.nn.functional.rms_norm``: fused on CUDA), the weight applied in
   it;
 - **rotary embeddings on the queries and keys together**, in their projection layout: the half swap as
-  one copy with its sign folded into the sine, then the products and the sum as transformers writes
-  them (``q * cos + rotate_half(q) * sin``).
+  one copy with its sign folded into the sine, then ``q * cos + rotate_half(q) * sin`` as two kernels
+  (a product, then ``addcmul``: the second product and the sum in one).
 
 The attention itself and the KV cache stay the engine's (``generate.slot_attention``, ``SlotCache``).
 In float32 the result equals transformers' forwards (``tests/integration/test_generate.py`` compares
@@ -53,10 +53,15 @@ def _is_rms_norm(module: Any) -> bool:
             and getattr(module, "weight", None) is not None and module.weight.dim() == 1)
 
 
+# Decoder layers whose forward is ``_layer``'s: a pre-norm attention block and a pre-norm MLP block,
+# each added to its input, nothing else (transformers 5's Llama, Mistral, Qwen2 and Qwen3).
+LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
 def supported(layer: Any) -> bool:
     """A decoder layer whose modules are the ones ``install`` knows."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None:
+    if type(layer).__name__ not in LAYERS or attn is None or mlp is None:
         return False
     if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config")):
         return False
@@ -109,12 +114,39 @@ def _rms_norm(self, hidden_states):
     return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
 
 
-def _mlp(self, x):
+def _mlp(self, x, residual=None):
     import torch.nn.functional as F
 
     weight, bias = getattr(self, GATE_UP)
     gate, up = F.linear(x, weight, bias).split((self.gate_proj.out_features, self.up_proj.out_features), dim=-1)
-    return self.down_proj(self.act_fn(gate) * up)
+    return _project(self.down_proj, self.act_fn(gate) * up, residual)
+
+
+def _project(linear, x, residual):
+    """``residual + linear(x)``, the sum in the matrix multiply's epilogue (``addmm``: one kernel, no
+    separate add). Under inference mode the sum is written into ``residual`` itself: a decoder layer's
+    input is a temporary that only the layer reads (the engine asks for no hidden states)."""
+    import torch
+
+    if residual is None:
+        return linear(x)
+    if linear.bias is not None:  # rare (Llama's attention_bias, mlp_bias): the plain sum
+        return residual + linear(x)
+    shape = residual.shape
+    flat, x2 = residual.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1])
+    if torch.is_inference_mode_enabled() and residual.is_contiguous():
+        return flat.addmm_(x2, linear.weight.t()).view(shape)
+    return torch.addmm(flat, x2, linear.weight.t()).view(shape)
+
+
+def _layer(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+           position_embeddings=None, **kwargs):
+    """transformers' decoder layer (pre-norm attention, then pre-norm MLP, each added to its input)
+    with each residual sum folded into the block's output projection."""
+    cache = cache if cache is not None else kwargs.get("past_key_values")
+    h = _attention(self.self_attn, self.input_layernorm(hidden_states), position_embeddings, attention_mask,
+                   cache, residual=hidden_states)[0]
+    return _mlp(self.mlp, self.post_attention_layernorm(h), residual=h)
 
 
 def _signed_sin(sin):
@@ -125,7 +157,7 @@ def _signed_sin(sin):
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def _attention(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+def _attention(self, hidden_states, position_embeddings, attention_mask=None, cache=None, residual=None, **kwargs):
     import torch
     import torch.nn.functional as F
 
@@ -143,13 +175,13 @@ def _attention(self, hidden_states, position_embeddings, attention_mask=None, ca
         qk = qkv[:, :, : heads + kv]
     cos, sin = position_embeddings
     swapped = qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-    rotated = qk * cos[:, :, None] + swapped * _signed_for(sin)[:, :, None]
+    rotated = torch.addcmul(qk * cos[:, :, None], swapped, _signed_for(sin)[:, :, None])
     q, k, v = (x.transpose(1, 2) for x in (rotated[:, :, :heads], rotated[:, :, heads:], v))  # [b, heads, t, d]
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
     window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
     out, _ = slot_attention(self, q, k, v, attention_mask, scaling=self.scaling, sliding_window=window)
-    return self.o_proj(out.reshape(b, t, -1)), None
+    return _project(self.o_proj, out.reshape(b, t, -1), residual), None
 
 
 _SIN: list[Any] = [None, None]  # the last sine seen and its signed form: every layer of a forward shares it
@@ -191,7 +223,7 @@ def uninstall(layers: list[Any]) -> None:
 
 def _forwards(layer: Any) -> list[tuple[Any, Any]]:
     attn = layer.self_attn
-    out = [(attn, _attention), (layer.mlp, _mlp), (layer.input_layernorm, _rms_norm),
+    out = [(layer, _layer), (attn, _attention), (layer.mlp, _mlp), (layer.input_layernorm, _rms_norm),
            (layer.post_attention_layernorm, _rms_norm)]
     out += [(getattr(attn, n), _rms_norm) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
     return out

@@ -283,10 +283,10 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     scale = scaling if scaling is not None else d ** -0.5
     if cache.packed is not None:
         # Packed prefill: one row of prompts end to end, each attending causally to itself alone.
-        # [total, heads, d], contiguous: the layout the kernel's varlen path is documented for (the
-        # copies are small beside the forward's matmuls).
+        # [total, heads, d] views of the projections' output, as they lie: the kernel takes any row
+        # and head strides with the last dimension contiguous (no copies; tests/gpu/test_gpu_generate.py).
         _, _, cu, longest = cache.packed
-        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         out = flash_varlen(q, k, v, cu, cu, longest, longest, scale, causal=True, window=sliding_window)
         return out[None], None
     if cache.prefill_slots is not None:
@@ -303,7 +303,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         # Decode over the cache as it lies ([slots * max_len, kv, d]): each slot reads its own
         # ``pos + 1`` keys, however long the other slots' rows are.
         kv_all = key.shape[-2]
-        out = flash_varlen(query[:, :, 0].contiguous(), key.view(-1, kv_all, d), value.view(-1, kv_all, d),
+        out = flash_varlen(query[:, :, 0], key.view(-1, kv_all, d), value.view(-1, kv_all, d),
                            cache.cu_q, cache.cu_k, 1, cache.max_len, scale, causal=False,
                            window=sliding_window, used=cache.used)
         return out.reshape(b, 1, heads, d), None
