@@ -16,12 +16,17 @@ of a ~880 ms prefill of 147k prompt tokens, and ~2.4 ms of a 6.2 ms decode step 
   it;
 - **rotary embeddings on the queries and keys together**, in their projection layout: the half swap as
   one copy with its sign folded into the sine, then ``q * cos + rotate_half(q) * sin`` as two kernels
-  (a product, then ``addcmul``: the second product and the sum in one).
+  (a product, then ``addcmul``: the second product and the sum in one);
+- **the residual sums in the output projections**: the decoder layer's forward (``_layer``, the same
+  two pre-norm blocks as transformers') adds each block's output to its input inside the matrix
+  multiply (``addmm_``, written into the layer's input: under inference mode nothing else reads it),
+  not as a separate kernel over the hidden states.
 
 The attention itself and the KV cache stay the engine's (``generate.slot_attention``, ``SlotCache``).
 In float32 the result equals transformers' forwards (``tests/integration/test_generate.py`` compares
-greedy tokens with ``model.generate``); in bf16 the fused norm rounds once where transformers rounds
-twice, and the fused projections may sum in another order, as any change of batch shape does.
+greedy tokens with ``model.generate``); in bf16 the fused norm and the fused sums round once where
+transformers rounds twice, and the fused projections may sum in another order, as any change of
+batch shape does.
 ``uninstall`` puts transformers' forwards back (the weights stay views: the same values).
 """
 

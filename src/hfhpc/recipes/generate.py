@@ -303,7 +303,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         # Decode over the cache as it lies ([slots * max_len, kv, d]): each slot reads its own
         # ``pos + 1`` keys, however long the other slots' rows are.
         kv_all = key.shape[-2]
-        out = flash_varlen(query[:, :, 0], key.view(-1, kv_all, d), value.view(-1, kv_all, d),
+        out = flash_varlen(query[:, :, 0].contiguous(), key.view(-1, kv_all, d), value.view(-1, kv_all, d),
                            cache.cu_q, cache.cu_k, 1, cache.max_len, scale, causal=False,
                            window=sliding_window, used=cache.used)
         return out.reshape(b, 1, heads, d), None
