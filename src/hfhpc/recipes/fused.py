@@ -148,7 +148,6 @@ def _layer(self, hidden_states, attention_mask=None, position_ids=None, cache=No
            position_embeddings=None, **kwargs):
     """transformers' decoder layer (pre-norm attention, then pre-norm MLP, each added to its input)
     with each residual sum folded into the block's output projection."""
-    cache = cache if cache is not None else kwargs.get("past_key_values")
     h = _attention(self.self_attn, self.input_layernorm(hidden_states), position_embeddings, attention_mask,
                    cache, residual=hidden_states)[0]
     return _mlp(self.mlp, self.post_attention_layernorm(h), residual=h)
