@@ -93,7 +93,7 @@ if fault == "kill-in-save":
 
     checkpoints.write_marker = write_marker
 
-sys.exit(run.main([str(run_dir)]))
+run.exit_rank(run.main([str(run_dir)]))
 '''
 
 

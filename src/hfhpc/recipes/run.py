@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from hfhpc import registry
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    faulthandler.enable()  # a rank that dies by a signal (SIGSEGV, SIGABRT) leaves its Python stack in its log
     from hfhpc.offline.guard_path import require_seal
 
     try:
@@ -40,5 +44,20 @@ def _close_process_groups() -> None:
         dist.destroy_process_group()
 
 
+def exit_rank(code: int) -> None:
+    """End the rank with ``code`` once its work is saved: exit handlers run while the interpreter is
+    whole, then the process ends without interpreter finalization. Torch's C++ threads (gloo's
+    workers, kept alive by any object still holding a process group) can otherwise be torn down
+    mid-flight by finalization and abort a rank whose job succeeded ("terminate called without an
+    active exception", exit -6 after "done", seen once in tests/integration/test_sft.py's DDP run)."""
+    atexit._run_exitfuncs()  # what a normal exit runs: logging's flush, temporary folders, compile workers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe has nothing left to flush into
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())
