@@ -351,7 +351,7 @@ def check(
             plan.train = {"config": trainer_config, "keys": extra}
         offline_check = registry.get(spec.recipe).offline_check
         if offline_check is not None:
-            problems, plan.recipe = offline_check(spec)
+            problems, plan.recipe = offline_check(spec, store)
             report.problems += [Problem(*p) for p in problems]
         if spec.script:
             scripts.insert(0, spec.resolve_path(spec.script))

@@ -24,6 +24,18 @@ class HfhpcError(Exception):
     def render(self) -> str:
         return f"{self.message}; {self.fix}" if self.fix else self.message
 
+    def __reduce__(self):
+        # Raised in a worker process (data preparation forks a pool), it is pickled back to the parent:
+        # rebuilt from its fields, since the subclasses' constructors take other arguments than ``args``.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[HfhpcError], args: tuple, fields: dict) -> HfhpcError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(fields)
+    return error
+
 
 class UsageError(HfhpcError):
     exit_code = EXIT_USAGE

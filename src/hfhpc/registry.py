@@ -41,10 +41,10 @@ class Recipe:
     user_script: bool = False      # the ranks run the spec's `script:` instead of the module's `main`
     sections: dict[str, type[BaseModel]] = field(default_factory=dict)  # more top-level sections it owns (`harness:`)
     datasets: Callable[[Any], list[Any]] | None = None  # datasets it loads beyond `dataset(s):` (DatasetRefs)
-    # What `hfhpc check` adds: (problems, sealed probe). Problems are (kind, id, what, error, fix);
-    # the probe is {"target": "module:function", "args": {...}}, called in the sealed probe child,
-    # returning results as hfhpc.offline.probe writes them.
-    offline_check: Callable[[Any], tuple[list[tuple[str, str, str, str, str]], dict | None]] | None = None
+    # What `hfhpc check` adds, given (spec, store): (problems, sealed probe). Problems are (kind, id,
+    # what, error, fix); the probe is {"target": "module:function", "args": {...}}, called in the
+    # sealed probe child, returning results as hfhpc.offline.probe writes them.
+    offline_check: Callable[[Any, Path], tuple[list[tuple[str, str, str, str, str]], dict | None]] | None = None
     # The entry point is the declaring module's `main(job) -> int`.
 
 

@@ -244,3 +244,31 @@ def test_a_load_that_fails_with_every_file_staged_is_not_sent_back_to_stage(tmp_
     assert "hfhpc stage" not in checked.stdout
     assert "not fixed by staging (every locked file is in the store, intact)" in checked.stdout
     assert f"hfhpc --store {store} exec -- python -c" in checked.stdout
+
+
+def test_sft_on_a_model_without_a_chat_template_fails_check_not_the_queued_job(tmp_path: Path):
+    """A base model has no chat template; the sft recipe renders every conversation with one. `check`
+    says so on the login node, and the spec's own template clears it."""
+    import json
+
+    from hfhpc.demo.build import build_tiny_chat_model
+
+    folder = build_tiny_chat_model(tmp_path / "base")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    store = tmp_path / "store"
+    spec = write_spec(tmp_path / "job.yaml", SPEC.replace(f"model: {MODEL_ID}", "model: org/base-model"))
+    out = hfhpc("--store", str(store), "stage", "--model", "org/base-model", "--from", str(folder),
+                "--lock", str(tmp_path / "job.lock"))
+    assert out.returncode == 0, out.stderr
+
+    checked = hfhpc("--store", str(store), "check", str(spec))
+    assert checked.returncode == 1, checked.stdout
+    assert "model org/base-model: chat template: none in its tokenizer files" in checked.stdout
+    assert "set train.chat_template in the spec" in checked.stdout
+
+    spec.write_text(spec.read_text() + "train: {chat_template: \"{% for m in messages %}{{ m['content'] }}{% endfor %}\"}\n")
+    checked = hfhpc("--store", str(store), "check", str(spec))
+    assert "chat template" not in checked.stdout, checked.stdout

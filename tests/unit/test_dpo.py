@@ -78,6 +78,22 @@ def test_pairs_are_tokenized_exactly_as_dpo_trainer_tokenizes_them(tiny_model: P
     assert all(len(p) > 0 and c != r for p, c, r in zip(*(ours[c] for c in prefdata.COLUMNS), strict=True))
 
 
+def test_conversations_without_a_chat_template_are_refused_in_one_line_and_text_pairs_need_none(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    from hfhpc.errors import UsageError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = None  # a base model's tokenizer
+    with pytest.raises(UsageError, match="no chat template") as refused:
+        prefdata.tokenize_pairs(build._preference_rows(4, random.Random(0)), tokenizer, max_length=None,
+                                max_prompt_length=None)
+    assert "set train.chat_template" in refused.value.render()
+    text = [{"prompt": "2 plus 3 is", "chosen": " 5.", "rejected": " 6."}]
+    ours = prefdata.tokenize_pairs(text, tokenizer, max_length=None, max_prompt_length=None)
+    assert len(ours["prompt_ids"]) == 1 and ours["chosen_ids"][0] != ours["rejected_ids"][0]
+
+
 ZEPHYR_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
              "vocab_size": 32000, "tie_word_embeddings": False}

@@ -22,7 +22,9 @@ from typing import Any
 from hfhpc.plan.memory import (ALLOCATOR_SLACK, TRL_TILE_TOKENS, TRL_TILE_VOCAB, MemoryEstimate, Phase, PlanInputs,
                                Term, estimate_memory, layer_activation_bytes_per_token)
 from hfhpc.plan.throughput import Throughput
-from hfhpc.plan.tokens import DatasetTokens, JobFiles, _arrow_table_lengths, chat_template_of, tokens_from_lengths
+from hfhpc.plan.tokens import DatasetTokens, _arrow_table_lengths, tokens_from_lengths
+from hfhpc.recipes.chatdata import chat_template_of
+from hfhpc.store.lock import JobFiles
 
 
 DPO_DEFAULT_LENGTH = 1024

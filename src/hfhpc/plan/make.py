@@ -14,7 +14,8 @@ from hfhpc.plan.memory import (DEFAULT_OPTIM, KNOWN_OPTIMS, MemoryEstimate, Plan
 from hfhpc.plan.schedule import SAVE_BYTES_PER_S, Schedule, schedule
 from hfhpc.plan.shape import LINEAR_NAMES, ModelShape, read_model_config
 from hfhpc.plan.throughput import Anchor, Throughput, estimate_throughput, measured_anchors
-from hfhpc.plan.tokens import DatasetTokens, dataset_tokens, job_files
+from hfhpc.plan.tokens import DatasetTokens, dataset_tokens
+from hfhpc.store.lock import job_files
 from hfhpc.plan import dpo as dpo_plan
 from hfhpc.recipes.dpo import RECIPE as DPO
 from hfhpc.recipes.sft import RECIPE as SFT

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hfhpc.plan.memory import PlanInputs
+from hfhpc.store.lock import JobFiles
 
 SAMPLE_ROWS = 200
 
@@ -148,22 +149,6 @@ def _special_tokens(tokenizer_config: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def chat_template_of(snapshot: Path, override: str | None) -> str | None:
-    """The template the sft recipe applies: the spec's, else the tokenizer's."""
-    if override:
-        return override
-    jinja_file = snapshot / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text()
-    try:
-        value = json.loads((snapshot / "tokenizer_config.json").read_text()).get("chat_template")
-    except (OSError, ValueError):
-        return None
-    if isinstance(value, list):  # named templates: the default one
-        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
-    return value if isinstance(value, str) else None
-
-
 def sample_row_lengths(rows: list[dict], snapshot: Path, template: str | None) -> tuple[list[int], str]:
     """Token counts of sample rows, rendered as the recipe renders them; and how they were counted."""
     texts = []
@@ -189,39 +174,10 @@ def sample_row_lengths(rows: list[dict], snapshot: Path, template: str | None) -
 
 
 
-@dataclass(frozen=True)
-class JobFiles:
-    """Where the staged model and dataset of a spec are, as far as the lockfile and store tell."""
-
-    model_snapshot: Path | None
-    model_commit: str | None
-    dataset_commit: str | None
-    # Where the model's config.json is: its own snapshot, or for LoRA adapters their base's.
-    config_snapshot: Path | None = None
-
-
-def job_files(spec: Any, store: Path) -> JobFiles:
-    from hfhpc.store.layout import snapshot_dir
-    from hfhpc.store.lock import base_chain, load_lock
-
-    lock = load_lock(spec.lock_path(), missing_ok=True)
-    model = lock.get("model", spec.model.id) if spec.model else None
-    dataset = lock.get("dataset", spec.dataset.id) if spec.dataset else None
-    snap = snapshot_dir(store, "model", model.id, model.commit) if model else None
-    try:
-        base = (base_chain(model, lock.assets) or [model])[-1] if model else None
-    except ValueError:  # a base the lockfile lacks: `check` says so
-        base = model
-    config = snapshot_dir(store, "model", base.id, base.commit) if base else None
-    return JobFiles(snap if snap and snap.is_dir() else None, model.commit if model else None,
-                    dataset.commit if dataset else None, config if config and config.is_dir() else None)
-
-
-
 def dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) -> tuple[DatasetTokens | None, str]:
     """Tokens of one epoch of the training split: exact from the prepared dataset, else estimated
     from a sample of the staged dataset, else None with the reason."""
-    from hfhpc.recipes.chatdata import cache_key, template_marks_assistant
+    from hfhpc.recipes.chatdata import cache_key, chat_template_of, template_marks_assistant
 
     t, dref = spec.train, spec.dataset
     if dref is None:

@@ -54,6 +54,43 @@ def template_marks_assistant(template: str | None) -> bool:
     return bool(template and _GENERATION.search(template))
 
 
+def chat_template_of(snapshot: Path, override: str | None) -> str | None:
+    """The template a recipe applies, read from a staged snapshot without transformers: the spec's
+    ``override``, else the tokenizer's (``chat_template.jinja`` first, as transformers reads it)."""
+    if override:
+        return override
+    jinja_file = snapshot / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    try:
+        value = json.loads((snapshot / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(value, list):  # named templates: the default one
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
+
+
+def offline_check(spec, store: Path) -> tuple[list[tuple[str, str, str, str, str]], None]:
+    """What ``hfhpc check`` adds for a recipe that renders every conversation with the chat template
+    (``Recipe.offline_check``): a staged model with no template, and none in the spec, would fail the
+    job at its first data step, after its wait in the queue. Read from the staged files, as the run's
+    tokenizer finds them (hfhpc.assets.load_tokenizer); an unstaged model is reported elsewhere."""
+    from hfhpc.store.lock import job_files
+
+    files = job_files(spec, store)
+    snapshot = files.model_snapshot
+    if snapshot is None:
+        return [], None
+    if not (snapshot / "tokenizer_config.json").is_file() and files.config_snapshot is not None:
+        snapshot = files.config_snapshot  # adapters without a tokenizer of their own: their base's
+    if chat_template_of(snapshot, spec.train.chat_template):
+        return [], None
+    return [("model", spec.model.id, "chat template",
+             f"none in its tokenizer files, and the {spec.recipe} recipe renders every conversation with one",
+             "set train.chat_template in the spec (a Jinja template), or start from a chat model")], None
+
+
 def schema_of(column_names: list[str]) -> str:
     if "messages" in column_names:
         return "messages"

@@ -119,6 +119,25 @@ def weights_dtype(spec, *, gpu: bool, frozen: bool):
     return half if (gpu and frozen and half is not None) else torch.float32
 
 
+def chat_tokenizer(job: JobFile, template: str | None, *, required: bool = True):
+    """The model's tokenizer for chat data: ``template`` (the spec's ``train.chat_template``) replaces the
+    model's own and the EOS token pads where the model names no pad token. ``required``: a model with no
+    template at all is a spec error before any data is read (``hfhpc check`` says so before the job
+    is queued: hfhpc.recipes.chatdata.offline_check)."""
+    from hfhpc import assets
+    from hfhpc.errors import SpecError
+
+    tokenizer = assets.load_tokenizer(job.spec.model.id, job.model_commit, job.model_bases)
+    if template:
+        tokenizer.chat_template = template
+    if required and not tokenizer.chat_template:
+        raise SpecError(spec_path(job), "train.chat_template", f"{job.spec.model.id} has no chat template",
+                        "set train.chat_template in the spec")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_causal_lm(job: JobFile, *, dtype, attn: str):
     """The job's model (its locked commit; a LoRA run's adapters merged into their base), logged with
     its size, dtype, attention and loading time."""

@@ -115,6 +115,7 @@ def main(job) -> int:
         EXIT_INTERRUPTED,
         LOGGED,
         StopOnSignal,
+        chat_tokenizer,
         cuda_available,
         half_dtype,
         load_causal_lm,
@@ -142,11 +143,7 @@ def main(job) -> int:
     dref = spec.dataset
 
     # -- setup -------------------------------------------------------------------------------
-    tokenizer = assets.load_tokenizer(model_id, commit, bases)
-    if t.chat_template:
-        tokenizer.chat_template = t.chat_template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = chat_tokenizer(job, t.chat_template, required=False)  # plain-text pairs need none
 
     modelled = {"epochs", "lora", "beta", "max_length", "max_prompt_length", "precompute_ref_log_probs", "chat_template",
                 "padding_free"}

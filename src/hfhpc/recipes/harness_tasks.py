@@ -253,8 +253,9 @@ if __name__ == "__main__":
 
 # -- what `hfhpc check` adds for recipe harness (Recipe.offline_check) -------------------------------
 
-def offline_check(spec) -> tuple[list[tuple[str, str, str, str, str]], dict]:
-    """Refuse the tasks that cannot run sealed; build the rest in the sealed probe child."""
+def offline_check(spec, store: Path) -> tuple[list[tuple[str, str, str, str, str]], dict]:
+    """Refuse the tasks that cannot run sealed; build the rest in the sealed probe child (which finds
+    the store itself)."""
     from hfhpc.recipes.harness import task_arguments
 
     fix_task = "remove the task from harness.tasks, or give a task YAML that loads a Hub dataset"

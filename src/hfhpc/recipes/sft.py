@@ -23,6 +23,7 @@ from hfhpc.recipes import chatdata, checkpoint
 from hfhpc.recipes.common import (
     EXIT_INTERRUPTED,
     StopOnSignal,
+    chat_tokenizer,
     cuda_available,
     half_dtype,
     load_causal_lm,
@@ -30,14 +31,12 @@ from hfhpc.recipes.common import (
     mark,
     prepared_root,
     save_final_model,
-    spec_path,
     train_from_checkpoint,
     trainer_callbacks,
     training_kwargs,
     weights_dtype,
     write_summary,
 )
-from hfhpc.errors import SpecError
 from hfhpc.registry import Recipe
 from hfhpc.spec import TrainBase
 from hfhpc.run.jobfile import JobFile
@@ -60,6 +59,7 @@ RECIPE = Recipe(
     needs=("model", "dataset"),
     train=SftTrain,
     trainer_config="trl:SFTConfig",
+    offline_check=chatdata.offline_check,
     starter={
         "name": "zephyr-sft",
         "recipe": "sft",
@@ -105,14 +105,7 @@ def main(job: JobFile) -> int:
     dref = spec.dataset
 
     # -- setup -------------------------------------------------------------------------------
-    tokenizer = assets.load_tokenizer(model_id, commit, bases)
-    if t.chat_template:
-        tokenizer.chat_template = t.chat_template
-    if not tokenizer.chat_template:
-        raise SpecError(spec_path(job), "train.chat_template", f"{model_id} has no chat template",
-                        "set train.chat_template in the spec")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = chat_tokenizer(job, t.chat_template)
     assistant_only = t.assistant_only_loss
     if assistant_only is None:
         assistant_only = chatdata.template_marks_assistant(tokenizer.chat_template)

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hfhpc import __version__
 from hfhpc.errors import LockfileError
@@ -226,3 +227,30 @@ def _recorded_store(path: Path, value: object) -> Path | None:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value or os.path.normpath(value) != value:
         raise _bad(path, f"store {value!r} is not an absolute, normalised path")
     return Path(value)
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """Where the staged model and dataset of a spec are, as far as the lockfile and store tell."""
+
+    model_snapshot: Path | None
+    model_commit: str | None
+    dataset_commit: str | None
+    # Where the model's config.json is: its own snapshot, or for LoRA adapters their base's.
+    config_snapshot: Path | None = None
+
+
+def job_files(spec: Any, store: Path) -> JobFiles:
+    from hfhpc.store.layout import snapshot_dir
+
+    lock = load_lock(spec.lock_path(), missing_ok=True)
+    model = lock.get("model", spec.model.id) if spec.model else None
+    dataset = lock.get("dataset", spec.dataset.id) if spec.dataset else None
+    snap = snapshot_dir(store, "model", model.id, model.commit) if model else None
+    try:
+        base = (base_chain(model, lock.assets) or [model])[-1] if model else None
+    except ValueError:  # a base the lockfile lacks: `check` says so
+        base = model
+    config = snapshot_dir(store, "model", base.id, base.commit) if base else None
+    return JobFiles(snap if snap and snap.is_dir() else None, model.commit if model else None,
+                    dataset.commit if dataset else None, config if config and config.is_dir() else None)
