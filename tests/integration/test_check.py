@@ -272,3 +272,41 @@ def test_sft_on_a_model_without_a_chat_template_fails_check_not_the_queued_job(t
     spec.write_text(spec.read_text() + "train: {chat_template: \"{% for m in messages %}{{ m['content'] }}{% endfor %}\"}\n")
     checked = hfhpc("--store", str(store), "check", str(spec))
     assert "chat template" not in checked.stdout, checked.stdout
+
+
+def test_dpo_needs_a_chat_template_for_conversation_pairs_only(tmp_path: Path):
+    """Preference pairs of messages are rendered with the template; pairs of text are not: `check`
+    fails the first on a model without one and passes the second (no false failure)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hfhpc.demo.build import build_preference_dataset, build_tiny_chat_model
+
+    model = build_tiny_chat_model(tmp_path / "base")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    text = tmp_path / "text-prefs"
+    (text / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["2 plus 3 is"] * 8, "chosen": [" 5."] * 8, "rejected": [" 6."] * 8}),
+                   text / "data" / "train.parquet")
+    store = tmp_path / "store"
+    lock = str(tmp_path / "job.lock")
+    for kind, repo_id, folder in (("--model", "org/base-model", model),
+                                  ("--dataset", "org/chat-prefs", build_preference_dataset(tmp_path / "chat-prefs")),
+                                  ("--dataset", "org/text-prefs", text)):
+        out = hfhpc("--store", str(store), "stage", kind, repo_id, "--from", str(folder), "--lock", lock)
+        assert out.returncode == 0, out.stderr
+
+    base = "name: prefs\nrecipe: dpo\nmodel: org/base-model\nresources: {gpus_per_node: 0}\n"
+    spec = write_spec(tmp_path / "job.yaml", base + "dataset: {id: org/chat-prefs, split: train_prefs}\n")
+    checked = hfhpc("--store", str(store), "check", str(spec))
+    assert checked.returncode == 1, checked.stdout
+    assert "model org/base-model: chat template: none in its tokenizer files" in checked.stdout
+
+    spec.write_text(base + "dataset: {id: org/text-prefs, split: train}\n")
+    checked = hfhpc("--store", str(store), "check", str(spec))
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -82,7 +82,7 @@ def test_plan_sizes_the_kv_cache_and_the_time_from_the_staged_prompts(staged) ->
 
 
 def _first_rows(store: Path, lock: dict) -> list:
-    from hfhpc.plan.tokens import staged_sample
+    from hfhpc.store.prepare import staged_sample
     from hfhpc.spec import DatasetRef
 
     dref = DatasetRef(id=CHAT_DATASET_ID, split="test_gen", max_samples=40)

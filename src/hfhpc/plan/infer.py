@@ -17,9 +17,10 @@ from typing import Any
 from hfhpc.errors import HfhpcError, UsageError
 from hfhpc.plan.gpus import GIB, GPUS, GpuKind, gpu_kind_of
 from hfhpc.plan.shape import ModelShape, read_model_config
-from hfhpc.plan.tokens import NOT_STAGED, sample_row_lengths, staged_sample
+from hfhpc.plan.tokens import NOT_STAGED, sample_row_lengths
 from hfhpc.recipes.chatdata import chat_template_of
 from hfhpc.store.lock import job_files
+from hfhpc.store.prepare import staged_sample
 
 # The measured rates: the recipe's defaults, 256 chat prompts (574.5 tokens on average), 128 new
 # tokens each, on the 1.1B bench model, per card it was measured on. Another card's is the H100's,

@@ -14,8 +14,8 @@ from typing import Any
 
 from hfhpc.plan.memory import PlanInputs
 from hfhpc.store.lock import JobFiles
+from hfhpc.store.prepare import staged_sample
 
-SAMPLE_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -69,19 +69,6 @@ def _arrow_table_lengths(paths: Iterable[Path], column: str) -> list[int]:
             table = pa.ipc.open_stream(source).read_all()
         lengths.extend(pc.list_value_length(table.column(column)).to_pylist())
     return lengths
-
-
-def _arrow_head_rows(path: Path, limit: int) -> list[dict]:
-    import pyarrow as pa
-
-    rows: list[dict] = []
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_stream(source)
-        for batch in reader:
-            rows.extend(batch.to_pylist()[: limit - len(rows)])
-            if len(rows) >= limit:
-                break
-    return rows
 
 
 def prepared_dataset_tokens(folder: Path, **kw: Any) -> DatasetTokens | None:
@@ -214,21 +201,3 @@ def dataset_tokens(spec: Any, store: Path, files: JobFiles, inputs: PlanInputs) 
 NOT_STAGED = "unknown: the dataset is not staged in this store (run `hfhpc stage SPEC` on a login node)"
 
 
-def staged_sample(store: Path, dref: Any, dataset_commit: str) -> tuple[int, list[dict]] | None:
-    """(rows of the split, up to ``max_samples``; its first SAMPLE_ROWS rows) from the store's Arrow
-    copy of a staged dataset; None where there is none."""
-    from hfhpc.store.prepare import dataset_cache_dir
-
-    for folder in dataset_cache_dir(store, dref.id, dref.config, dataset_commit):
-        arrow = sorted(folder.glob(f"*-{dref.split}.arrow")) or sorted(folder.glob(f"*-{dref.split}-*-of-*.arrow"))
-        try:
-            info = json.loads((folder / "dataset_info.json").read_text())
-            rows = int(info["splits"][dref.split]["num_examples"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if not arrow:
-            continue
-        sample = _arrow_head_rows(arrow[0], SAMPLE_ROWS)
-        if sample:
-            return (min(rows, dref.max_samples) if dref.max_samples else rows), sample
-    return None

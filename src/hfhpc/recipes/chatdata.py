@@ -31,6 +31,7 @@ import re
 import shutil
 from bisect import bisect_left, insort
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, repeat
@@ -72,23 +73,30 @@ def chat_template_of(snapshot: Path, override: str | None) -> str | None:
 
 
 def offline_check(spec, store: Path) -> tuple[list[tuple[str, str, str, str, str]], None]:
-    """What ``hfhpc check`` adds for a recipe that renders every conversation with the chat template
-    (``Recipe.offline_check``): a staged model with no template, and none in the spec, would fail the
-    job at its first data step, after its wait in the queue. Read from the staged files, as the run's
-    tokenizer finds them (hfhpc.assets.load_tokenizer); an unstaged model is reported elsewhere."""
+    """What ``hfhpc check`` adds for the sft recipe (``Recipe.offline_check``): it renders every
+    conversation with the chat template."""
+    return template_check(spec, store, needed=lambda files: True), None
+
+
+def template_check(spec, store: Path, needed: Callable[[Any], bool]) -> list[tuple[str, str, str, str, str]]:
+    """A staged model with no chat template, and none in the spec, fails a job that renders
+    conversations at its first data step, after its wait in the queue: the problem ``check`` reports,
+    where ``needed(files)`` (the spec's staged files, hfhpc.store.lock.JobFiles) says the job renders
+    some. Read from the staged files as the run's tokenizer finds them (hfhpc.assets.load_tokenizer);
+    an unstaged model is reported elsewhere."""
     from hfhpc.store.lock import job_files
 
     files = job_files(spec, store)
     snapshot = files.model_snapshot
     if snapshot is None:
-        return [], None
+        return []
     if not (snapshot / "tokenizer_config.json").is_file() and files.config_snapshot is not None:
         snapshot = files.config_snapshot  # adapters without a tokenizer of their own: their base's
-    if chat_template_of(snapshot, spec.train.chat_template):
-        return [], None
+    if chat_template_of(snapshot, spec.train.chat_template) or not needed(files):
+        return []
     return [("model", spec.model.id, "chat template",
-             f"none in its tokenizer files, and the {spec.recipe} recipe renders every conversation with one",
-             "set train.chat_template in the spec (a Jinja template), or start from a chat model")], None
+             f"none in its tokenizer files, and the {spec.recipe} recipe renders the data's conversations with one",
+             "set train.chat_template in the spec (a Jinja template), or start from a chat model")]
 
 
 def schema_of(column_names: list[str]) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from hfhpc.recipes import prefdata
 from hfhpc.registry import Recipe
 from hfhpc.spec import TrainBase
 
@@ -68,6 +69,7 @@ RECIPE = Recipe(
     needs=("model", "dataset"),
     train=DpoTrain,
     trainer_config="trl:DPOConfig",
+    offline_check=prefdata.offline_check,
     starter={
         "name": "zephyr-dpo",
         "recipe": "dpo",
@@ -110,7 +112,7 @@ def eval_scores(metrics: dict[str, Any], pairs: int) -> dict[str, Any]:
 
 def main(job) -> int:
     from hfhpc import assets
-    from hfhpc.recipes import checkpoint, prefdata
+    from hfhpc.recipes import checkpoint
     from hfhpc.recipes.common import (
         EXIT_INTERRUPTED,
         LOGGED,

@@ -67,6 +67,23 @@ def split_pair(row: dict) -> tuple[Any, Any, Any]:
                      "`prompt`), or all three of `prompt`, `chosen`, `rejected` as text")
 
 
+def offline_check(spec, store: Path) -> tuple[list[tuple[str, str, str, str, str]], None]:
+    """What ``hfhpc check`` adds for the dpo recipe (``Recipe.offline_check``): pairs of conversations
+    need the chat template; pairs of text need none. Decided from the first rows of the staged split."""
+    from hfhpc.store.prepare import staged_sample
+
+    def conversations(files) -> bool:
+        staged = staged_sample(store, spec.dataset, files.dataset_commit) if files.dataset_commit else None
+        for row in staged[1] if staged else ():
+            try:
+                return is_conversation(split_pair(row)[1])
+            except (KeyError, TypeError, ValueError):  # not a pair: preparation says what is wrong
+                continue
+        return False
+
+    return chatdata.template_check(spec, store, needed=conversations), None
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0

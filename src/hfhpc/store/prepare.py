@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from hfhpc.errors import HfhpcError
 from hfhpc.atomic import atomic_write_text, tmp_name
@@ -155,3 +156,38 @@ def install_metric(store: Path, asset: LockedAsset) -> str:
     # evaluate takes the newest by mtime: make the staged revision the newest.
     os.utime(final / f"{name}.py")
     return f"evaluate.load({asset.id.removeprefix('evaluate-metric/')!r})"
+
+
+# Rows that `plan` and `check` read from a staged split (its first ones) to size or inspect it.
+SAMPLE_ROWS = 200
+
+
+def _arrow_head_rows(path: Path, limit: int) -> list[dict]:
+    import pyarrow as pa
+
+    rows: list[dict] = []
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_stream(source)
+        for batch in reader:
+            rows.extend(batch.to_pylist()[: limit - len(rows)])
+            if len(rows) >= limit:
+                break
+    return rows
+
+
+def staged_sample(store: Path, dref: Any, dataset_commit: str) -> tuple[int, list[dict]] | None:
+    """(rows of the split, up to ``max_samples``; its first SAMPLE_ROWS rows) from the store's Arrow
+    copy of a staged dataset; None where there is none."""
+    for folder in dataset_cache_dir(store, dref.id, dref.config, dataset_commit):
+        arrow = sorted(folder.glob(f"*-{dref.split}.arrow")) or sorted(folder.glob(f"*-{dref.split}-*-of-*.arrow"))
+        try:
+            info = json.loads((folder / "dataset_info.json").read_text())
+            rows = int(info["splits"][dref.split]["num_examples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not arrow:
+            continue
+        sample = _arrow_head_rows(arrow[0], SAMPLE_ROWS)
+        if sample:
+            return (min(rows, dref.max_samples) if dref.max_samples else rows), sample
+    return None
