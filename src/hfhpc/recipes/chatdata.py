@@ -79,11 +79,10 @@ def offline_check(spec, store: Path) -> tuple[list[tuple[str, str, str, str, str
 
 
 def template_check(spec, store: Path, needed: Callable[[Any], bool]) -> list[tuple[str, str, str, str, str]]:
-    """A staged model with no chat template, and none in the spec, fails a job that renders
-    conversations at its first data step, after its wait in the queue: the problem ``check`` reports,
-    where ``needed(files)`` (the spec's staged files, hfhpc.store.lock.JobFiles) says the job renders
-    some. Read from the staged files as the run's tokenizer finds them (hfhpc.assets.load_tokenizer);
-    an unstaged model is reported elsewhere."""
+    """The problem ``check`` reports for a job that renders conversations (``needed(files)``, given the
+    spec's staged files) with a model that has no chat template and a spec that gives none: it would
+    fail at its first data step, after its wait in the queue. The template is read as the run's
+    tokenizer finds it (hfhpc.assets.load_tokenizer); an unstaged model is reported elsewhere."""
     from hfhpc.store.lock import job_files
 
     files = job_files(spec, store)
