@@ -7,6 +7,7 @@ import faulthandler
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from hfhpc.errors import HfhpcError
@@ -50,7 +51,10 @@ def exit_rank(code: int) -> None:
     workers, kept alive by any object still holding a process group) can otherwise be torn down
     mid-flight by finalization and abort a rank whose job succeeded ("terminate called without an
     active exception", exit -6 after "done", seen once in tests/integration/test_sft.py's DDP run)."""
-    atexit._run_exitfuncs()  # what a normal exit runs: logging's flush, temporary folders, compile workers
+    for thread in threading.enumerate():  # as a normal exit does: wait for the threads that are not daemons
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what a normal exit runs next: logging's flush, temporary folders, compile workers
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
