@@ -83,7 +83,7 @@ def test_run_without_staging_names_the_fix(tmp_path: Path):
     spec.write_text(f"name: x\nrecipe: script\nscript: x.py\nmodel: {MODEL_ID}\nresources: {{gpus_per_node: 0}}\n")
     out = hfhpc("--store", str(tmp_path / "s"), "run", str(spec))
     assert out.returncode == 2
-    assert "never staged" in out.stderr and "hfhpc stage" in out.stderr
+    assert "never staged" in out.stderr and f"run `hfhpc stage {spec}` on a login node" in out.stderr
 
 
 def test_sigterm_is_forwarded_to_the_ranks(staged_job, tmp_path: Path):

@@ -131,7 +131,7 @@ def resolve_job(spec: JobSpec, store: Path) -> JobFile:
     """Pin the spec's assets to the lockfile's commits; refuse if the lockfile does not cover them."""
     requests = requests_from_spec(spec)
     # A script that loads nothing from the Hub (CIFAR-10 from files) needs no lockfile.
-    lock = load_lock(spec.lock_path(), missing_ok=not requests)
+    lock = load_lock(spec.lock_path(), missing_ok=not requests, spec=spec.source)
     assets = []
     for req in requests:
         locked = lock.get(*req.key)
