@@ -79,11 +79,6 @@ class _Plan:
         self.fixes[("model", repo_id)] = fix
 
 
-def _spec_fix(spec: JobSpec, flag: str = "") -> str:
-    path = str(spec.source) if spec.source else "SPEC"
-    return f"hfhpc stage {shlex.quote(path)}{flag}"
-
-
 def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, full: bool = False) -> None:
     lock = load_lock(spec.lock_path(), missing_ok=True)
     cache = VerifyCache(store, full=full)
@@ -93,13 +88,13 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
     for req in requests_from_spec(spec):
         locked = lock.get(*req.key)
         if locked is None:
-            report.problems.append(Problem(req.kind, req.repo_id, "lockfile", "not staged", _spec_fix(spec)))
+            report.problems.append(Problem(req.kind, req.repo_id, "lockfile", "not staged", spec.stage_command()))
             continue
         if locked.revision != req.revision or locked.include != list(req.include):
             report.problems.append(
                 Problem(req.kind, req.repo_id, "lockfile",
                         f"the spec asks for {req.revision} {list(req.include) or ''}, the lockfile has {locked.revision} {locked.include or ''}".replace(" ''", ""),
-                        _spec_fix(spec))
+                        spec.stage_command())
             )
             continue
         pinned.append(locked)
@@ -109,7 +104,7 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
         try:
             bases = base_chain(locked, lock.assets)
         except ValueError as e:
-            report.problems.append(Problem("model", locked.id, "lockfile", str(e), _spec_fix(spec)))
+            report.problems.append(Problem("model", locked.id, "lockfile", str(e), spec.stage_command()))
             continue
         pinned += [b for b in bases if b.key not in seen]
         seen |= {b.key for b in bases}
@@ -118,13 +113,13 @@ def _check_locked(spec: JobSpec, store: Path, report: CheckReport, plan: _Plan, 
         report.bytes += locked.total_bytes
         problems = verify_asset(store, locked, cache)
         for p in problems:
-            fix = _spec_fix(spec, " --repair") if p.fix.endswith("--repair") else _spec_fix(spec)
+            fix = spec.stage_command(" --repair") if p.fix.endswith("--repair") else spec.stage_command()
             report.problems.append(Problem(p.kind, p.repo_id, p.what, p.reason, fix))
         if locked.key in from_runs:
             _check_run_model(spec, from_runs[locked.key], locked, cache, report)
         if problems:
             continue
-        _plan_locked(store, locked, dataset_refs.get(locked.id), plan, _spec_fix(spec), lock.assets)
+        _plan_locked(store, locked, dataset_refs.get(locked.id), plan, spec.stage_command(), lock.assets)
     cache.save()
 
 
@@ -145,7 +140,7 @@ def _check_run_model(spec: JobSpec, ref, locked: LockedAsset, cache: VerifyCache
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         report.problems.append(Problem("model", locked.id, str(folder),
                                        f"changed since it was staged ({shown}); the job would start from the staged copy",
-                                       _spec_fix(spec)))
+                                       spec.stage_command()))
 
 
 def _plan_locked(store: Path, locked: LockedAsset, dref, plan: _Plan, fix: str, pinned: list[LockedAsset]) -> None:

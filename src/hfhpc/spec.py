@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -367,6 +368,10 @@ class JobSpec(_Strict):
         if self.source is None:
             return Path.cwd() / f"{self.name}.lock"
         return lock_path_for(self.source)
+
+    def stage_command(self, flag: str = "") -> str:
+        """The command that stages this spec (a fix that error messages name), ready to paste."""
+        return f"hfhpc stage {shlex.quote(str(self.source)) if self.source else 'SPEC'}{flag}"
 
 
 def lock_path_for(spec_path: Path) -> Path:

@@ -140,3 +140,13 @@ def test_a_model_from_a_run_is_staged_under_an_id_derived_from_the_folder_name(t
     assert frozen["models"][1] == {"id": "org/extra", "revision": "main", "include": []}
     again = JobSpec.model_validate(frozen)
     assert again.model == spec.model and again.models == spec.models
+
+
+def test_the_stage_command_that_fixes_name_is_ready_to_paste(tmp_path: Path):
+    folder = tmp_path / "my jobs"
+    folder.mkdir()
+    (folder / "job.yaml").write_text("name: x\nrecipe: sft\nmodel: org/m\ndataset: org/d\n")
+    spec = load_spec(str(folder / "job.yaml"))
+    assert spec.stage_command() == f"hfhpc stage '{folder}/job.yaml'"
+    assert spec.stage_command(" --repair").endswith("job.yaml' --repair")
+    assert parse_spec({"name": "x", "recipe": "sft", "model": "org/m", "dataset": "org/d"}).stage_command() == "hfhpc stage SPEC"

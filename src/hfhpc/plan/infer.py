@@ -84,7 +84,7 @@ def make_infer_plan(spec: Any, store: Path, *, gpu: str | None = None, model_con
     config_path = Path(model_config) if model_config else (files.config_snapshot / "config.json" if files.config_snapshot else None)
     if config_path is None or not config_path.is_file():
         raise HfhpcError(f"the config.json of {spec.model.id} is not staged",
-                         f"run `hfhpc stage {spec.source or 'SPEC'}` on a login node, or pass --model-config PATH")
+                         f"run `{spec.stage_command()}` on a login node, or pass --model-config PATH")
     shape = ModelShape.from_config(read_model_config(config_path), str(config_path))
     kind_name = gpu or gpu_kind_of(spec.resources.gpu_type or "") or ANCHOR_GPU
     if kind_name not in GPUS:

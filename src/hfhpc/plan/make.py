@@ -153,7 +153,7 @@ def make_plan(spec: Any, store: Path, *, gpu: str | None = None, model_config: P
         config_path = files.config_snapshot / "config.json"
     else:
         raise HfhpcError(f"the config.json of {spec.model.id} is not staged",
-                         f"run `hfhpc stage {spec.source or 'SPEC'}` on a login node, or pass --model-config PATH")
+                         f"run `{spec.stage_command()}` on a login node, or pass --model-config PATH")
     shape = ModelShape.from_config(read_model_config(config_path), str(config_path))
     kind_name = gpu or gpu_kind_of(spec.resources.gpu_type or "") or "h100"
     if kind_name not in GPUS:

@@ -262,7 +262,7 @@ def offline_check(spec, store: Path) -> tuple[list[tuple[str, str, str, str, str
     problems = [("task", task, "lm-evaluation-harness", f"cannot run sealed: {why}", fix_task)
                 for task, why in refused(spec)]
     tasks, include = task_arguments(spec)
-    stage = f"hfhpc stage {spec.source or 'SPEC'}"
+    stage = spec.stage_command()
     return problems, {"target": "hfhpc.recipes.harness_tasks:sealed_probe",
                       "args": {"tasks": tasks, "include": include, "fix": stage,
                                "keys": sorted((spec.harness.model_extra or {}).keys())}}

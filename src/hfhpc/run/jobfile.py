@@ -131,20 +131,20 @@ def resolve_job(spec: JobSpec, store: Path) -> JobFile:
     """Pin the spec's assets to the lockfile's commits; refuse if the lockfile does not cover them."""
     requests = requests_from_spec(spec)
     # A script that loads nothing from the Hub (CIFAR-10 from files) needs no lockfile.
-    lock = load_lock(spec.lock_path(), missing_ok=not requests, spec=spec.source)
+    lock = load_lock(spec.lock_path(), missing_ok=not requests, stage=spec.stage_command())
     assets = []
     for req in requests:
         locked = lock.get(*req.key)
         if locked is None or locked.revision != req.revision:
             raise LockfileError(str(lock.path), f"{req.kind} {req.repo_id}@{req.revision} is not in the lockfile",
-                                f"run `hfhpc stage {spec.source or 'SPEC'}` on a login node")
+                                f"run `{spec.stage_command()}` on a login node")
         assets.append(locked)
     # The models that adapters apply to are the job's assets too: pinned, copied to node-local disk, loaded.
     for locked in list(assets):
         try:
             bases = base_chain(locked, lock.assets)
         except ValueError as e:
-            raise LockfileError(str(lock.path), str(e), f"run `hfhpc stage {spec.source or 'SPEC'}` on a login node") from None
+            raise LockfileError(str(lock.path), str(e), f"run `{spec.stage_command()}` on a login node") from None
         assets += [b for b in bases if b.key not in {a.key for a in assets}]
     return JobFile(
         spec=spec,

@@ -178,8 +178,9 @@ def parse_asset(path: Path, a: object) -> LockedAsset:
     return LockedAsset(a["kind"], repo_id, revision, a["commit"], list(include), files, base)
 
 
-def load_lock(path: Path, *, missing_ok: bool = False, spec: Path | str | None = None) -> Lockfile:
-    """The lockfile at ``path``; ``spec``, the spec it belongs to, is what the fix names."""
+def load_lock(path: Path, *, missing_ok: bool = False, stage: str = "hfhpc stage SPEC") -> Lockfile:
+    """The lockfile at ``path``; ``stage``, the command that writes it (``JobSpec.stage_command``), is the fix
+    that a missing one names."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -187,7 +188,7 @@ def load_lock(path: Path, *, missing_ok: bool = False, spec: Path | str | None =
         if missing_ok:
             return Lockfile(path)
         raise LockfileError(str(path), "no lockfile: the spec was never staged",
-                            f"run `hfhpc stage {spec or 'SPEC'}` on a login node") from None
+                            f"run `{stage}` on a login node") from None
     except (ValueError, RecursionError) as e:
         raise _bad(path, f"not JSON: {str(e)[:80]}") from None
     if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:

@@ -192,7 +192,7 @@ def stage_spec(spec: JobSpec, store: Path, *, folders: Mapping[tuple[str, str], 
     for m in spec.all_models():
         if m.from_run is not None and ("model", m.id) not in folders:
             raise UsageError(f"model {m.id} comes from the run folder {m.from_run}, which was not given",
-                             f"stage it with `hfhpc stage {spec.source or 'SPEC'}`")
+                             f"stage it with `{spec.stage_command()}`")
     configs: dict[str, list[str | None]] = {}
     for d in spec.all_datasets():
         configs.setdefault(d.id, []).append(d.config)
