@@ -215,6 +215,18 @@ def _finish(fig, ax, path: Path, restarts: Sequence[float], note: str | None = N
     return path
 
 
+def _train_and_eval(ax, rows: Sequence[dict], key: str) -> bool:
+    """``key`` as logged in training (a line) and its ``eval_`` twin (dashed, square markers); whether
+    either had a value."""
+    xs, ys = series(rows, key)
+    ex, ey = series(rows, f"eval_{key}")
+    if xs:
+        ax.plot(xs, ys, color=COLORS["train"], marker="o", markersize=3, linewidth=1.5, label="train")
+    if ex:
+        ax.plot(ex, ey, color=COLORS["eval"], marker="s", markersize=6, linestyle="--", linewidth=1.2, label="eval")
+    return bool(xs or ex)
+
+
 def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#777777", wrap=True)
 
@@ -227,13 +239,7 @@ def render_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
     plots: dict[str, Path] = {}
 
     fig, ax = _figure("Loss", "loss")
-    xs, ys = series(rows, "loss")
-    ex, ey = series(rows, "eval_loss")
-    if xs:
-        ax.plot(xs, ys, color=COLORS["train"], marker="o", markersize=3, linewidth=1.5, label="train")
-    if ex:
-        ax.plot(ex, ey, color=COLORS["eval"], marker="s", markersize=6, linestyle="--", linewidth=1.2, label="eval")
-    if not (xs or ex):
+    if not _train_and_eval(ax, rows, "loss"):
         _empty(ax, "no loss logged yet")
     plots["loss"] = _finish(fig, ax, RunDir.plot(out_dir, "loss"), restarts)
 
@@ -291,12 +297,7 @@ def _reward_plots(rows: Sequence[dict], out_dir: Path, restarts: Sequence[float]
     plots["rewards"] = _finish(fig, ax, RunDir.plot(out_dir, "rewards"), restarts)
 
     fig, ax = _figure("Reward accuracy (chosen above rejected)", "share of pairs")
-    xs, ys = series(rows, "rewards/accuracies")
-    ex, ey = series(rows, "eval_rewards/accuracies")
-    if xs:
-        ax.plot(xs, ys, color=COLORS["train"], marker="o", markersize=3, linewidth=1.5, label="train")
-    if ex:
-        ax.plot(ex, ey, color=COLORS["eval"], marker="s", markersize=6, linestyle="--", linewidth=1.2, label="eval")
+    _train_and_eval(ax, rows, "rewards/accuracies")
     ax.axhline(0.5, color="#999999", linestyle=":", linewidth=1.0, label="chance")
     ax.set_ylim(-0.02, 1.02)
     plots["reward_accuracy"] = _finish(fig, ax, RunDir.plot(out_dir, "reward_accuracy"), restarts)
