@@ -246,18 +246,24 @@ def test_a_load_that_fails_with_every_file_staged_is_not_sent_back_to_stage(tmp_
     assert f"hfhpc --store {store} exec -- python -c" in checked.stdout
 
 
-def test_sft_on_a_model_without_a_chat_template_fails_check_not_the_queued_job(tmp_path: Path):
-    """A base model has no chat template; the sft recipe renders every conversation with one. `check`
-    says so on the login node, and the spec's own template clears it."""
+def _base_model(dest: Path) -> Path:
+    """The tiny chat model without its chat template, as a base model ships."""
     import json
 
     from hfhpc.demo.build import build_tiny_chat_model
 
-    folder = build_tiny_chat_model(tmp_path / "base")
+    folder = build_tiny_chat_model(dest)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+def test_sft_on_a_model_without_a_chat_template_fails_check_not_the_queued_job(tmp_path: Path):
+    """A base model has no chat template; the sft recipe renders every conversation with one. `check`
+    says so on the login node, and the spec's own template clears it."""
+    folder = _base_model(tmp_path / "base")
     store = tmp_path / "store"
     spec = write_spec(tmp_path / "job.yaml", SPEC.replace(f"model: {MODEL_ID}", "model: org/base-model"))
     out = hfhpc("--store", str(store), "stage", "--model", "org/base-model", "--from", str(folder),
@@ -277,18 +283,12 @@ def test_sft_on_a_model_without_a_chat_template_fails_check_not_the_queued_job(t
 def test_dpo_needs_a_chat_template_for_conversation_pairs_only(tmp_path: Path):
     """Preference pairs of messages are rendered with the template; pairs of text are not: `check`
     fails the first on a model without one and passes the second (no false failure)."""
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hfhpc.demo.build import build_preference_dataset, build_tiny_chat_model
+    from hfhpc.demo.build import build_preference_dataset
 
-    model = build_tiny_chat_model(tmp_path / "base")
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    (model / "chat_template.jinja").unlink(missing_ok=True)
+    model = _base_model(tmp_path / "base")
     text = tmp_path / "text-prefs"
     (text / "data").mkdir(parents=True)
     pq.write_table(pa.table({"prompt": ["2 plus 3 is"] * 8, "chosen": [" 5."] * 8, "rejected": [" 6."] * 8}),

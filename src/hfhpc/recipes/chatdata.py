@@ -55,6 +55,10 @@ def template_marks_assistant(template: str | None) -> bool:
     return bool(template and _GENERATION.search(template))
 
 
+# The fix for a model with no chat template, wherever it is found (check, or a rank's data preparation).
+NO_TEMPLATE_FIX = "set train.chat_template in the spec (a Jinja template), or start from a chat model"
+
+
 def chat_template_of(snapshot: Path, override: str | None) -> str | None:
     """The template a recipe applies, read from a staged snapshot without transformers: the spec's
     ``override``, else the tokenizer's (``chat_template.jinja`` first, as transformers reads it)."""
@@ -95,7 +99,7 @@ def template_check(spec, store: Path, needed: Callable[[Any], bool]) -> list[tup
         return []
     return [("model", spec.model.id, "chat template",
              f"none in its tokenizer files, and the {spec.recipe} recipe renders the data's conversations with one",
-             "set train.chat_template in the spec (a Jinja template), or start from a chat model")]
+             NO_TEMPLATE_FIX)]
 
 
 def schema_of(column_names: list[str]) -> str:

@@ -126,13 +126,14 @@ def chat_tokenizer(job: JobFile, template: str | None, *, required: bool = True)
     is queued: hfhpc.recipes.chatdata.offline_check)."""
     from hfhpc import assets
     from hfhpc.errors import SpecError
+    from hfhpc.recipes import chatdata
 
     tokenizer = assets.load_tokenizer(job.spec.model.id, job.model_commit, job.model_bases)
     if template:
         tokenizer.chat_template = template
     if required and not tokenizer.chat_template:
         raise SpecError(spec_path(job), "train.chat_template", f"{job.spec.model.id} has no chat template",
-                        "set train.chat_template in the spec")
+                        chatdata.NO_TEMPLATE_FIX)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

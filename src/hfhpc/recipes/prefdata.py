@@ -114,7 +114,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int | None, max_p
     if chat:
         if not tokenizer.chat_template:
             raise UsageError("the preference pairs are conversations, and the model's tokenizer has no chat template",
-                             "set train.chat_template in the spec (a Jinja template), or start from a chat model")
+                             chatdata.NO_TEMPLATE_FIX)
         prompts = tokenizer.apply_chat_template([parts[i][0] for i in chat], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template([parts[i][0] + parts[i][1] for i in chat] + [parts[i][0] + parts[i][2] for i in chat],
                                              tokenize=False)
